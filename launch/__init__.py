@@ -1,0 +1,1 @@
+"""Command line: run recipes locally or on SLURM, write data, compare runs."""

@@ -1,0 +1,1 @@
+"""vsgd-dist: VSGD (Variational SGD) and sharded AdamW for distributed training."""
