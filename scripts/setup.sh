@@ -22,7 +22,11 @@ fi
 # ffcv's build asks pkg-config for "opencv4", which only the (large) libopencv-dev ships;
 # ffcv uses nothing but cv::Mat and cv::resize, so a small .pc over core+imgproc suffices.
 PCDIR="$ROOT/.venv-pkgconfig"
-mkdir -p "$PCDIR"
+mkdir -p "$PCDIR/include/opencv2"
+# Debian's opencv2/opencv.hpp includes every module it was built with (calib3d, ...), whose
+# headers the two small -dev packages lack; ffcv only needs core and imgproc.
+printf '#pragma once\n#include <opencv2/core.hpp>\n#include <opencv2/imgproc.hpp>\n' \
+  >"$PCDIR/include/opencv2/opencv.hpp"
 cat >"$PCDIR/opencv4.pc" <<PC
 prefix=/usr
 libdir=/usr/lib/x86_64-linux-gnu
@@ -31,7 +35,7 @@ Name: OpenCV
 Description: OpenCV core and imgproc (subset for ffcv)
 Version: 4.6.0
 Libs: -L\${libdir} -lopencv_imgproc -lopencv_core
-Cflags: -I\${includedir}
+Cflags: -I$PCDIR/include -I\${includedir}
 PC
 export PKG_CONFIG_PATH="$PCDIR${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
 
