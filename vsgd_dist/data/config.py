@@ -1,0 +1,69 @@
+"""DataConfig: the data settings a recipe holds (the trainer embeds it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import DataError
+
+DTYPES = ("fp16", "bf16", "fp32")
+MIN_RES, MAX_RES = 8, 4096
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is decoded; runtime facts (device, ranks) are passed to
+    the build functions instead."""
+
+    data_dir: str = ""
+    """Folder with train.beton, val.beton and manifest.json (`python -m launch data write`);
+    empty: the built-in digits demo, written to the cache on first use."""
+    batch_size: int = 256
+    """Images per batch on each rank (train and val)."""
+    num_workers: int = 8
+    """Decoding threads per rank (FFCV compiles the pipeline; use about the cores per GPU)."""
+    dtype: str = "fp16"
+    """Image tensor dtype: fp16, bf16 or fp32 (labels are int64)."""
+    seed: int = 0
+    """Order seed, the same on every rank (ranks shard one permutation per epoch)."""
+    os_cache: bool = True
+    """True: read through the OS page cache, random order (data fits in RAM). False: ffcv's
+    process cache with quasi-random order, for data larger than RAM (single process only)."""
+    start_res: int = 160
+    """Train crop size until ramp_start_epoch (progressive resizing)."""
+    end_res: int = 192
+    """Train crop size from ramp_end_epoch on."""
+    ramp_start_epoch: int = 0
+    """Epoch where the linear ramp from start_res to end_res begins."""
+    ramp_end_epoch: int = 0
+    """Epoch where the ramp ends; equal to ramp_start_epoch means a jump there."""
+    res_step: int = 32
+    """Train sizes are rounded to a multiple of this (ffcv-imagenet: 32)."""
+    val_res: int = 256
+    """Validation output size (ffcv-imagenet evaluates ResNet-50 at 256)."""
+    val_crop_ratio: float = 224 / 256
+    """Validation center crop side / shorter image side, before resizing to val_res."""
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Raise DataError listing every setting that cannot work."""
+        problems = []
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.batch_size < 1 or self.num_workers < 1:
+            problems.append(f"batch_size ({self.batch_size}) and num_workers ({self.num_workers}) "
+                            f"must be at least 1")
+        for name in ("start_res", "end_res", "val_res"):
+            res = getattr(self, name)
+            if not MIN_RES <= res <= MAX_RES:
+                problems.append(f"{name} {res} is outside [{MIN_RES}, {MAX_RES}] pixels")
+        if self.res_step < 1 or self.res_step > min(self.start_res, self.end_res):
+            problems.append(f"res_step {self.res_step} must be in [1, min(start_res, end_res)]")
+        if not 0 <= self.ramp_start_epoch <= self.ramp_end_epoch:
+            problems.append(f"need 0 <= ramp_start_epoch ({self.ramp_start_epoch}) <= "
+                            f"ramp_end_epoch ({self.ramp_end_epoch})")
+        if not 0.0 < self.val_crop_ratio <= 1.0:
+            problems.append(f"val_crop_ratio {self.val_crop_ratio} must be in (0, 1]")
+        if problems:
+            raise DataError("invalid data config: " + "; ".join(problems))

@@ -1,0 +1,138 @@
+"""FFCV train and val loaders, checked before they are built.
+
+Pipeline order matters on CPU: NormalizeImage must come before ToTensor (the usual
+ffcv-imagenet order, normalizing on the device after ToTorchImage, hangs inside Loader() on
+CPU and needs cupy on GPU). So images are normalized to the output dtype by the decoding
+threads and copied to the device already normalized.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import MAX_RES, MIN_RES, DataConfig
+from .demo import ensure_demo_data
+from .errors import DataError
+from .manifest import DatasetFiles, open_dataset_dir
+from .validate import BetonInfo, inspect_beton
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
+IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
+
+
+def resolve_dataset(cfg: DataConfig) -> DatasetFiles:
+    """The dataset cfg points at (the digits demo when cfg.data_dir is empty)."""
+    return open_dataset_dir(cfg.data_dir) if cfg.data_dir else ensure_demo_data()
+
+
+def build_train_loader(cfg: DataConfig, device: torch.device | str, distributed: bool = False):
+    """Random-resized-crop + flip loader over this rank's shard, full batches only.
+
+    Returns an ffcv Loader; iterate it with `train_epoch` (sets the epoch's resolution and
+    order, and resumes mid-epoch). distributed=True needs torch.distributed initialized.
+    """
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import RandomHorizontalFlip
+
+    cfg.check()
+    device = _checked_device(device)
+    world = _world_size(distributed)
+    if distributed and not cfg.os_cache:
+        raise DataError("os_cache=False (quasi-random order) works in a single process only; "
+                        "set os_cache=True for distributed runs")
+    files = resolve_dataset(cfg)
+    info = _checked_file(files.train, len(files.manifest.classes))
+    if cfg.batch_size > info.num_samples // world:
+        raise DataError(f"{files.train}: batch_size {cfg.batch_size} is larger than this rank's "
+                        f"shard ({info.num_samples} images / {world} ranks = "
+                        f"{info.num_samples // world}); lower batch_size")
+    if distributed:
+        _check_same_seed(cfg.seed)
+    decoder = RandomResizedCropRGBImageDecoder((cfg.start_res, cfg.start_res))
+    return Loader(
+        str(files.train), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+        os_cache=cfg.os_cache, distributed=distributed, seed=cfg.seed, drop_last=True,
+        order=OrderOption.RANDOM if cfg.os_cache else OrderOption.QUASI_RANDOM,
+        pipelines=_pipelines(info, [decoder, RandomHorizontalFlip()], cfg, device))
+
+
+def build_val_loader(cfg: DataConfig, device: torch.device | str, distributed: bool = False):
+    """Center-crop loader in file order; with distributed=True each rank reads every
+    world_size-th image, so the ranks together see each image exactly once (no padding)."""
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    cfg.check()
+    device = _checked_device(device)
+    world = _world_size(distributed)
+    rank = dist.get_rank() if distributed else 0
+    files = resolve_dataset(cfg)
+    info = _checked_file(files.val, len(files.manifest.classes))
+    if info.num_samples < world:
+        raise DataError(f"{files.val}: {info.num_samples} images cannot be split over {world} "
+                        f"ranks; use fewer ranks or a larger val split")
+    decoder = CenterCropRGBImageDecoder((cfg.val_res, cfg.val_res), ratio=cfg.val_crop_ratio)
+    return Loader(
+        str(files.val), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+        os_cache=cfg.os_cache, order=OrderOption.SEQUENTIAL, drop_last=False,
+        indices=np.arange(rank, info.num_samples, world),
+        pipelines=_pipelines(info, [decoder], cfg, device))
+
+
+def set_train_resolution(loader, res: int) -> None:
+    """Change the train crop size; takes effect at the next epoch iterator (no recompile:
+    ffcv sizes its buffers per epoch)."""
+    if not MIN_RES <= res <= MAX_RES:
+        raise DataError(f"train resolution {res} is outside [{MIN_RES}, {MAX_RES}] pixels")
+    loader.pipeline_specs["image"].decoder.output_size = (res, res)
+
+
+def _pipelines(info: BetonInfo, image_ops: list, cfg: DataConfig, device: torch.device) -> dict:
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.transforms import Convert, NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+    # fp16 is normalized straight to fp16 (ToTorchImage views ffcv's int16 carrier as fp16);
+    # numpy has no bf16, so bf16 is normalized to fp32 and converted at the end.
+    np_dtype = np.float16 if cfg.dtype == "fp16" else np.float32
+    image = [*image_ops, NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np_dtype), ToTensor(),
+             ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
+    if cfg.dtype == "bf16":
+        image.append(Convert(torch.bfloat16))
+    label = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
+    unused = {name: None for name in info.field_names if name not in ("image", "label")}
+    return {"image": image, "label": label, **unused}
+
+
+def _checked_file(path, num_classes: int) -> BetonInfo:
+    info = inspect_beton(path)
+    if info.num_classes > num_classes:
+        raise DataError(f"{path}: has label {info.num_classes - 1} but the manifest lists "
+                        f"{num_classes} classes; write the folder again")
+    return info
+
+
+def _checked_device(device: torch.device | str) -> torch.device:
+    device = torch.device(device)  # ffcv's ToDevice needs a torch.device, not a string
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"device {device} requested but CUDA is not available; use device 'cpu'")
+    return device
+
+
+def _world_size(distributed: bool) -> int:
+    if not distributed:
+        return 1
+    if not (dist.is_available() and dist.is_initialized()):
+        raise DataError("distributed=True but torch.distributed is not initialized; call "
+                        "init_process_group first, or pass distributed=False")
+    return dist.get_world_size()
+
+
+def _check_same_seed(seed: int) -> None:
+    """ffcv shards one seeded permutation per epoch; different seeds would overlap shards."""
+    seeds = [None] * dist.get_world_size()
+    dist.all_gather_object(seeds, seed)
+    if len(set(seeds)) > 1:
+        raise DataError(f"data seed differs across ranks ({seeds}); every rank must use the "
+                        f"same DataConfig.seed")
