@@ -119,6 +119,8 @@ AccountingStorageHost=localhost
 AccountingStoragePort=$DBD_PORT
 # With a non-default munge socket, slurmctld reaches slurmdbd through this "password".
 AccountingStoragePass=$SOCK
+# Keep the job comment: launch submit stores the job folder there, for launch status ID.
+AccountingStoreFlags=job_comment
 NodeName=localhost NodeAddr=127.0.0.1 $LAYOUT State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=02:00:00 State=UP
 EOF

@@ -1,0 +1,159 @@
+"""Cluster profiles: what one SLURM cluster offers and allows, read from slurm/clusters/*.yaml.
+
+A profile keeps site facts (partition, account, GPUs per node, module loads) out of the
+recipes, and lets `launch submit` refuse an impossible request before anything reaches
+sbatch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PROFILE_DIR = Path(__file__).resolve().parents[1] / "slurm" / "clusters"
+
+
+class LaunchError(ValueError):
+    """A problem found before submission, worded as one line naming the fix (exit code 2)."""
+
+
+_TIME_FORMATS = "MM, HH:MM:SS or D-HH:MM:SS"
+_TIME_RE = re.compile(r"^(?:(?:(?P<d>\d+)-)?(?P<h>\d+):(?P<m>[0-5]?\d):(?P<s>[0-5]?\d)|(?P<mins>\d+))$")
+
+
+def parse_time(text: str) -> int:
+    """SLURM time string -> whole minutes (rounded up, as submitit takes minutes)."""
+    match = _TIME_RE.match(str(text).strip())
+    if not match or (match["d"] is not None and int(match["h"]) > 23):
+        raise LaunchError(f"time {text!r} is not a SLURM time; use {_TIME_FORMATS} (e.g. 01:30:00)")
+    if match["mins"] is not None:
+        minutes = int(match["mins"])
+    else:
+        seconds = ((int(match["d"] or 0) * 24 + int(match["h"])) * 60 + int(match["m"])) * 60 + int(match["s"])
+        minutes = -(-seconds // 60)
+    if minutes <= 0:
+        raise LaunchError(f"time {text!r} is zero; ask for at least one minute")
+    return minutes
+
+
+def format_minutes(minutes: int) -> str:
+    """Whole minutes -> D-HH:MM:SS (or HH:MM:SS under a day), as sinfo prints limits."""
+    days, rest = divmod(minutes, 24 * 60)
+    clock = f"{rest // 60:02d}:{rest % 60:02d}:00"
+    return f"{days}-{clock}" if days else clock
+
+
+@dataclass(frozen=True)
+class ClusterProfile:
+    """One SLURM cluster as seen by `launch submit`; loaded from slurm/clusters/<name>.yaml."""
+
+    name: str
+    """Profile name (the YAML file's stem); set by the loader, not written in the file."""
+    description: str = ""
+    """One line shown by `launch submit --help`-style listings."""
+    local: bool = False
+    """The one-machine cluster of slurm/local/start.sh: SLURM_CONF is read from
+    .slurm-local/env and partitions are asked from sinfo instead of this file."""
+    partition: str | None = None
+    """Partition used when --partition is not given (None: the cluster's default)."""
+    partitions: list[str] = field(default_factory=list)
+    """Partitions users may pick with --partition (empty: only `partition`)."""
+    account: str | None = None
+    """Default --account (charged allocation); --account overrides it."""
+    qos: str | None = None
+    """Default --qos; --qos overrides it."""
+    constraint: str | None = None
+    """sbatch --constraint, e.g. a GPU model feature such as "a100"."""
+    gpus_per_node: int = 0
+    """GPUs on one node; 0 marks a CPU-only cluster (tasks then set by --tasks-per-node, gloo)."""
+    cpus_per_node: int = 1
+    """CPU cores on one node; tasks_per_node * cpus_per_task may not exceed it."""
+    cpus_per_task: int = 1
+    """Cores given to each task (data-loading workers + the training process)."""
+    mem: str | None = None
+    """sbatch --mem per node (e.g. "480G", "0" for all of it); None leaves the site default."""
+    max_nodes: int = 1
+    """Largest --nodes this cluster (or your allocation) allows."""
+    max_tasks_per_node: int = 1
+    """Largest tasks per node; on GPU clusters one task per GPU, so normally gpus_per_node."""
+    signal_delay_s: int = 120
+    """Seconds before the time limit at which SLURM sends USR2, so the job can checkpoint."""
+    time_default: str = "01:00:00"
+    """Time limit when --time is not given (MM, HH:MM:SS or D-HH:MM:SS)."""
+    time_max: str = "1-00:00:00"
+    """Largest --time the partition accepts."""
+    max_preemptions: int = 10
+    """Requeues after preemption before the job gives up (timeouts use max_timeouts)."""
+    max_timeouts: int = 3
+    """Requeues after hitting the time limit (submitit's max_num_timeout)."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run in the sbatch script before srun (module loads, exports). They are
+    shell code written by the cluster's admin or user and go into the script verbatim."""
+
+    @property
+    def allowed_partitions(self) -> list[str]:
+        return self.partitions or ([self.partition] if self.partition else [])
+
+
+def known_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def _check_type(name: str, value: object, hint: object, where: str) -> None:
+    """Raise LaunchError if `value` does not fit the dataclass annotation `hint`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        ok = isinstance(value, list) and all(isinstance(v, args[0]) for v in value)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, hint)  # type: ignore[arg-type]
+    if not ok:
+        expected = getattr(hint, "__name__", str(hint)).replace("typing.", "")
+        if origin is list:
+            expected = f"a list of {args[0].__name__}"
+        raise LaunchError(f"{where}: {name} must be {expected}, got {value!r}")
+
+
+def load_profile(name: str) -> ClusterProfile:
+    """Read and check slurm/clusters/<name>.yaml; unknown or ill-typed keys are errors."""
+    path = PROFILE_DIR / f"{name}.yaml"
+    if not name or "/" in name or not path.is_file():
+        raise LaunchError(f"unknown cluster profile {name!r}; known: {', '.join(known_profiles())} "
+                          f"(add slurm/clusters/{name}.yaml for a new cluster)")
+    where = f"slurm/clusters/{name}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LaunchError(f"{where} is not valid YAML: {e}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise LaunchError(f"{where} must be a mapping of profile fields")
+    hints = typing.get_type_hints(ClusterProfile)
+    fields = [f.name for f in dataclasses.fields(ClusterProfile) if f.name != "name"]
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(fields)}"
+            raise LaunchError(f"{where}: unknown key {key!r}; {hint}")
+        _check_type(key, value, hints[key], where)
+    profile = ClusterProfile(name=name, **data)
+    for key in ("time_default", "time_max"):
+        try:
+            parse_time(getattr(profile, key))
+        except LaunchError as e:
+            raise LaunchError(f"{where}: {key}: {e}") from None
+    for key in ("cpus_per_node", "cpus_per_task", "max_nodes", "max_tasks_per_node"):
+        if getattr(profile, key) < 1:
+            raise LaunchError(f"{where}: {key} must be at least 1")
+    return profile

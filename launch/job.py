@@ -1,0 +1,137 @@
+"""The callable that every SLURM task of a `launch submit`/`sweep` job runs.
+
+SLURM delivers the requeue signal (USR2) to the main thread at an arbitrary point, maybe in
+the middle of a collective, and a checkpoint of sharded optimizer state needs every rank.
+So the trainer runs in a worker thread while the main thread only waits (and so handles
+signals at once). submitit calls `checkpoint()` on global rank 0 only: it asks the trainer to
+stop, the trainer all-reduces that flag at the next step boundary so every rank stops at the
+same step and writes its shard, and rank 0 then returns a resubmission of this callable.
+Ranks other than 0 wait to be killed by the requeue.
+
+Trainer contract: `factory(recipe: dict, run_dir: str)` returns an object with
+`run() -> dict` (at least "status": "completed" | "stopped", and "step"; resumes from the
+latest checkpoint in run_dir) and a thread-safe `request_stop()`.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import submitit
+from submitit.helpers import Checkpointable, DelayedSubmission
+
+INTERRUPTIONS_FILE = "interruptions.json"
+
+
+def load_factory(path: str) -> Callable[[dict, str], Any]:
+    """"package.module:attr" -> the object (the trainer factory)."""
+    module, sep, attr = path.partition(":")
+    if not sep:
+        raise ValueError(f"trainer factory {path!r} must look like package.module:Name")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def timed_out(started: float, timeout_min: int) -> bool:
+    """submitit's own rule (SignalHandler.has_timed_out), so our count agrees with its log:
+    a signal after min(80 % of the limit, limit - 10 min) of run time is a timeout,
+    anything earlier is a preemption."""
+    limit_s = timeout_min * 60
+    return time.time() - started >= min(0.8 * limit_s, limit_s - 600)
+
+
+def record_interruption(job_dir: Path, kind: str, job_id: str, step: Any) -> list[dict]:
+    """Append one interruption to job_dir/interruptions.json and return the whole list."""
+    path = job_dir / INTERRUPTIONS_FILE
+    events = json.loads(path.read_text()) if path.exists() else []
+    events.append({"kind": kind, "job_id": job_id, "step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(events, indent=1))
+    os.replace(tmp, path)
+    return events
+
+
+class TrainJob(Checkpointable):
+    """One training run; pickled by submitit and run by every task of the job."""
+
+    def __init__(self, factory: str, recipe: dict, run_dir: str, job_dir: str, timeout_min: int,
+                 max_preemptions: int, signal_delay_s: int) -> None:
+        self.factory = factory
+        self.recipe = recipe
+        self.run_dir = run_dir
+        self.job_dir = job_dir
+        self.timeout_min = timeout_min
+        self.max_preemptions = max_preemptions
+        self.signal_delay_s = signal_delay_s
+        self._reset()
+
+    def _reset(self) -> None:
+        self._trainer: Any = None
+        self._thread: threading.Thread | None = None
+        self._outcome: dict[str, Any] = {}
+        self._started = time.time()
+
+    def __getstate__(self) -> dict:
+        """Pickle the configuration only: the trainer and its thread die with the process."""
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def _work(self) -> None:
+        try:
+            self._outcome["summary"] = self._trainer.run()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+            self._outcome["error"] = e
+
+    def __call__(self) -> dict:
+        self._started = time.time()
+        dist_env = submitit.helpers.TorchDistributedEnvironment().export(
+            set_cuda_visible_devices=False, overwrite=True)
+        Path(self.run_dir).mkdir(parents=True, exist_ok=True)
+        print(f"launch: rank {dist_env.rank}/{dist_env.world_size} master "
+              f"{dist_env.master_addr}:{dist_env.master_port} run_dir {self.run_dir}", flush=True)
+        self._trainer = load_factory(self.factory)(self.recipe, self.run_dir)
+        self._thread = threading.Thread(target=self._work, name="trainer", daemon=True)
+        self._thread.start()
+        while self._thread.is_alive():
+            self._thread.join(timeout=1)  # short waits: signal handlers run between them
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        summary = self._outcome["summary"]
+        print(f"launch: trainer returned {summary}", flush=True)
+        if summary.get("status") == "stopped" and dist_env.rank != 0:
+            # Rank 0 is requeueing the job; the requeue kills this task. Waiting longer than
+            # SLURM's own grace period means the requeue never came.
+            time.sleep(max(60, self.signal_delay_s))
+            raise RuntimeError("trainer stopped for a requeue, but the job was not requeued")
+        return summary
+
+    def checkpoint(self) -> DelayedSubmission | None:
+        """Called by submitit on global rank 0 when USR2 arrives: save, then requeue."""
+        kind = "timeout" if timed_out(self._started, self.timeout_min) else "preemption"
+        step = None
+        if self._thread is not None and self._thread.is_alive():
+            self._trainer.request_stop()
+            self._thread.join(timeout=max(30, self.signal_delay_s))
+            step = (self._outcome.get("summary") or {}).get("step")
+        job_id = submitit.JobEnvironment().job_id
+        events = record_interruption(Path(self.job_dir), kind, job_id, step)
+        print(f"launch: {kind} of job {job_id}; trainer stopped at step {step}", flush=True)
+        if "error" in self._outcome:
+            print(f"launch: not requeueing, the trainer failed: {self._outcome['error']!r}", flush=True)
+            return None
+        preemptions = sum(e["kind"] == "preemption" for e in events)
+        if kind == "preemption" and preemptions > self.max_preemptions:
+            print(f"launch: not requeueing after {preemptions} preemptions "
+                  f"(max_preemptions={self.max_preemptions} in the cluster profile)", flush=True)
+            return None
+        return DelayedSubmission(self)

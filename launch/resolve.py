@@ -1,0 +1,59 @@
+"""Turn a recipe file plus `key=value` overrides into the plain dict a job receives.
+
+This is the one place `launch submit`/`sweep` read recipes; it checks only what can be
+checked without the recipe schema (file exists, YAML mapping, `key=value` overrides with
+dotted keys) until it is pointed at the real loader in `vsgd_dist.config`.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe or override problem, worded for the command line."""
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=3` -> ("a.b", 3); the value is read as YAML so numbers and lists keep their type."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part.isidentifier() for part in key.split(".")):
+        raise RecipeError(f"override {text!r} is not key=value (e.g. optim.lr=0.1)")
+    try:
+        return key, yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(f"override {text!r}: value is not valid YAML ({e.problem})") from None
+
+
+def apply_overrides(recipe: dict, overrides: list[str]) -> dict:
+    """Return a copy of `recipe` with dotted overrides set (missing levels are created)."""
+    out = copy.deepcopy(recipe)
+    for text in overrides:
+        key, value = parse_override(text)
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {text!r}: {part!r} is a {type(child).__name__}, not a mapping")
+            node = child
+        node[leaf] = value
+    return out
+
+
+def resolve_recipe(path: str | Path, overrides: list[str]) -> dict:
+    """Load the recipe at `path`, apply `overrides`; raise RecipeError naming the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(path)!r} not found; pass a YAML file (see recipes/)")
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {e}".replace("\n", " ")) from None
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"recipe {str(path)!r} must be a YAML mapping (key: value), "
+                          f"got {type(recipe).__name__}")
+    return apply_overrides(recipe, overrides)

@@ -1,0 +1,263 @@
+"""Shared pieces of `launch submit`, `sweep` and `status|tail|cancel`: reaching the cluster,
+turning a profile + command-line request into sbatch parameters (checked before anything is
+submitted), job folders, and submission through submitit.
+
+A job folder holds everything about one submission: recipe.yaml (resolved), job.json
+(job id, cluster, points), sbatch.sh, submitit/ (pickles and per-task logs), and one run/
+folder per training run (checkpoints, TensorBoard) with its interruptions.json.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from launch.clusters import ClusterProfile, LaunchError, format_minutes, parse_time
+from launch.resolve import RecipeError
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_ENV = REPO / ".slurm-local" / "env"
+DEFAULT_TRAINER = "vsgd_dist.train.trainer:Trainer"
+JOB_FILE = "job.json"
+
+
+# --- reaching the cluster ----------------------------------------------------------------
+def use_cluster(profile: ClusterProfile) -> None:
+    """Point this process's SLURM commands (and submitit's) at the profile's cluster."""
+    if not profile.local:
+        return
+    if not LOCAL_ENV.is_file():
+        raise LaunchError("the local cluster is not running; start it with: bash slurm/local/start.sh")
+    for line in LOCAL_ENV.read_text().splitlines():
+        name, _, value = line.removeprefix("export ").partition("=")
+        if name == "SLURM_CONF":
+            os.environ["SLURM_CONF"] = shlex.split(value)[0]
+
+
+def slurm_cmd(*argv: str, check: bool = True) -> str:
+    """Run a SLURM client command; a failure becomes a one-line LaunchError."""
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise LaunchError(f"{argv[0]} not found: run on a SLURM login node "
+                          "(or start the local cluster: bash slurm/local/start.sh)") from None
+    if check and out.returncode != 0:
+        msg = (out.stderr or out.stdout).strip().splitlines()
+        raise LaunchError(f"{' '.join(argv[:2])} failed: {msg[-1] if msg else out.returncode}")
+    return out.stdout
+
+
+def cluster_partitions(profile: ClusterProfile) -> list[str]:
+    """Partitions a job may use: sinfo's on the local cluster, the profile's elsewhere."""
+    if profile.local:
+        return sorted({p.rstrip("*") for p in slurm_cmd("sinfo", "-h", "-o", "%P").split()})
+    return profile.allowed_partitions
+
+
+# --- request -> sbatch parameters ---------------------------------------------------------
+@dataclass(frozen=True)
+class JobSpec:
+    """A checked request for one job (or each task of an array), in sbatch terms."""
+
+    job_name: str
+    """Shown by squeue/sacct; the job folder's name."""
+    partition: str | None
+    """Partition to queue in (None: the cluster default)."""
+    nodes: int
+    """Number of nodes."""
+    ntasks_per_node: int
+    """Tasks (training processes) per node: one per GPU, or --tasks-per-node on CPU clusters."""
+    gpus_per_node: int
+    """GPUs per node; 0 leaves --gpus-per-node out of the script."""
+    cpus_per_task: int
+    """Cores per task."""
+    time: int
+    """Time limit in minutes (submitit's unit)."""
+    signal_delay_s: int
+    """USR2 arrives this many seconds before the time limit."""
+    account: str | None
+    """--account, if any."""
+    qos: str | None
+    """--qos, if any."""
+    constraint: str | None
+    """--constraint, if any."""
+    mem: str | None
+    """--mem per node, if any."""
+    setup: list[str]
+    """Shell lines before srun (profile setup, then PYTHONPATH to this checkout)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ntasks_per_node
+
+    def sbatch_parameters(self, comment: str) -> dict:
+        """Keyword arguments of submitit's SLURM executor (its sbatch names)."""
+        params = {k: v for k, v in asdict(self).items() if v is not None}
+        if not self.gpus_per_node:
+            params.pop("gpus_per_node")
+        params["comment"] = comment
+        return params
+
+
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `submit` and `sweep`."""
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    parser.add_argument("--cluster", required=True, help="profile in slurm/clusters/ (e.g. local)")
+    parser.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
+    parser.add_argument("--gpus-per-node", type=int, default=None,
+                        help="GPUs per node, one task each (default: all of the profile's)")
+    parser.add_argument("--tasks-per-node", type=int, default=None,
+                        help="tasks per node on CPU-only clusters (default 1)")
+    parser.add_argument("--partition", help="partition (default: the profile's)")
+    parser.add_argument("--time", help="time limit: MM, HH:MM:SS or D-HH:MM:SS (default: the profile's)")
+    parser.add_argument("--account", help="account to charge (default: the profile's)")
+    parser.add_argument("--qos", help="quality of service (default: the profile's)")
+    parser.add_argument("--out", help="job folder (default: runs/<recipe name>)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved recipe and sbatch script; submit nothing")
+    parser.add_argument("--trainer", default=DEFAULT_TRAINER, help=argparse.SUPPRESS)
+    # Overrides come after the options (`RECIPE --cluster local lr=0.1`); plain parse_args
+    # stops collecting positionals at the first option, the intermixed parser does not.
+    parser.parse_args = parser.parse_intermixed_args  # type: ignore[method-assign]
+
+
+def build_spec(profile: ClusterProfile, args: argparse.Namespace, job_name: str) -> JobSpec:
+    """Check the request against the profile (and the live cluster for partitions)."""
+    where = f"cluster profile {profile.name!r}"
+    if not 1 <= args.nodes <= profile.max_nodes:
+        raise LaunchError(f"--nodes {args.nodes}: {where} allows 1 to {profile.max_nodes}")
+    if profile.gpus_per_node:
+        gpus = profile.gpus_per_node if args.gpus_per_node is None else args.gpus_per_node
+        if not 1 <= gpus <= profile.gpus_per_node:
+            raise LaunchError(f"--gpus-per-node {gpus}: {where} has 1 to {profile.gpus_per_node} GPUs per node")
+        if args.tasks_per_node not in (None, gpus):
+            raise LaunchError(f"--tasks-per-node {args.tasks_per_node}: on GPU clusters there is one task "
+                              f"per GPU; drop it or set --gpus-per-node {args.tasks_per_node}")
+        tasks = gpus
+    else:
+        if args.gpus_per_node:
+            raise LaunchError(f"--gpus-per-node {args.gpus_per_node}: {where} has no GPUs; "
+                              "use --tasks-per-node for CPU ranks")
+        gpus, tasks = 0, args.tasks_per_node or 1
+    if not 1 <= tasks <= profile.max_tasks_per_node:
+        raise LaunchError(f"{tasks} tasks per node: {where} allows 1 to {profile.max_tasks_per_node}")
+    if tasks * profile.cpus_per_task > profile.cpus_per_node:
+        raise LaunchError(f"{tasks} tasks x {profile.cpus_per_task} CPUs exceed the {profile.cpus_per_node} "
+                          f"CPUs of a node in {where}; ask for fewer tasks per node")
+    minutes = parse_time(args.time or profile.time_default)
+    if minutes > parse_time(profile.time_max):
+        raise LaunchError(f"--time {args.time}: longer than the {profile.time_max} allowed by {where}")
+    partition = args.partition or profile.partition
+    if partition is not None:
+        known = cluster_partitions(profile)
+        if partition not in known:
+            raise LaunchError(f"unknown partition {partition!r} on {where}; choose from {', '.join(known)}")
+    setup = [*profile.setup,
+             f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    return JobSpec(job_name=job_name, partition=partition, nodes=args.nodes, ntasks_per_node=tasks,
+                   gpus_per_node=gpus, cpus_per_task=profile.cpus_per_task, time=minutes,
+                   signal_delay_s=profile.signal_delay_s, account=args.account or profile.account,
+                   qos=args.qos or profile.qos, constraint=profile.constraint, mem=profile.mem, setup=setup)
+
+
+def describe(spec: JobSpec, profile: ClusterProfile) -> str:
+    """One line: where and how big, as printed after submission."""
+    unit = f"{spec.gpus_per_node} GPUs" if spec.gpus_per_node else f"{spec.ntasks_per_node} tasks"
+    return (f"cluster {profile.name}, partition {spec.partition or '(default)'}, {spec.nodes} node(s) x {unit}, "
+            f"time {format_minutes(spec.time)}")
+
+
+def check_factory(path: str) -> None:
+    """Fail before submission if the trainer factory's module cannot be found."""
+    module, sep, attr = path.partition(":")
+    try:
+        found = bool(sep and attr and importlib.util.find_spec(module))
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        raise LaunchError(f"trainer {path!r} not found; give an importable package.module:Factory")
+
+
+# --- job folders --------------------------------------------------------------------------
+def claim_run_dir(point_dir: Path, recipe: dict) -> None:
+    """Refuse a folder that holds another recipe; the same recipe resumes there."""
+    path = point_dir / "recipe.yaml"
+    if path.exists() and yaml.safe_load(path.read_text()) != recipe:
+        raise LaunchError(f"{point_dir} already holds a different recipe; pick another --out "
+                          "(folders are never overwritten)")
+
+
+def check_not_active(job_dir: Path) -> None:
+    """Refuse to submit into a folder whose previous job is still queued or running."""
+    info = read_job_file(job_dir)
+    if info and slurm_cmd("squeue", "-h", "-j", str(info["job_id"]), "-o", "%i", check=False).strip():
+        raise LaunchError(f"job {info['job_id']} of {job_dir} is still queued or running; "
+                          f"wait, or cancel it: python -m launch cancel {job_dir}")
+
+
+def write_point(point_dir: Path, recipe: dict) -> Path:
+    """Create point_dir with its recipe.yaml; return its run folder."""
+    point_dir.mkdir(parents=True, exist_ok=True)
+    (point_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return point_dir / "run"
+
+
+def read_job_file(job_dir: Path) -> dict | None:
+    path = job_dir / JOB_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# --- submission ---------------------------------------------------------------------------
+def submitit_command(folder: Path) -> str:
+    """What sbatch runs on every task (the same string submitit's executor builds)."""
+    return f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+
+
+def render_sbatch(spec: JobSpec, job_dir: Path, array_size: int | None = None) -> str:
+    """The sbatch script submitit would write, without needing sbatch (for --dry-run)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    folder = job_dir / "submitit"
+    return _make_sbatch_string(command=submitit_command(folder), folder=folder, map_count=array_size,
+                               **spec.sbatch_parameters(comment=str(job_dir)))
+
+
+def make_executor(spec: JobSpec, job_dir: Path, max_timeouts: int):
+    """A submitit AutoExecutor writing pickles and logs under job_dir/submitit."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=job_dir / "submitit", cluster="slurm",
+                                     slurm_max_num_timeout=max_timeouts)
+    executor.update_parameters(**{f"slurm_{k}": v for k, v in spec.sbatch_parameters(str(job_dir)).items()})
+    return executor
+
+
+def finish_submission(job_dir: Path, job, profile: ClusterProfile, points: list[str]) -> dict:
+    """Record the job in job.json and copy its sbatch script next to it."""
+    job_id = str(job.job_id).split("_")[0]
+    info = {"job_id": job_id, "cluster": profile.name, "array": bool(points), "points": points,
+            "slurm_conf": os.environ.get("SLURM_CONF")}
+    (job_dir / JOB_FILE).write_text(json.dumps(info, indent=1))
+    (job_dir / "sbatch.sh").write_text(Path(job.paths.submission_file).read_text())
+    return info
+
+
+def print_errors(fn):
+    """Wrap a command's main so that a request or recipe error is one line and exit code 2."""
+    def main(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (LaunchError, RecipeError) as e:
+            print(f"python -m launch {args.command}: error: {e}", file=sys.stderr)
+            return 2
+    main.__doc__ = fn.__doc__
+    return main

@@ -1,0 +1,60 @@
+"""`python -m launch submit RECIPE --cluster PROFILE ...`: one training run as one SLURM job.
+
+Every task runs launch.job.TrainJob, which requeues the job on preemption or timeout after
+the trainer has saved a step-exact checkpoint in the job folder's run/.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+import yaml
+
+from launch.clusters import load_profile
+from launch.job import TrainJob
+from launch.resolve import resolve_recipe
+from launch.slurm import (add_request_arguments, build_spec, check_factory, check_not_active, claim_run_dir,
+                          describe, finish_submission, make_executor, print_errors, render_sbatch,
+                          use_cluster, write_point)
+
+
+def add_arguments(parser: argparse.ArgumentParser, command_name: str) -> None:
+    add_request_arguments(parser)
+
+
+def show(path: Path) -> str:
+    """A path as the user should type it: relative to here when inside, shell-quoted."""
+    try:
+        path = path.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return shlex.quote(str(path))
+
+
+@print_errors
+def main(args: argparse.Namespace) -> int:
+    profile = load_profile(args.cluster)
+    recipe = resolve_recipe(args.recipe, args.overrides)
+    job_dir = Path(args.out or Path("runs") / Path(args.recipe).stem).resolve()
+    check_factory(args.trainer)
+    use_cluster(profile)
+    spec = build_spec(profile, args, job_dir.name)
+    claim_run_dir(job_dir, recipe)
+    if args.dry_run:
+        print("# resolved recipe\n" + yaml.safe_dump(recipe, sort_keys=False))
+        print("# sbatch script\n" + render_sbatch(spec, job_dir))
+        print("dry run: nothing submitted")
+        return 0
+    check_not_active(job_dir)
+    run_dir = write_point(job_dir, recipe)
+    executor = make_executor(spec, job_dir, profile.max_timeouts)
+    job = executor.submit(TrainJob(args.trainer, recipe, str(run_dir), str(job_dir), spec.time,
+                                   profile.max_preemptions, spec.signal_delay_s))
+    info = finish_submission(job_dir, job, profile, points=[])
+    print(f"submitted job {info['job_id']} ({describe(spec, profile)})")
+    print(f"  job folder:  {show(job_dir)}")
+    print(f"  logs:        {show(Path(job.paths.stdout))} (rank 0; .err for stderr)")
+    print(f"  tensorboard: tensorboard --logdir {show(run_dir)}")
+    print(f"  follow:      python -m launch status {show(job_dir)}; python -m launch tail {show(job_dir)}")
+    return 0
