@@ -107,6 +107,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# Start a requeued job as soon as its credential wait ends, not at the next 30-60 s pass.
+SchedulerParameters=sched_interval=2,bf_interval=2
 MpiDefault=none
 JobRequeue=1
 ReturnToService=2
