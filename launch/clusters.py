@@ -101,8 +101,8 @@ class ClusterProfile:
         return self.partitions or ([self.partition] if self.partition else [])
 
 
-def known_profiles() -> list[str]:
-    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+def known_profiles(directory: Path = PROFILE_DIR) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.yaml"))
 
 
 def _check_type(name: str, value: object, hint: object, where: str) -> None:
@@ -126,11 +126,11 @@ def _check_type(name: str, value: object, hint: object, where: str) -> None:
         raise LaunchError(f"{where}: {name} must be {expected}, got {value!r}")
 
 
-def load_profile(name: str) -> ClusterProfile:
-    """Read and check slurm/clusters/<name>.yaml; unknown or ill-typed keys are errors."""
-    path = PROFILE_DIR / f"{name}.yaml"
+def load_profile(name: str, directory: Path = PROFILE_DIR) -> ClusterProfile:
+    """Read and check <directory>/<name>.yaml; unknown or ill-typed keys are errors."""
+    path = directory / f"{name}.yaml"
     if not name or "/" in name or not path.is_file():
-        raise LaunchError(f"unknown cluster profile {name!r}; known: {', '.join(known_profiles())} "
+        raise LaunchError(f"unknown cluster profile {name!r}; known: {', '.join(known_profiles(directory))} "
                           f"(add slurm/clusters/{name}.yaml for a new cluster)")
     where = f"slurm/clusters/{name}.yaml"
     try:
