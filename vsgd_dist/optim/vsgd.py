@@ -315,11 +315,12 @@ def _vsgd_kernel(param, grad, mug, bg, bhg, scalars):
     p = param.to(dtype) * decay
     g = grad.to(dtype) * sign
     is_first = first > 0
-    vg = torch.where(is_first, bg_first, bg) * inv_a
-    vh = torch.where(is_first, bh_first, bhg) * inv_a
-    vsum = vg + vh
-    mu = (g * vg + mug * vh) / vsum
-    sigma2 = vg * vh / vsum
+    # v = B / A; A cancels in mu and appears once in sigma2, saving two multiplies.
+    bg_now = torch.where(is_first, bg_first, bg)
+    bh_now = torch.where(is_first, bh_first, bhg)
+    inv_bsum = 1.0 / (bg_now + bh_now)  # one division shared by mu and sigma2
+    mu = (g * bg_now + mug * bh_now) * inv_bsum
+    sigma2 = bg_now * bh_now * inv_bsum * inv_a
     bg_new = bg * (1.0 - rho1) + rho1 * ((mu - mug) * (mu - mug) + sigma2 + bg0)
     bh_new = bhg * (1.0 - rho2) + rho2 * ((mu - g) * (mu - g) + sigma2 + bh0)
     p = p - lr * mu / (torch.sqrt(mu * mu + sigma2) + eps)
@@ -335,7 +336,10 @@ _compiled_kernel = None
 def _fused_update(params, grads, mugs, bgs, bhgs, s: _StepScalars, maximize: bool) -> None:
     global _compiled_kernel
     if _compiled_kernel is None:
-        _compiled_kernel = torch.compile(_vsgd_kernel, dynamic=True, fullgraph=True)
+        # dynamic_threads: the first tensor traced may be tiny; without it Inductor sizes the
+        # parallel loop from that hint and emits a single-threaded kernel for every size.
+        _compiled_kernel = torch.compile(_vsgd_kernel, dynamic=True, fullgraph=True,
+                                         options={"cpp.dynamic_threads": True})
     values = (s.lr, s.decay, s.inv_a, s.bg0, s.bh0, s.rho1, s.rho2, s.eps, float(s.first),
               s.bg_first, s.bh_first, -1.0 if maximize else 1.0)
     scalars = torch.tensor(values, dtype=mugs[0].dtype, device=mugs[0].device)
