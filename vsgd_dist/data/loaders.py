@@ -37,11 +37,11 @@ def build_train_loader(cfg: DataConfig, device: torch.device | str, distributed:
     from ffcv.transforms import RandomHorizontalFlip
 
     cfg.check()
-    device = _checked_device(device)
-    world = _world_size(distributed)
     if distributed and not cfg.os_cache:
         raise DataError("os_cache=False (quasi-random order) works in a single process only; "
                         "set os_cache=True for distributed runs")
+    device = _checked_device(device)
+    world = _world_size(distributed)
     files = resolve_dataset(cfg)
     info = _checked_file(files.train, len(files.manifest.classes))
     if cfg.batch_size > info.num_samples // world:

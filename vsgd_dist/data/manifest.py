@@ -34,12 +34,6 @@ class Manifest:
         """Same images and labels, whatever the write settings."""
         return (self.source, self.classes, self.counts) == (other.source, other.classes, other.counts)
 
-    def beton_path(self, folder: str | os.PathLike, split: str) -> Path:
-        if split not in self.counts:
-            raise DataError(f"{folder}: has no {split!r} split (it holds {sorted(self.counts)}); "
-                            f"write one with `python -m launch data write`")
-        return Path(folder) / f"{split}.beton"
-
 
 def read_manifest(folder: str | os.PathLike) -> Manifest | None:
     """The folder's manifest, or None when it has none."""
@@ -65,9 +59,9 @@ class DatasetFiles:
     """A written dataset folder: its .beton files and what they hold."""
 
     train: Path
-    """train.beton."""
+    """train.beton (checked when a loader is built: a folder may hold one split only)."""
     val: Path
-    """val.beton."""
+    """val.beton (checked likewise)."""
     manifest: Manifest
     """Classes, counts and write settings."""
 
@@ -78,5 +72,4 @@ def open_dataset_dir(folder: str | os.PathLike) -> DatasetFiles:
     if manifest is None:
         raise DataError(f"{folder}: no {MANIFEST_NAME}, so not a dataset folder; write one with "
                         f"`python -m launch data write --src DIR --out {folder}`")
-    return DatasetFiles(train=manifest.beton_path(folder, "train"), val=manifest.beton_path(folder, "val"),
-                        manifest=manifest)
+    return DatasetFiles(train=Path(folder) / "train.beton", val=Path(folder) / "val.beton", manifest=manifest)

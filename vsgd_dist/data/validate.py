@@ -74,7 +74,9 @@ def inspect_beton(path: str | os.PathLike) -> BetonInfo:
     table = reader.alloc_table
     if (table["ptr"] + table["size"]).max() > size or np.unique(table["sample_id"]).size != num_samples:
         raise DataError(f"{bad} (allocation table points outside the file or misses samples); {WRITE_HINT}")
-    images, labels = reader.metadata["image"], reader.metadata["label"]
+    columns = reader.metadata.dtype.names  # unnamed in ffcv: f0, f1, ... in field order
+    images = reader.metadata[columns[reader.field_names.index("image")]]
+    labels = reader.metadata[columns[reader.field_names.index("label")]]
     if images["height"].min() == 0 or images["width"].min() == 0 or images["mode"].max() > 1:
         raise DataError(f"{bad} (image records with zero size or unknown storage mode); {WRITE_HINT}")
     if labels.min() < 0:
