@@ -1,0 +1,5 @@
+"""Sharded optimizers: native ZeRO-1/2 for elementwise optimizers, FSDP2 helpers, resharding."""
+from vsgd_dist.sharding.reshard import consolidate, shard_from_full
+from vsgd_dist.sharding.zero import ZeroOptimizer
+
+__all__ = ["ZeroOptimizer", "consolidate", "shard_from_full"]

@@ -1,0 +1,387 @@
+"""ZeRO-1/2 for any elementwise optimizer, on plain torch.distributed collectives.
+
+Every rank keeps the full parameters (as views into flat per-bucket buffers, see `layout`)
+but optimizer state for only 1/W of the elements: its inner optimizer (an instance of
+`optimizer_class`) owns ONE flat fp32 "master" slice per param group. Elementwise optimizers
+(VSGD, Adam, AdamW, SGD) give the same result on a flat slice as on the whole tensors, so
+sharded training equals unsharded training given the same averaged gradient.
+
+- stage 1: the model is DDP-wrapped, so `.grad` already holds the average; each rank copies
+  its slice, steps, and all-gathers the parameters.
+- stage 2: the model is NOT wrapped; gradients are averaged with a bucketed reduce-scatter
+  launched from post-accumulate-grad hooks while backward still runs, each `.grad` is freed
+  as soon as it is copied into its bucket, and each rank keeps only its reduced slice.
+
+Gradients are reduced in `reduce_dtype` (fp32 by default, also for bf16 models) and the
+masters are fp32; the all-gather writes them back in the parameters' own dtype.
+Gradient accumulation: run all micro-batches but the last inside `no_sync()`.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+
+from vsgd_dist.sharding.layout import Bucket, Slot, from_memory_flat, owned_part, plan, to_memory_flat
+
+STATE_DICT_FORMAT = "vsgd_dist.zero/1"
+ELEMENTWISE_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def check_elementwise(optimizer_class: type) -> None:
+    if optimizer_class in ELEMENTWISE_OPTIMIZERS or getattr(optimizer_class, "elementwise", False) is True:
+        return
+    raise ValueError(f"{class_path(optimizer_class)} is not known to be elementwise, so sharding it "
+                     "at element granularity may change its result: if every update of an element "
+                     "depends only on that element, set the class attribute `elementwise = True`")
+
+
+class ZeroOptimizer(torch.optim.Optimizer):
+    """Shard an elementwise optimizer's state (stage 1) and gradients (stage 2) across ranks.
+
+    `param_groups` here are the source of truth for hyperparameters (LR schedulers write
+    them); they are copied into the inner optimizer's groups before each step.
+    """
+
+    def __init__(self, params: Iterable, optimizer_class: type, *, stage: int = 2,
+                 process_group: dist.ProcessGroup | None = None, bucket_cap_mb: float = 25.0,
+                 reduce_dtype: torch.dtype = torch.float32, **optimizer_kwargs: Any):
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 (DDP-averaged gradients) or 2 (sharded gradients), got {stage!r}")
+        check_elementwise(optimizer_class)
+        super().__init__(params, dict(optimizer_kwargs))
+        named_groups = self._name_groups()
+        devices = {p.device for group in named_groups for _, p in group}
+        if len(devices) > 1:
+            raise ValueError(f"parameters are on several devices {sorted(map(str, devices))}: "
+                             "ZeroOptimizer needs all of them on one device")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialized: call dist.init_process_group() "
+                               "before building a ZeroOptimizer")
+        self.stage = stage
+        self.process_group = process_group
+        self.world_size = dist.get_world_size(process_group)
+        self.rank = dist.get_rank(process_group)
+        if self.rank < 0:
+            raise ValueError("this process is not a member of `process_group`: build the "
+                             "ZeroOptimizer only on the group's ranks")
+        self.reduce_dtype = reduce_dtype
+        self.device = devices.pop() if devices else torch.device("cpu")
+        self._params = [p for group in named_groups for _, p in group]
+        self.slots, self.buckets = plan(named_groups, self.world_size, int(bucket_cap_mb * 2**20))
+        self._param_buffers = self._pack_parameters()
+        self.masters = self._build_masters()
+        self._grad_shards = [torch.zeros_like(m) for m in self.masters]
+        self.inner = optimizer_class(
+            [{**self._hyperparameters(g), "params": [m]} for g, m in zip(self.param_groups, self.masters)],
+            **optimizer_kwargs)
+        self.defaults = dict(self.inner.defaults)
+        for group, inner_group in zip(self.param_groups, self.inner.param_groups):
+            for key, value in self._hyperparameters(inner_group).items():
+                group.setdefault(key, value)
+        self._sync_enabled = True
+        self._reset_grad_sync()
+        if stage == 2:
+            for slot_index, slot in enumerate(self.slots):
+                param = self._params[slot_index]
+                param.register_post_accumulate_grad_hook(
+                    lambda _p, i=slot_index: self._on_grad_ready(i))
+        self._gather_parameters()
+
+    # ---- construction -------------------------------------------------------------------
+
+    def _name_groups(self) -> list[list[tuple[str, torch.Tensor]]]:
+        """Names from "param_names" (or (name, tensor) pairs), else positional "param{i}"."""
+        named, seen, position = [], set(), 0
+        for group in self.param_groups:
+            names = group.get("param_names") or [f"param{position + i}" for i in range(len(group["params"]))]
+            group["param_names"] = list(names)
+            position += len(names)
+            duplicates = seen.intersection(names)
+            if duplicates or len(set(names)) != len(names):
+                raise ValueError(f"parameter names must be unique, repeated: {sorted(duplicates or names)[0]!r}")
+            seen.update(names)
+            named.append(list(zip(names, group["params"])))
+        return named
+
+    @staticmethod
+    def _hyperparameters(group: dict) -> dict:
+        return {k: v for k, v in group.items() if k not in ("params", "param_names")}
+
+    def _pack_parameters(self) -> list[torch.Tensor]:
+        """Move every parameter into its bucket's flat buffer and make it a view of it."""
+        buffers = [torch.zeros(b.padded_numel, dtype=b.dtype, device=self.device) for b in self.buckets]
+        for param, slot in zip(self._params, self.slots):
+            view = from_memory_flat(buffers[slot.bucket][slot.start:slot.end], slot.shape, slot.dim_order)
+            view.copy_(param.detach())
+            param.data = view
+        return buffers
+
+    def _build_masters(self) -> list[torch.Tensor]:
+        """Per group: the fp32 copy of this rank's slice of the group's buckets."""
+        pieces: list[list[torch.Tensor]] = [[] for _ in self.param_groups]
+        for bucket, buffer in zip(self.buckets, self._param_buffers):
+            lo, hi = bucket.owned(self.rank)
+            pieces[bucket.group].append(buffer[lo:hi].float())
+        return [torch.cat(p) if p else torch.zeros(0, device=self.device) for p in pieces]
+
+    def _bucket_shard(self, flat_per_group: list[torch.Tensor], bucket: Bucket) -> torch.Tensor:
+        return flat_per_group[bucket.group][bucket.shard_offset:bucket.shard_offset + bucket.shard_numel]
+
+    # ---- gradient synchronization -------------------------------------------------------
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate gradients in `.grad` (no communication) for all but the last micro-batch."""
+        previous, self._sync_enabled = self._sync_enabled, False
+        try:
+            yield
+        finally:
+            self._sync_enabled = previous
+
+    def _reset_grad_sync(self) -> None:
+        for work, _, _ in getattr(self, "_in_flight", {}).values():
+            work.wait()
+        self._waiting_for = [len(b.slots) for b in self.buckets]
+        self._grad_inputs: list[torch.Tensor | None] = [None] * len(self.buckets)
+        self._in_flight: dict[int, tuple[dist.Work, torch.Tensor, torch.Tensor]] = {}
+        self._grads_ready = False
+
+    def _on_grad_ready(self, slot_index: int) -> None:
+        if not self._sync_enabled:
+            return
+        slot = self.slots[slot_index]
+        if self._waiting_for[slot.bucket] == 0:
+            raise RuntimeError(f"gradient of {slot.name} arrived twice before step(): run the "
+                               "accumulation micro-batches inside optimizer.no_sync()")
+        self._copy_grad_into_bucket(slot_index)
+        if self._waiting_for[slot.bucket] == 0:
+            self._launch_reduce_scatter(slot.bucket)
+
+    def _copy_grad_into_bucket(self, slot_index: int) -> None:
+        slot, param = self.slots[slot_index], self._params[slot_index]
+        if self._grad_inputs[slot.bucket] is None:
+            bucket = self.buckets[slot.bucket]
+            self._grad_inputs[slot.bucket] = torch.zeros(bucket.padded_numel, dtype=self.reduce_dtype,
+                                                         device=self.device)
+        flat = self._grad_inputs[slot.bucket][slot.start:slot.end]
+        from_memory_flat(flat, slot.shape, slot.dim_order).copy_(param.grad)
+        param.grad = None
+        self._waiting_for[slot.bucket] -= 1
+
+    def _launch_reduce_scatter(self, bucket_index: int) -> None:
+        bucket = self.buckets[bucket_index]
+        grad_input = self._grad_inputs[bucket_index]
+        self._grad_inputs[bucket_index] = None
+        target = self._bucket_shard(self._grad_shards, bucket)
+        output = target if self.reduce_dtype == target.dtype else torch.empty(
+            bucket.shard_numel, dtype=self.reduce_dtype, device=self.device)
+        work = _reduce_scatter(output, grad_input, op=dist.ReduceOp.SUM, group=self.process_group,
+                               async_op=True)
+        self._in_flight[bucket_index] = (work, grad_input, output)
+
+    def _finish_grad_sync(self) -> None:
+        """Make each master's `.grad` the rank's slice of the averaged gradient (idempotent)."""
+        if self._grads_ready:
+            return
+        if self.stage == 1:
+            self._copy_owned_grads()
+        else:
+            self._reduce_remaining_buckets()
+            for bucket_index in sorted(self._in_flight):
+                work, _, output = self._in_flight.pop(bucket_index)
+                work.wait()
+                target = self._bucket_shard(self._grad_shards, self.buckets[bucket_index])
+                if output is not target:
+                    target.copy_(output)
+            for grad in self._grad_shards:
+                grad.div_(self.world_size)
+        for master, grad in zip(self.masters, self._grad_shards):
+            master.grad = grad
+        self._grads_ready = True
+
+    def _reduce_remaining_buckets(self) -> None:
+        """Reduce buckets whose hooks did not all fire (gradients set by hand, unused params)."""
+        for bucket_index, bucket in enumerate(self.buckets):
+            if self._waiting_for[bucket_index] == 0:
+                continue
+            for slot_index in bucket.slots:
+                if self._params[slot_index].grad is not None:
+                    self._copy_grad_into_bucket(slot_index)
+            if self._grad_inputs[bucket_index] is None:
+                self._grad_inputs[bucket_index] = torch.zeros(bucket.padded_numel, dtype=self.reduce_dtype,
+                                                              device=self.device)
+            self._waiting_for[bucket_index] = 0
+            self._launch_reduce_scatter(bucket_index)
+
+    def _copy_owned_grads(self) -> None:
+        for param, slot in zip(self._params, self.slots):
+            first, last, offset = owned_part(slot, self.buckets[slot.bucket], self.rank)
+            target = self._grad_shards[slot.group][offset:offset + last - first]
+            if param.grad is None:
+                target.zero_()
+            else:
+                target.copy_(to_memory_flat(param.grad, slot.dim_order)[first:last])
+
+    # ---- step ---------------------------------------------------------------------------
+
+    def _gather_parameters(self) -> None:
+        works = []
+        for bucket, buffer in zip(self.buckets, self._param_buffers):
+            shard = self._bucket_shard(self.masters, bucket).to(bucket.dtype)
+            works.append(_all_gather(buffer, shard, group=self.process_group, async_op=True))
+        for work in works:
+            work.wait()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._finish_grad_sync()
+        for group, inner_group in zip(self.param_groups, self.inner.param_groups):
+            inner_group.update(self._hyperparameters(group))
+        self.inner.step()
+        self._gather_parameters()
+        for master in self.masters:
+            master.grad = None
+        self._reset_grad_sync()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for master in self.masters:
+            master.grad = None
+        self._reset_grad_sync()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip the averaged gradient by its global norm (reduced across ranks); return the norm."""
+        self._finish_grad_sync()
+        if norm_type == float("inf"):
+            local = torch.stack([g.abs().max() if g.numel() else g.new_zeros(()) for g in self._grad_shards]).max()
+            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.process_group)
+            total = local
+        elif norm_type == 2.0:
+            local = torch.stack([g.square().sum() for g in self._grad_shards]).sum()
+            dist.all_reduce(local, op=dist.ReduceOp.SUM, group=self.process_group)
+            total = local.sqrt()
+        else:
+            raise ValueError(f"norm_type must be 2.0 or inf, got {norm_type!r}")
+        coefficient = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(self._grad_shards, coefficient)
+        return total
+
+    # ---- memory and diagnostics -----------------------------------------------------------
+
+    def state_bytes(self) -> int:
+        """Bytes of per-element optimizer state on this rank (padding included, no masters/grads)."""
+        return sum(v.nbytes for m in self.masters for v in self.inner.state.get(m, {}).values()
+                   if _is_per_element(v, m))
+
+    def master_bytes(self) -> int:
+        """Bytes of this rank's fp32 master slices plus its reduced gradient slices."""
+        return sum(m.nbytes for m in self.masters) + sum(g.nbytes for g in self._grad_shards)
+
+    @torch.no_grad()
+    def diagnostics(self, param_to_group: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
+        """VSGD diagnostics averaged over all elements of each layer group, across all ranks.
+
+        Groups are `param_to_group[name]` (default: each parameter is its own group); every
+        rank returns the same numbers as an unsharded VSGD would give.
+        """
+        from vsgd_dist.optim.vsgd import diagnostic_sums
+
+        param_to_group = param_to_group or {}
+        names = sorted({param_to_group.get(s.name, s.name) for s in self.slots})
+        sums = torch.zeros(len(names), 5, dtype=torch.float64, device=self.device)
+        for slot in self.slots:
+            first, last, offset = owned_part(slot, self.buckets[slot.bucket], self.rank)
+            if first == last:
+                continue
+            master = self.masters[slot.group]
+            state = self.inner.state.get(master, {})
+            if not {"mug", "bg", "bhg"} <= state.keys():
+                raise ValueError(f"diagnostics need VSGD state (mug, bg, bhg), {self.inner.__class__.__name__} "
+                                 "keeps " + ", ".join(sorted(state)) + " (or no step was taken yet)")
+            group = self.param_groups[slot.group]
+            part = slice(offset, offset + last - first)
+            sums[names.index(param_to_group.get(slot.name, slot.name))] += diagnostic_sums(
+                state["mug"][part], state["bg"][part], state["bhg"][part], lr=group["lr"],
+                eps=group["eps"], ps=group["ps"], ghattg=group["ghattg"]).to(torch.float64)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.process_group)
+        keys = ("snr", "sigma", "beta1", "step_size")
+        return {name: {"count": row[0].item(), **{k: (v / row[0]).item() for k, v in zip(keys, row[1:])}}
+                for name, row in zip(names, sums)}
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    def layout(self) -> dict[str, Any]:
+        """Where each parameter and this rank's part of it live (the state_dict's metadata)."""
+        params = {}
+        for slot in self.slots:
+            bucket = self.buckets[slot.bucket]
+            first, last, offset = owned_part(slot, bucket, self.rank)
+            params[slot.name] = {
+                "group": slot.group, "bucket": slot.bucket, "shape": list(slot.shape),
+                "dim_order": list(slot.dim_order), "dtype": str(bucket.dtype),
+                "range": [slot.start, slot.end],
+                "owned": [slot.start + first, slot.start + last],
+                "shard_range": [offset, offset + last - first]}
+        buckets = [{"group": b.group, "dtype": str(b.dtype), "numel": b.numel,
+                    "padded_numel": b.padded_numel, "shard_offset": b.shard_offset,
+                    "owned": list(b.owned(self.rank))} for b in self.buckets]
+        return {"params": params, "buckets": buckets}
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard: masters and inner state per group (references, like torch) + layout."""
+        return {
+            "format": STATE_DICT_FORMAT, "world_size": self.world_size, "rank": self.rank,
+            "stage": self.stage, "optimizer_class": class_path(type(self.inner)),
+            "param_groups": [{**self._hyperparameters(g), "param_names": list(g["param_names"])}
+                             for g in self.param_groups],
+            **self.layout(),
+            "state": [{"master": m, **self.inner.state.get(m, {})} for m in self.masters],
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume from this rank's shard of a run at the same world size and layout."""
+        if state_dict.get("format") != STATE_DICT_FORMAT:
+            raise ValueError(f"not a ZeroOptimizer state_dict (format {state_dict.get('format')!r}, "
+                             f"expected {STATE_DICT_FORMAT!r})")
+        if state_dict["world_size"] != self.world_size or state_dict["rank"] != self.rank:
+            raise ValueError(f"state_dict is rank {state_dict['rank']} of world size {state_dict['world_size']}, "
+                             f"this is rank {self.rank} of {self.world_size}: reshard it with "
+                             "consolidate() and shard_from_full()")
+        if state_dict["optimizer_class"] != class_path(type(self.inner)):
+            raise ValueError(f"state_dict holds {state_dict['optimizer_class']} state, this optimizer "
+                             f"is {class_path(type(self.inner))}")
+        mine = self.layout()
+        for key in ("params", "buckets"):
+            if state_dict[key] != mine[key]:
+                raise ValueError(f"state_dict's {key} layout differs from this optimizer's (other "
+                                 "parameters, groups or bucket_cap_mb): reshard it with consolidate() "
+                                 "and shard_from_full()")
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group.update(self._hyperparameters(saved))
+        for master, saved in zip(self.masters, state_dict["state"]):
+            master.copy_(saved["master"])
+            self.inner.state[master] = {
+                k: v.detach().clone().to(master.device) if torch.is_tensor(v) else v
+                for k, v in saved.items() if k != "master"}
+        self._gather_parameters()
+
+
+def _is_per_element(value: Any, master: torch.Tensor) -> bool:
+    """Whether a state value is a per-element tensor of a flat master slice (not a counter)."""
+    return torch.is_tensor(value) and value.dim() == 1 and value.numel() == master.numel()
