@@ -1,4 +1,5 @@
 """vsgd-dist: VSGD (Variational SGD) and sharded AdamW for distributed training."""
 from vsgd_dist.optim.vsgd import VSGD
+from vsgd_dist.sharding import ZeroOptimizer
 
 __all__ = ["VSGD"]
