@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cmd_parser = argparse.ArgumentParser(prog=f"python -m launch {name}", description=help_text)
     module.add_arguments(cmd_parser, name)
-    args = cmd_parser.parse_args(argv[1:])
+    try:  # options may come after key=value overrides
+        args = cmd_parser.parse_intermixed_args(argv[1:])
+    except TypeError:  # commands with sub-commands cannot be parsed intermixed
+        args = cmd_parser.parse_args(argv[1:])
     args.command = name
     return int(module.main(args) or 0)
 

@@ -1,18 +1,31 @@
-"""Run a function on N real processes joined by a gloo process group (tests, benchmarks).
+"""Run a function on N local processes joined by one process group (launcher, tests, benchmarks).
 
-Each rank runs `fn(rank, world_size, *args)`; its return value (picklable) comes back in a
-list ordered by rank. A rank that raises makes the whole call raise with that traceback,
-and a hang ends with TimeoutError after `timeout` seconds instead of blocking CI.
+Each rank runs `fn(rank, world_size, *args)` with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR
+and MASTER_PORT set and the default process group initialized (gloo on CPU, NCCL when each
+rank has a GPU); its return value (picklable) comes back in a list ordered by rank. A rank
+that raises makes the call raise with that rank's traceback; a rank that dies without a
+word (killed, segfault) is reported too, and a hang ends with TimeoutError after `timeout`
+seconds instead of blocking forever.
 """
 from __future__ import annotations
 
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+class RankFailed(RuntimeError):
+    """A rank raised or died; `rank`, `summary` (its last error line) and the traceback."""
+
+    def __init__(self, rank: int, summary: str, details: str):
+        super().__init__(f"rank {rank} failed: {summary}\n{details}")
+        self.rank, self.summary = rank, summary
 
 
 def free_port() -> int:
@@ -23,23 +36,31 @@ def free_port() -> int:
 
 def _worker(rank, world_size, port, fn, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     import torch
-    torch.set_num_threads(1)
+
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
+            torch.cuda.set_device(rank)
+            backend = "nccl"
+        else:
+            os.environ.setdefault("OMP_NUM_THREADS", "1")
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+            backend = "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        dist.barrier()  # without it, 3+ rank runs sometimes abort at exit
+        if dist.is_initialized():
+            dist.barrier()  # without it, 3+ rank runs sometimes abort at exit
         queue.put((rank, True, result))
-    except BaseException:  # noqa: BLE001 - report everything to the parent
-        queue.put((rank, False, traceback.format_exc()))
+    except BaseException as e:  # noqa: BLE001 - report everything to the parent
+        queue.put((rank, False, (f"{type(e).__name__}: {e}".splitlines()[0], traceback.format_exc())))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: float = 180.0) -> list:
-    """Run `fn` on `world_size` gloo ranks; return the per-rank results."""
+def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: float | None = 180.0) -> list:
+    """Run `fn` on `world_size` local ranks; return the per-rank results."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
@@ -48,20 +69,28 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, ok, payload = queue.get(timeout=timeout)
+        while len(results) < world_size:
+            try:
+                rank, ok, payload = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
+                if dead:
+                    time.sleep(1.0)  # a dying rank may still be flushing its report
+                    if queue.empty():
+                        raise RankFailed(dead[0], f"exited with code {procs[dead[0]].exitcode} without "
+                                                  f"reporting (killed or crashed)", "") from None
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"distributed run of {fn.__name__} at {world_size} ranks timed out "
+                                       f"after {timeout:.0f}s") from None
+                continue
             if not ok:
-                raise RuntimeError(f"rank {rank} failed:\n{payload}")
+                raise RankFailed(rank, *payload)
             results[rank] = payload
-    except Exception as e:
-        if e.__class__.__name__ == "Empty":
-            raise TimeoutError(f"distributed run of {fn.__name__} at {world_size} ranks timed out "
-                               f"after {timeout:.0f}s") from None
-        raise
     finally:
         for p in procs:
-            p.join(timeout=10)
+            p.join(timeout=10 if len(results) == world_size else 1)
             if p.is_alive():
                 p.kill()
     return [results[r] for r in range(world_size)]

@@ -1,0 +1,305 @@
+"""Typed run configuration: recipes (YAML) + `key=value` overrides -> `RunConfig`.
+
+A recipe is data: it selects components (model, optimizer, engine, data) and sets numbers.
+OmegaConf merges the YAML and the overrides onto the dataclass schema, so unknown keys and
+wrong types fail before any process starts; `check()` then validates the values together.
+Overrides may use the full dotted path (`optim.lr=0.1`), a short alias (`optimizer=vsgd`,
+`engine=zero`) or any field name that is unique across sections (`max_steps=50`).
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from vsgd_dist.data.config import DataConfig
+
+MODELS = ("resnet_tiny", "resnet18", "resnet50", "vit_s16", "vit_b16")
+OPTIMIZERS = ("vsgd", "adamw")
+ENGINES = ("ddp", "zero", "fsdp2", "deepspeed")
+SCHEDULES = ("cosine", "step", "constant")
+PRECISIONS = ("fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot run; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet_tiny"
+    """Architecture: resnet_tiny (demo), resnet18, resnet50, vit_s16, vit_b16."""
+    channels_last: bool = True
+    """Run convolutions in NHWC memory format (faster on tensor cores and oneDNN)."""
+    compile: bool = False
+    """Wrap the model in torch.compile (first steps pay the compilation)."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "vsgd"
+    """Optimizer: vsgd or adamw."""
+    lr: float = 0.1
+    """Peak learning rate at `lr_base_batch` images per step (scaled linearly to global_batch)."""
+    lr_base_batch: int = 0
+    """Linear scaling rule: lr_used = lr * global_batch / lr_base_batch; 0 turns scaling off."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay; never applied to norms and biases (1-D parameters)."""
+    ghattg: float = 30.0
+    """VSGD: prior variance ratio K_g."""
+    ps: float = 1e-8
+    """VSGD: prior strength gamma."""
+    tau1: float = 0.81
+    """VSGD: decay exponent of the SVI step on the true-gradient side."""
+    tau2: float = 0.9
+    """VSGD: decay exponent of the SVI step on the observation side."""
+    beta1: float = 0.9
+    """AdamW: first-moment decay."""
+    beta2: float = 0.999
+    """AdamW: second-moment decay."""
+    eps: float = 1e-8
+    """Denominator epsilon (both optimizers)."""
+    fused: bool = False
+    """Use the fused kernel (VSGD: torch.compile'd; AdamW: torch's fused implementation)."""
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    """LR shape after warmup: cosine, step or constant; stepped every iteration."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 over this many steps."""
+    warmup_epochs: float = 0.0
+    """Warmup in epochs (converted with the steps per epoch); adds to warmup_steps."""
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of the peak LR."""
+    step_epochs: list[int] = field(default_factory=lambda: [30, 60, 80])
+    """Step schedule: epochs at which the LR is multiplied by step_gamma."""
+    step_gamma: float = 0.1
+    """Step schedule: the factor."""
+
+
+@dataclass
+class EngineConfig:
+    name: str = "zero"
+    """How the work is distributed: ddp (replicated optimizer), zero (native ZeroOptimizer),
+    fsdp2 (fully_shard, DTensor parameters) or deepspeed (ZeRO via deepspeed.initialize)."""
+    zero_stage: int = 2
+    """ZeRO stage for zero and deepspeed: 1 (shard optimizer state) or 2 (also gradients)."""
+    bucket_mb: float = 25.0
+    """Communication bucket size in MiB."""
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 256
+    """Images per optimizer step over all ranks; each rank gets global_batch / world_size."""
+    epochs: int = 10
+    """Epochs to train (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (>0 overrides epochs; the LR schedule spans it)."""
+    stop_at: int = 0
+    """End the run after this step with a checkpoint, as a preemption would (0: off)."""
+    precision: str = "fp32"
+    """fp32, or bf16 autocast (CPU and CUDA); master weights and optimizer state stay fp32."""
+    label_smoothing: float = 0.1
+    """Cross-entropy label smoothing."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value (0: off; the norm is logged either way)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay (0: off)."""
+    seed: int = 0
+    """Seed for model init, data order and augmentation."""
+    log_every: int = 10
+    """Steps between scalar logs."""
+    diag_every: int = 50
+    """Steps between VSGD diagnostics (scalars and histograms per layer group)."""
+    val_every_epochs: int = 1
+    """Validate every this many epochs (a run always ends with a validation pass)."""
+    ckpt_every: int = 0
+    """Steps between periodic checkpoints (0: only at the end and on preemption)."""
+    keep_checkpoints: int = 2
+    """Keep this many latest checkpoints."""
+    out: str = "runs/default"
+    """Run folder: TensorBoard events, checkpoints, resolved recipe."""
+    progress: bool = True
+    """Show a tqdm progress bar on rank 0."""
+
+
+@dataclass
+class RecipeInfo:
+    description: str = ""
+    """What the recipe trains and why these numbers."""
+    gpus: int = 0
+    """GPU count the recipe was designed for (global_batch is what must be kept)."""
+    target_top1: float = 0.0
+    """Top-1 accuracy this recipe aims at, from the cited public run."""
+    reference: str = ""
+    """Where the target comes from."""
+
+
+@dataclass
+class RunConfig:
+    recipe: RecipeInfo = field(default_factory=RecipeInfo)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def check(self, world_size: int | None = None) -> None:
+        """Raise ConfigError for values that cannot work together."""
+        choices = [("model.name", self.model.name, MODELS), ("optim.name", self.optim.name, OPTIMIZERS),
+                   ("engine.name", self.engine.name, ENGINES), ("schedule.name", self.schedule.name, SCHEDULES),
+                   ("train.precision", self.train.precision, PRECISIONS)]
+        for key, value, allowed in choices:
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}{_suggest(value, allowed)}")
+        if self.engine.zero_stage not in (1, 2):
+            raise ConfigError(f"engine.zero_stage={self.engine.zero_stage} must be 1 or 2")
+        t = self.train
+        if t.global_batch < 1:
+            raise ConfigError(f"train.global_batch={t.global_batch} must be at least 1")
+        if world_size is not None and t.global_batch % world_size:
+            raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by the world size "
+                              f"{world_size}; use a multiple of {world_size} or another process count")
+        if t.max_steps < 0 or t.epochs < 1 and t.max_steps == 0:
+            raise ConfigError("set train.max_steps > 0 or train.epochs >= 1")
+        if t.stop_at < 0 or (t.max_steps and t.stop_at > t.max_steps):
+            raise ConfigError(f"train.stop_at={t.stop_at} must be in [0, max_steps={t.max_steps}]")
+        if not (self.optim.lr >= 0 and math.isfinite(self.optim.lr)):
+            raise ConfigError(f"optim.lr={self.optim.lr} must be a finite number >= 0")
+        if not 0.0 <= t.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
+        if not 0.0 <= t.label_smoothing < 1.0:
+            raise ConfigError(f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
+        for name in ("log_every", "diag_every", "val_every_epochs", "keep_checkpoints"):
+            if getattr(t, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(t, name)} must be at least 1")
+        self.data.check()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Short override names that read better than their paths.
+ALIASES = {"optimizer": "optim.name", "engine": "engine.name", "model": "model.name",
+           "lr": "optim.lr", "seed": "train.seed"}
+
+
+def _leaf_paths(cls=RunConfig, prefix: str = "") -> list[str]:
+    paths = []
+    for f in fields(cls):
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            paths += _leaf_paths(type(default), f"{prefix}{f.name}.")
+        else:
+            paths.append(prefix + f.name)
+    return paths
+
+
+def resolve_key(key: str) -> str:
+    """Full dotted path for an override key (alias, unique leaf name, or the path itself)."""
+    paths = _leaf_paths()
+    if key in ALIASES:
+        return ALIASES[key]
+    if key in paths:
+        return key
+    matches = [p for p in paths if p.rsplit(".", 1)[-1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise ConfigError(f"override key {key!r} is ambiguous ({', '.join(matches)}); use the full path")
+    raise ConfigError(f"unknown recipe key {key!r}{_suggest(key, paths + list(ALIASES))}")
+
+
+def _suggest(word: str, options) -> str:
+    options = list(options)
+    close = difflib.get_close_matches(str(word), options, n=1, cutoff=0.5)
+    if not close:  # also match the last path component (e.g. "max_step" -> train.max_steps)
+        leaf = {o.rsplit(".", 1)[-1]: o for o in options}
+        close = [leaf[m] for m in difflib.get_close_matches(str(word), list(leaf), n=1, cutoff=0.6)]
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`key=value` strings -> {dotted path: value}, values typed as YAML scalars."""
+    parsed = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (example: optimizer=vsgd)")
+        parsed[resolve_key(key.strip())] = yaml.safe_load(raw) if raw != "" else ""
+    return parsed
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    nested: dict = {}
+    for path, value in flat.items():
+        node = nested
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), world_size: int | None = None) -> RunConfig:
+    """Read a recipe file, apply overrides, type-check and validate; raise ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} does not exist; recipes live in recipes/ (e.g. recipes/demo.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections (model:, optim:, ...)")
+    return build_config(data, overrides, world_size, source=str(path))
+
+
+def build_config(data: dict, overrides: list[str] = (), world_size: int | None = None,
+                 source: str = "recipe") -> RunConfig:
+    _check_keys(data, RunConfig, "", source)
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        merged = OmegaConf.merge(schema, data, _nest(parse_overrides(list(overrides))))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{source}: bad value for {key}: {msg}") from None
+    except ValueError as e:  # a section's own __post_init__ check (e.g. DataConfig)
+        raise ConfigError(f"{source}: {e}") from None
+    cfg.check(world_size)
+    return cfg
+
+
+def _check_keys(data: dict, cls, prefix: str, source: str) -> None:
+    """Unknown keys anywhere in the recipe, with the closest valid key suggested."""
+    known = {f.name: f for f in fields(cls)}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {prefix + str(key)!r}"
+                              f"{_suggest(key, [prefix + k for k in known] + list(known))}")
+        default = known[key].default_factory() if callable(known[key].default_factory) else None
+        if is_dataclass(default):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {prefix + key} must be a section (mapping), got {value!r}")
+            _check_keys(value, type(default), f"{prefix}{key}.", source)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """The inverse of `to_dict` (resolved recipes saved in run folders)."""
+    return build_config(data, source="saved recipe")

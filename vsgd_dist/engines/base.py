@@ -1,0 +1,115 @@
+"""The engine interface: everything the training loop needs from a distribution strategy.
+
+An engine owns the wrapped model and the (possibly sharded) optimizer. The loop calls
+`module(x)`, `backward(loss)`, `step()` and never branches on which engine it has.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vsgd_dist.optim.build import named_param_groups, optimizer_class_and_kwargs
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint that does not fit this model, optimizer or world size."""
+
+
+class Engine(ABC):
+    name: str = ""
+    module: nn.Module
+    """Call this for the forward pass (DDP, FSDP2 or DeepSpeed wrapper, or the model)."""
+    optimizer: torch.optim.Optimizer
+    """Its `param_groups` are what the LR scheduler drives."""
+    sharded_state: bool = True
+    """Whether each rank holds only part of the optimizer state (diagnostics then reduce)."""
+
+    def __init__(self, model: nn.Module, cfg, lr: float):
+        self.cfg = cfg
+        self.model = model
+        self.max_norm = cfg.train.grad_clip
+        self.optimizer_class, self.optimizer_kwargs = optimizer_class_and_kwargs(cfg.optim, lr)
+        self.param_groups = named_param_groups(model, cfg.optim.weight_decay)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> torch.Tensor:
+        """Clip (when train.grad_clip > 0), step, zero the gradients; return the global
+        gradient norm before clipping."""
+        norm = self.clip_grad_norm(self.max_norm if self.max_norm > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    @abstractmethod
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Global norm of the averaged gradient (all ranks agree); clips to max_norm."""
+
+    @abstractmethod
+    def state_bytes(self) -> int:
+        """Optimizer-state bytes held by this rank."""
+
+    @abstractmethod
+    def vsgd_state_pieces(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, dict]]:
+        """(parameter name, mug, bg, bhg, hyperparameters) for the VSGD state this rank
+        holds: whole tensors, flat slices or local shards; empty before the first step."""
+
+    @abstractmethod
+    def checkpoint_state(self) -> dict:
+        """What this rank writes into its checkpoint file (tensors and plain values)."""
+
+    @abstractmethod
+    def load_checkpoint_state(self, read: Callable[[int], dict], meta: dict) -> None:
+        """Load from a checkpoint; `read(rank)` gives that rank's file, `meta` its meta.json
+        (world_size among others)."""
+
+    def _require_same_world(self, meta: dict) -> None:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if meta["world_size"] != world:
+            raise CheckpointMismatch(f"checkpoint was written by {meta['world_size']} ranks, this run has {world}; "
+                                     f"the {self.name} engine resumes only at the same world size")
+
+    def _load_model(self, state: dict) -> None:
+        """Load model weights, naming what differs instead of torch's long error."""
+        mine = self.model.state_dict()
+        missing = sorted(set(mine) - set(state))
+        unexpected = sorted(set(state) - set(mine))
+        if missing or unexpected:
+            raise CheckpointMismatch(f"checkpoint is of another model: missing {missing[:3]}, unexpected "
+                                     f"{unexpected[:3]}; use another out= folder")
+        for name, value in state.items():
+            if tuple(value.shape) != tuple(mine[name].shape):
+                raise CheckpointMismatch(f"checkpoint is of another model: {name} has shape {tuple(value.shape)} "
+                                         f"there, {tuple(mine[name].shape)} here")
+        self.model.load_state_dict(state)
+
+    def sync_buffers(self) -> None:
+        """Average floating buffers (BatchNorm running stats) over ranks before evaluation
+        and checkpoints, so every engine evaluates the same model."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        floats = [b for b in self.model.buffers() if b.is_floating_point()]
+        if floats:
+            flat = torch.cat([b.detach().reshape(-1).double() for b in floats])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            offset = 0
+            for b in floats:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
+
+    def _vsgd_pieces_of(self, optimizer: torch.optim.Optimizer, names: dict) -> Iterator:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                state = optimizer.state.get(param)
+                if state and "mug" in state and int(state["step"]) > 0:
+                    yield names[param], *(_local(state[k]) for k in ("mug", "bg", "bhg")), group
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

@@ -1,0 +1,133 @@
+"""Checkpoints: one folder per step, one file per rank, published atomically.
+
+    checkpoints/step_00000120/meta.json      step, world size, engine, optimizer, model
+    checkpoints/step_00000120/rank0.pt ...   what that rank holds (engine.checkpoint_state)
+
+Every rank writes its own file into `step_X.tmp`; after a barrier rank 0 writes meta.json
+and renames the folder. A crash or kill mid-write leaves only a `.tmp` folder, which is
+never picked up as the latest and is removed by the next save. Files are plain tensors and
+containers, read back with `torch.load(weights_only=True)`, so a tampered file cannot run
+code.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from vsgd_dist.config import ConfigError, RunConfig, config_from_dict, save_config
+
+RECIPE_FILE = "recipe.yaml"
+# Keys that may differ between the runs that share a folder (a resumed run).
+RESUMABLE_DIFFERENCES = {"train.out", "train.stop_at", "train.progress"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded into this run; the message says what differs."""
+
+
+class Checkpointer:
+    def __init__(self, folder: Path, keep: int):
+        self.folder = Path(folder)
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        done = sorted(p for p in self.folder.glob("step_*") if p.suffix != ".tmp" and (p / "meta.json").is_file())
+        return done[-1] if done else None
+
+    def save(self, engine, cfg: RunConfig, *, step: int, **trainer_state) -> Path:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        final = self.folder / f"step_{step:08d}"
+        tmp = final.with_suffix(".tmp")
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        payload = {"engine": engine.checkpoint_state(), "trainer": {"step": step, **trainer_state}}
+        torch.save(payload, tmp / f"rank{rank}.pt")
+        dist.barrier()  # every rank's file is complete
+        if rank == 0:
+            meta = {"step": step, "world_size": world, "engine": cfg.engine.name, "zero_stage": cfg.engine.zero_stage,
+                    "optimizer": cfg.optim.name, "model": cfg.model.name,
+                    "state_bytes_per_rank": engine.state_bytes()}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            if final.exists():  # the same step saved again (e.g. stop at the last step)
+                shutil.rmtree(final)
+            tmp.rename(final)
+            self._prune()
+        dist.barrier()
+        return final
+
+    def _prune(self) -> None:
+        for stale in self.folder.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        done = sorted(p for p in self.folder.glob("step_*") if p.suffix != ".tmp")
+        for old in done[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_latest(self, engine, cfg: RunConfig) -> dict | None:
+        """Load the latest checkpoint into `engine`; return the trainer state, or None."""
+        path = self.latest()
+        if path is None:
+            return None
+        meta = json.loads((path / "meta.json").read_text())
+        for key, mine in (("engine", cfg.engine.name), ("optimizer", cfg.optim.name), ("model", cfg.model.name)):
+            if meta[key] != mine:
+                raise CheckpointError(f"{path} holds a {key} {meta[key]!r} checkpoint, this run uses {mine!r}; "
+                                      f"use another out= folder")
+
+        def read(rank: int) -> dict:
+            return torch.load(path / f"rank{rank}.pt", map_location="cpu", weights_only=True, mmap=True)
+
+        engine.load_checkpoint_state(read, meta)
+        return read(min(dist.get_rank(), meta["world_size"] - 1))["trainer"]
+
+
+def claim_run_dir(run_dir: Path, cfg: RunConfig, rank: int) -> None:
+    """Use `run_dir` for this run: new, or holding the same recipe (then the run resumes).
+    A folder holding a different run is never touched."""
+    check_run_dir(run_dir, cfg)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / RECIPE_FILE).exists():
+            save_config(cfg, run_dir / RECIPE_FILE)
+    dist.barrier()
+
+
+def check_run_dir(run_dir: Path, cfg: RunConfig) -> None:
+    """Raise ConfigError when `run_dir` holds another run (compared key by key)."""
+    recipe = Path(run_dir) / RECIPE_FILE
+    if not recipe.exists():
+        if Path(run_dir).exists() and any(Path(run_dir).iterdir()):
+            raise ConfigError(f"run folder {run_dir} is not empty and holds no {RECIPE_FILE}; "
+                              f"pick another out= folder")
+        return
+    import yaml
+
+    saved = config_from_dict(yaml.safe_load(recipe.read_text())).to_dict()
+    differences = [k for k in _diff(saved, cfg.to_dict()) if k not in RESUMABLE_DIFFERENCES]
+    if differences:
+        key = differences[0]
+        raise ConfigError(f"run folder {run_dir} holds a different run ({key}: {_get(saved, key)!r} there, "
+                          f"{_get(cfg.to_dict(), key)!r} here{' and more' if len(differences) > 1 else ''}); "
+                          f"resume it with the same recipe or pick another out= folder")
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(prefix + k)
+    return keys
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
