@@ -27,7 +27,7 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", 
 
 # --- fixtures and helpers -----------------------------------------------------------------
 @pytest.fixture(scope="session")
-def slurm_env():
+def slurm_env(request):
     """Environment with SLURM_CONF for the test's own sinfo/sacct/scancel calls."""
     if os.geteuid() != 0:
         pytest.skip("the local SLURM cluster runs its daemons as root; run the tests as root")
@@ -37,9 +37,10 @@ def slurm_env():
         pytest.skip(f"slurm/local/start.sh could not start the cluster: {start.stderr.strip()[-500:]}")
     started_here = "already running" not in start.stdout
     conf = re.search(r"SLURM_CONF=(\S+)", (REPO / ".slurm-local/env").read_text())[1]
-    yield {**os.environ, "SLURM_CONF": conf}
-    if started_here:
-        subprocess.run(["bash", str(REPO / "slurm/local/stop.sh")], capture_output=True, timeout=120)
+    if started_here:  # at exit, outside the timeout of whichever test happens to run last
+        request.config.add_cleanup(lambda: subprocess.run(["bash", str(REPO / "slurm/local/stop.sh")],
+                                                          capture_output=True, timeout=120))
+    return {**os.environ, "SLURM_CONF": conf}
 
 
 SUBMITTED: list[str] = []  # job ids submitted by the running test, cancelled after it
@@ -254,7 +255,7 @@ def test_bad_input_fails_before_submission(slurm_env, tmp_path, case):
 
 
 # --- no cluster needed --------------------------------------------------------------------
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(30)
 def test_time_strings():
     assert [parse_time(t) for t in ["90", "01:30:00", "00:00:01", "1-02:00:00"]] == [90, 90, 1, 1560]
     for bad in ["1:30", "1-2", "1h", "-5", "0", "00:61:00", "1-24:00:00"]:
@@ -262,7 +263,7 @@ def test_time_strings():
             parse_time(bad)
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(30)
 def test_profiles_are_checked(tmp_path):
     for name in ("local", "example-a100"):
         assert load_profile(name).max_tasks_per_node >= 1

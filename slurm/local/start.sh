@@ -22,7 +22,9 @@ log() { printf 'slurm-local: %s\n' "$*"; }
 die() { printf 'slurm-local: error: %s\n' "$*" >&2; exit 1; }
 [[ $(id -u) == 0 ]] || die "must run as root (the daemons run as root, without systemd)"
 
-alive() { [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A pid file's process runs (a zombie does not count: PID 1 may reap the daemons late).
+running() { [[ -r /proc/$1/stat ]] && [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]; }
+alive() { [[ -s "$1" ]] && running "$(cat "$1")"; }
 
 # --- packages ---------------------------------------------------------------------------
 PKGS=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)

@@ -10,7 +10,9 @@ PIDS="$D/pid"
 export PATH="/usr/sbin:/sbin:$PATH"
 [[ -d "$D" ]] || { echo "slurm-local: nothing under $D"; exit 0; }
 
-alive() { [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A pid file's process runs (a zombie does not count: PID 1 may reap the daemons late).
+running() { [[ -r /proc/$1/stat ]] && [[ $(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) != Z ]]; }
+alive() { [[ -s "$1" ]] && running "$(cat "$1")"; }
 
 if alive "$PIDS/slurmctld.pid"; then
   export SLURM_CONF="$D/slurm/slurm.conf"
@@ -26,8 +28,8 @@ stop_pid() {  # pid file, name: TERM, wait up to 10 s, then KILL
   alive "$file" || { rm -f "$file"; return 0; }
   pid=$(cat "$file")
   kill -TERM "$pid" 2>/dev/null
-  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-  if kill -0 "$pid" 2>/dev/null; then
+  for _ in $(seq 100); do running "$pid" || break; sleep 0.1; done
+  if running "$pid"; then
     echo "slurm-local: $name ($pid) ignored SIGTERM, killing it"
     kill -KILL "$pid" 2>/dev/null
   fi
