@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         results["PIL + torch DataLoader train (same augmentations)"] = images_per_second(lambda epoch: pil,
                                                                                        args.epochs)
 
-    print(f"\n{len(samples)} JPEGs ({'from ' + args.src if args.src else 'generated, 300-500 px'}), "
+    print(f"\n{len(samples)} JPEGs ({'from ' + args.src if args.src else f'generated, {args.sides[0]}-{args.sides[1]} px'}), "
           f"output {args.res}x{args.res} fp32, batch {args.batch_size}, {args.workers} workers, "
           f"{os.cpu_count()} CPU cores\n")
     print("| loader | images/s |\n|---|---:|")

@@ -35,7 +35,7 @@ class DataConfig:
     ramp_start_epoch: int = 0
     """Epoch where the linear ramp from start_res to end_res begins."""
     ramp_end_epoch: int = 0
-    """Epoch where the ramp ends; equal to ramp_start_epoch means a jump there."""
+    """Epoch where the ramp ends; equal to ramp_start_epoch: end_res from the epoch after."""
     res_step: int = 32
     """Train sizes are rounded to a multiple of this (ffcv-imagenet: 32)."""
     val_res: int = 256
