@@ -58,7 +58,10 @@ def slurm_cmd(*argv: str, check: bool = True) -> str:
 def cluster_partitions(profile: ClusterProfile) -> list[str]:
     """Partitions a job may use: sinfo's on the local cluster, the profile's elsewhere."""
     if profile.local:
-        return sorted({p.rstrip("*") for p in slurm_cmd("sinfo", "-h", "-o", "%P").split()})
+        try:
+            return sorted({p.rstrip("*") for p in slurm_cmd("sinfo", "-h", "-o", "%P").split()})
+        except LaunchError as e:
+            raise LaunchError(f"{e}; is the local cluster running? bash slurm/local/start.sh") from None
     return profile.allowed_partitions
 
 

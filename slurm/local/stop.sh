@@ -40,4 +40,5 @@ stop_pid "$PIDS/slurmctld.pid" slurmctld
 stop_pid "$PIDS/slurmdbd.pid" slurmdbd
 stop_pid "$PIDS/mariadbd.pid" mariadbd
 stop_pid "$PIDS/munged.pid" munged
+rm -f "$D/env"  # launch --cluster local now says the cluster is not running
 echo "slurm-local: stopped (state kept under $D)"
