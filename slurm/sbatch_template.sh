@@ -7,8 +7,8 @@
 #
 # Submit from the repository root (it is put on PYTHONPATH):
 #   sbatch [sbatch options] slurm/sbatch_template.sh RECIPE [key=value ...]
-#       -> each task runs: python -m launch run RECIPE --nproc 1 [key=value ...]
-#          (launch run then joins the group given by the variables above)
+#       -> each task runs: python -m launch run RECIPE --from-env [key=value ...]
+#          (--from-env: join the group the variables above describe, start no ranks)
 #   sbatch [sbatch options] slurm/sbatch_template.sh -- COMMAND [ARGS ...]
 #       -> each task runs COMMAND with the same variables
 # GPU nodes, one task per GPU, e.g. two 8-GPU nodes:
@@ -38,7 +38,7 @@ if [[ ${1:-} == "--" ]]; then
   shift
   cmd=("$@")
 elif (($#)); then
-  cmd=("$PYTHON" -m launch run "$1" --nproc 1 "${@:2}")
+  cmd=("$PYTHON" -m launch run "$1" --from-env "${@:2}")
 else
   echo "usage: sbatch [options] $0 RECIPE [key=value ...] | -- COMMAND [ARGS ...]" >&2
   exit 2
