@@ -1,17 +1,12 @@
 #!/usr/bin/env bash
-# Install everything (idempotent) and run the main job.
+# The main job: install (idempotent), train the digits demo with VSGD and with sharded
+# AdamW (native ZeRO-2, 2 processes each), then compare them from the TensorBoard logs.
+# Re-running resumes each run from its checkpoint (a finished run only re-validates).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python - <<'PY'
-import torch
-from vsgd_dist import VSGD
-
-w = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-opt = VSGD([w], lr=1.0)
-for t in range(1, 6):
-    before = w.item()
-    w.grad = torch.full_like(w, 1e-2)
-    opt.step()
-    print(f"t={t} move={before - w.item():.7f}")
-PY
+OUT=${DEMO_OUT:-runs/demo}
+for optimizer in vsgd adamw; do
+  .venv/bin/python -m launch run recipes/demo.yaml --nproc 2 optimizer="$optimizer" out="$OUT/$optimizer"
+done
+.venv/bin/python -m launch compare "$OUT/vsgd" "$OUT/adamw" --out "$OUT/report"

@@ -5,35 +5,32 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 from vsgd_dist.engines.base import Engine
+from vsgd_dist.sharding.fsdp2 import shard_model
 
 
-def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """fully_shard each block (a member of a Sequential or ModuleList: ResNet blocks, ViT
-    encoder layers), then the root, which takes the remaining parameters. Parameters stay
-    fp32: bf16 comes from autocast, as with the other engines."""
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    sharded: list[str] = []
-    for name, container in list(model.named_modules()):
-        inside_sharded = any(name.startswith(prefix + ".") for prefix in sharded)
-        if isinstance(container, (torch.nn.Sequential, torch.nn.ModuleList)) and not inside_sharded:
+def model_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The units to shard: members of a Sequential or ModuleList that hold parameters
+    (ResNet blocks, ViT encoder layers), outermost first and never nested in one another."""
+    blocks, names = [], []
+    for name, container in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in names):
+            continue
+        if isinstance(container, (torch.nn.Sequential, torch.nn.ModuleList)):
             for child_name, block in container.named_children():
                 if any(True for _ in block.parameters()):
-                    fully_shard(block, mesh=mesh)
-                    sharded.append(f"{name}.{child_name}" if name else child_name)
-    fully_shard(model, mesh=mesh)
-    return model
+                    blocks.append(block)
+                    names.append(f"{name}.{child_name}" if name else child_name)
+    return blocks
 
 
 class FSDP2Engine(Engine):
     name = "fsdp2"
 
     def __init__(self, model, cfg, lr):
-        device = next(model.parameters()).device
-        shard_model(model, device)
+        # Parameters stay fp32: bf16 comes from autocast, as with the other engines.
+        shard_model(model, model_blocks(model))
         super().__init__(model, cfg, lr)  # param groups over the DTensor parameters
         self.module = model
         self.optimizer = self.optimizer_class(self.param_groups, **self.optimizer_kwargs)

@@ -100,7 +100,6 @@ class Trainer:
                       scheduler=scheduler.state_dict(), rng=capture_rng(), ema=ema)
 
         logger = RunLogger(str(self.run_dir / "tb"), enabled=rank == 0)
-        logger.scalars({"optimizer/state_mib_per_rank": max_over_ranks(engine.state_bytes()) / 2**20}, step)
         progress = make_progress(total_steps, step, enabled=rank == 0 and t.progress)
         timer = StepTimer(device)
         window_losses, window_start, window_steps = [], time.perf_counter(), 0
@@ -143,6 +142,7 @@ class Trainer:
                                     "train/resolution": resolution_at_epoch(
                                         epoch, data_cfg.start_res, data_cfg.end_res, data_cfg.ramp_start_epoch,
                                         data_cfg.ramp_end_epoch, data_cfg.res_step),
+                                    "optimizer/state_mib_per_rank": max_over_ranks(engine.state_bytes()) / 2**20,
                                     **timer.pop_ms_per_step(window_steps), **memory_stats(device)}, step)
                     progress.set_postfix(loss=f"{losses.mean().item():.3f}")
                     window_losses, window_start, window_steps = [], time.perf_counter(), 0

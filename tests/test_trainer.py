@@ -1,0 +1,130 @@
+"""The trainer end to end on the digits demo: real processes, real FFCV files, real
+TensorBoard event files; plus every recipe error before any process starts."""
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from launch.__main__ import main as launch
+
+DEMO = "recipes/demo.yaml"
+QUIET = ["train.progress=false", "train.log_every=1"]
+
+
+def run(out, *overrides, nproc=2):
+    return launch(["run", DEMO, "--nproc", str(nproc), f"out={out}", *QUIET, *overrides])
+
+
+def scalars(run_dir, tag):
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return acc, [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """VSGD and AdamW on the native ZeRO-2 engine, 2 ranks, long enough to learn."""
+    root = tmp_path_factory.mktemp("runs")
+    for opt in ("vsgd", "adamw"):
+        assert run(root / opt, f"optimizer={opt}", "lr=0.01", "max_steps=150", "train.diag_every=50") == 0
+    return root
+
+
+@pytest.mark.timeout(600)
+def test_demo_trains_well_above_chance_and_logs_expected_tags(runs):
+    for opt in ("vsgd", "adamw"):
+        acc, top1 = scalars(runs / opt, "val/top1")
+        assert top1[-1][0] == 150, "a run ends with a validation pass at its last step"
+        assert top1[-1][1] > 0.6, (opt, top1)  # 10 classes: chance is 0.1
+        tags = set(acc.Tags()["scalars"])
+        assert {"train/loss", "train/lr", "train/images_per_s", "train/grad_norm", "val/top1", "val/top5",
+                "time/data_wait_ms", "time/forward_backward_ms", "time/optimizer_ms",
+                "memory/cpu_rss_mib", "optimizer/state_mib_per_rank"} <= tags
+        vsgd_tags = {t for t in tags if t.startswith("vsgd/")}
+        if opt == "vsgd":
+            assert {"vsgd/snr/head", "vsgd/posterior_std/head", "vsgd/implied_beta1/head",
+                    "vsgd/effective_step/head"} <= vsgd_tags
+            assert {f"vsgd_hist/{s}" for s in ("snr", "implied_beta1")} <= set(acc.Tags()["histograms"])
+            beta1 = scalars(runs / opt, "vsgd/implied_beta1/head")[1]
+            assert all(0 < v < 1 for _, v in beta1)
+        else:
+            assert not vsgd_tags
+        _, lr = scalars(runs / opt, "train/lr")
+        assert lr[0][1] < lr[19][1] == pytest.approx(0.01) and lr[-1][1] < 1e-4  # warmup, then cosine
+        loss = [v for _, v in scalars(runs / opt, "train/loss")[1]]
+        assert len(loss) == 150 and all(math.isfinite(v) for v in loss)
+
+
+@pytest.mark.timeout(300)
+def test_report_renders_table_and_plots_from_real_runs(runs, tmp_path):
+    assert launch(["compare", str(runs / "vsgd"), str(runs / "adamw"), "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| vsgd (zero, resnet_tiny, lr 0.01) | 1 |" in report
+    assert "| adamw (zero, resnet_tiny, lr 0.01) | 1 |" in report
+    assert "VSGD throughput relative to AdamW (zero, resnet_tiny)" in report
+    for name in ("train_loss", "val_top1", "train_images_per_s"):
+        png = tmp_path / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+@pytest.mark.timeout(600)
+def test_engines_give_the_same_first_losses(runs, tmp_path):
+    """DDP, native ZeRO-2 and FSDP2 at 2 ranks: the same model, data and optimizer math.
+    Tolerance 1e-4 relative: the gradient average is summed in a different order per engine
+    (DDP bucket all-reduce, ZeRO reduce-scatter, FSDP2 reduce-scatter of its own layout)."""
+    reference = [v for _, v in scalars(runs / "vsgd", "train/loss")[1][:8]]
+    for engine in ("ddp", "fsdp2"):
+        assert run(tmp_path / engine, f"engine={engine}", "optimizer=vsgd", "lr=0.01", "max_steps=150",
+                   "train.stop_at=8") == 0
+        losses = [v for _, v in scalars(tmp_path / engine, "train/loss")[1]]
+        assert losses == pytest.approx(reference, rel=1e-4), engine
+
+
+# --------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("overrides,message", [
+    (["max_step=5"], "unknown recipe key 'max_step'; did you mean 'train.max_steps'?"),
+    (["train.global_batch=lots"], "bad value for train.global_batch"),
+    (["optimizer=sgdd"], "optim.name='sgdd' is not one of vsgd, adamw"),
+    (["engine=zer0"], "did you mean 'zero'?"),
+    (["train.global_batch=63"], "not divisible by the world size 2"),
+    (["noequals"], "is not key=value"),
+    (["data.data_dir=/nonexistent/imagenet"], "/nonexistent/imagenet"),
+])
+def test_recipe_errors_fail_before_any_process_starts(overrides, message, tmp_path, capsys):
+    code = launch(["run", DEMO, "--nproc", "2", f"out={tmp_path / 'r'}", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_section_key_in_recipe_file(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("optim:\n  nmae: vsgd\n")
+    assert launch(["run", str(recipe)]) == 2
+    assert "unknown key 'optim.nmae'; did you mean 'optim.name'?" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_run_folder_of_another_run_is_never_overwritten(runs, tmp_path, capsys):
+    folder = tmp_path / "taken"
+    shutil.copytree(runs / "adamw", folder)
+    before = sorted(p.name for p in (folder / "checkpoints").iterdir())
+    assert run(folder, "optimizer=vsgd", "lr=0.01", "max_steps=150") == 2
+    err = capsys.readouterr().err
+    assert "holds a different run (optim.name: 'adamw' there, 'vsgd' here)" in err
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.timeout(300)
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "nan"
+    code = run(out, "optimizer=adamw", "lr=1e30", "max_steps=40", "train.ckpt_every=1", nproc=1)
+    err = capsys.readouterr().err
+    assert code == 1 and "FloatingPointError: loss is nan at step" in err, err
+    bad_step = int(err.split("at step ")[1].split(":")[0])
+    kept = sorted((out / "checkpoints").glob("step_*"))
+    assert kept and all(int(p.name[5:]) < bad_step for p in kept)
