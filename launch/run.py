@@ -28,12 +28,16 @@ def main(args) -> int:
     if world < 1:
         print(f"launch run: --nproc must be at least 1, got {world}", file=sys.stderr)
         return 2
+    from vsgd_dist.data import DataError, inspect_beton, resolve_dataset
+    from vsgd_dist.train.checkpoint import check_run_dir
+
     try:
         cfg = load_recipe(args.recipe, args.overrides, world_size=world)
-        from vsgd_dist.train.checkpoint import check_run_dir
-
         check_run_dir(Path(cfg.train.out), cfg)
-    except ConfigError as e:
+        files = resolve_dataset(cfg.data)  # writes the demo data once, before the ranks start
+        for split in (files.train, files.val):
+            inspect_beton(split)
+    except (ConfigError, DataError) as e:
         print(f"launch run: {e}", file=sys.stderr)
         return 2
     from vsgd_dist.testing import RankFailed, run_distributed

@@ -288,7 +288,7 @@ def _check_keys(data: dict, cls, prefix: str, source: str) -> None:
     for key, value in data.items():
         if key not in known:
             raise ConfigError(f"{source}: unknown key {prefix + str(key)!r}"
-                              f"{_suggest(key, [prefix + k for k in known] + list(known))}")
+                              f"{_suggest(key, [prefix + k for k in known])}")
         default = known[key].default_factory() if callable(known[key].default_factory) else None
         if is_dataclass(default):
             if not isinstance(value, dict):
