@@ -128,3 +128,24 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     bad_step = int(err.split("at step ")[1].split(":")[0])
     kept = sorted((out / "checkpoints").glob("step_*"))
     assert kept and all(int(p.name[5:]) < bad_step for p in kept)
+
+
+# -------------------------------------------------------------------------- recipes
+def test_every_imagenet_recipe_resolves_with_its_gpu_count():
+    from pathlib import Path
+
+    from vsgd_dist.config import load_recipe
+
+    recipes = sorted(Path("recipes/imagenet").glob("[!_]*.yaml"))
+    assert len(recipes) == 12
+    for path in recipes:
+        cfg = load_recipe(path, world_size=max(cfg_gpus(path), 1))
+        assert cfg.data.data_dir and cfg.recipe.reference and cfg.recipe.gpus >= 8
+        assert cfg.optim.name in path.stem and cfg.model.name.replace("_", "") in path.stem.replace("_", "")
+        assert cfg.train.global_batch % cfg.recipe.gpus == 0
+
+
+def cfg_gpus(path):
+    from vsgd_dist.config import load_recipe
+
+    return load_recipe(path).recipe.gpus

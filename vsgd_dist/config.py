@@ -253,16 +253,34 @@ def _nest(flat: dict[str, Any]) -> dict:
 
 def load_recipe(path: str | Path, overrides: list[str] = (), world_size: int | None = None) -> RunConfig:
     """Read a recipe file, apply overrides, type-check and validate; raise ConfigError."""
-    path = Path(path)
+    return build_config(read_recipe_file(Path(path)), overrides, world_size, source=str(path))
+
+
+def read_recipe_file(path: Path, seen: tuple = ()) -> dict:
+    """A recipe's sections, with `base: other.yaml` (relative to the file) merged under
+    them, so per-optimizer recipes share one file of model and data settings."""
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r} does not exist; recipes live in recipes/ (e.g. recipes/demo.yaml)")
+    if path.resolve() in seen:
+        raise ConfigError(f"recipe {path} includes itself through 'base:'")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of sections (model:, optim:, ...)")
-    return build_config(data, overrides, world_size, source=str(path))
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _deep_merge(read_recipe_file(path.parent / str(base), seen + (path.resolve(),)), data)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(
+            merged.get(key), dict) else value
+    return merged
 
 
 def build_config(data: dict, overrides: list[str] = (), world_size: int | None = None,
