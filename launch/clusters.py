@@ -132,7 +132,7 @@ def load_profile(name: str, directory: Path = PROFILE_DIR) -> ClusterProfile:
     if not name or "/" in name or not path.is_file():
         raise LaunchError(f"unknown cluster profile {name!r}; known: {', '.join(known_profiles(directory))} "
                           f"(add slurm/clusters/{name}.yaml for a new cluster)")
-    where = f"slurm/clusters/{name}.yaml"
+    where = f"slurm/clusters/{name}.yaml" if directory == PROFILE_DIR else str(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
