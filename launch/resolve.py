@@ -1,8 +1,9 @@
 """Turn a recipe file plus `key=value` overrides into the plain dict a job receives.
 
-This is the one place `launch submit`/`sweep` read recipes; it checks only what can be
-checked without the recipe schema (file exists, YAML mapping, `key=value` overrides with
-dotted keys) until it is pointed at the real loader in `vsgd_dist.config`.
+This is the one place `launch submit`/`sweep` read recipes. For the real trainer the
+recipe goes through the trainer's own loader and validation (`vsgd_dist.config`), so a
+bad recipe fails before submission exactly as it does for `launch run`; another trainer
+(`--trainer`, e.g. the tests' toy) gets the YAML with dotted overrides applied.
 """
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+DEFAULT_TRAINER = "vsgd_dist.train.trainer:Trainer"
 
 
 class RecipeError(ValueError):
@@ -44,8 +48,15 @@ def apply_overrides(recipe: dict, overrides: list[str]) -> dict:
     return out
 
 
-def resolve_recipe(path: str | Path, overrides: list[str]) -> dict:
+def resolve_recipe(path: str | Path, overrides: list[str], trainer: str, world_size: int) -> dict:
     """Load the recipe at `path`, apply `overrides`; raise RecipeError naming the fix."""
+    if trainer == DEFAULT_TRAINER:
+        from vsgd_dist.config import ConfigError, load_recipe
+
+        try:
+            return load_recipe(path, overrides, world_size=world_size).to_dict()
+        except ConfigError as e:
+            raise RecipeError(str(e)) from None
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {str(path)!r} not found; pass a YAML file (see recipes/)")

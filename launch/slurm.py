@@ -21,11 +21,10 @@ from pathlib import Path
 import yaml
 
 from launch.clusters import ClusterProfile, LaunchError, format_minutes, parse_time
-from launch.resolve import RecipeError
+from launch.resolve import DEFAULT_TRAINER, RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_ENV = REPO / ".slurm-local" / "env"
-DEFAULT_TRAINER = "vsgd_dist.train.trainer:Trainer"
 JOB_FILE = "job.json"
 
 
@@ -128,9 +127,6 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved recipe and sbatch script; submit nothing")
     parser.add_argument("--trainer", default=DEFAULT_TRAINER, help=argparse.SUPPRESS)
-    # Overrides come after the options (`RECIPE --cluster local lr=0.1`); plain parse_args
-    # stops collecting positionals at the first option, the intermixed parser does not.
-    parser.parse_args = parser.parse_intermixed_args  # type: ignore[method-assign]
 
 
 def build_spec(profile: ClusterProfile, args: argparse.Namespace, job_name: str) -> JobSpec:

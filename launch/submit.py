@@ -35,11 +35,11 @@ def show(path: Path) -> str:
 @print_errors
 def main(args: argparse.Namespace) -> int:
     profile = load_profile(args.cluster)
-    recipe = resolve_recipe(args.recipe, args.overrides)
     job_dir = Path(args.out or Path("runs") / Path(args.recipe).stem).resolve()
     check_factory(args.trainer)
     use_cluster(profile)
     spec = build_spec(profile, args, job_dir.name)
+    recipe = resolve_recipe(args.recipe, args.overrides, args.trainer, spec.nodes * spec.ntasks_per_node)
     claim_run_dir(job_dir, recipe)
     if args.dry_run:
         print("# resolved recipe\n" + yaml.safe_dump(recipe, sort_keys=False))

@@ -53,11 +53,12 @@ def grid(overrides: list[str]) -> list[tuple[str, list[str]]]:
 def main(args: argparse.Namespace) -> int:
     profile = load_profile(args.cluster)
     points = grid(args.overrides)
-    recipes = [resolve_recipe(args.recipe, overrides) for _, overrides in points]
     sweep_dir = Path(args.out or Path("runs") / f"{Path(args.recipe).stem}-sweep").resolve()
     check_factory(args.trainer)
     use_cluster(profile)
     spec = build_spec(profile, args, sweep_dir.name)
+    world_size = spec.nodes * spec.ntasks_per_node
+    recipes = [resolve_recipe(args.recipe, overrides, args.trainer, world_size) for _, overrides in points]
     for (name, _), recipe in zip(points, recipes):
         claim_run_dir(sweep_dir / name, recipe)
     if args.dry_run:

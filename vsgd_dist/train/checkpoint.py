@@ -82,19 +82,23 @@ class Checkpointer:
         def read(rank: int) -> dict:
             return torch.load(path / f"rank{rank}.pt", map_location="cpu", weights_only=True, mmap=True)
 
-        engine.load_checkpoint_state(read, meta)
+        engine.load_checkpoint_state(lambda rank: read(rank)["engine"], meta)
         return read(min(dist.get_rank(), meta["world_size"] - 1))["trainer"]
 
 
 def claim_run_dir(run_dir: Path, cfg: RunConfig, rank: int) -> None:
     """Use `run_dir` for this run: new, or holding the same recipe (then the run resumes).
     A folder holding a different run is never touched."""
-    check_run_dir(run_dir, cfg)
     if rank == 0:
+        check_run_dir(run_dir, cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / RECIPE_FILE).exists():
-            save_config(cfg, run_dir / RECIPE_FILE)
+            tmp = run_dir / (RECIPE_FILE + ".tmp")
+            save_config(cfg, tmp)
+            tmp.rename(run_dir / RECIPE_FILE)  # other ranks never see a half-written recipe
     dist.barrier()
+    if rank != 0:
+        check_run_dir(run_dir, cfg)
 
 
 def check_run_dir(run_dir: Path, cfg: RunConfig) -> None:
