@@ -14,7 +14,10 @@ sharded training equals unsharded training given the same averaged gradient.
 
 Gradients are reduced in `reduce_dtype` (fp32 by default, also for bf16 models) and the
 masters are fp32; the all-gather writes them back in the parameters' own dtype.
-Gradient accumulation: run all micro-batches but the last inside `no_sync()`.
+Gradient accumulation: run all micro-batches but the last inside `no_sync()`. As with DDP,
+every rank must produce gradients for the same parameters in each backward (a bucket is
+reduced when all its gradients arrived; the rest are reduced in `step()`, with zeros for
+parameters that got none).
 """
 from __future__ import annotations
 
@@ -90,10 +93,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._sync_enabled = True
         self._reset_grad_sync()
         if stage == 2:
-            for slot_index, slot in enumerate(self.slots):
-                param = self._params[slot_index]
-                param.register_post_accumulate_grad_hook(
-                    lambda _p, i=slot_index: self._on_grad_ready(i))
+            for slot_index, param in enumerate(self._params):
+                if param.requires_grad:
+                    param.register_post_accumulate_grad_hook(lambda _p, i=slot_index: self._on_grad_ready(i))
         self._gather_parameters()
 
     # ---- construction -------------------------------------------------------------------
@@ -343,7 +345,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return {"params": params, "buckets": buckets}
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's shard: masters and inner state per group (references, like torch) + layout."""
+        """This rank's shard (tensors are references, as in torch optimizers):
+
+        format, world_size, rank, stage, optimizer_class: identify the run.
+        param_groups: per group its hyperparameters and "param_names".
+        params: name -> group, bucket, shape, dim_order, dtype, range (elements [start, end)
+            in the bucket), owned (the part of range this rank owns) and shard_range (where
+            that part lies in the rank's flat shard of the group).
+        buckets: group, dtype, numel, padded_numel, shard_offset, owned.
+        state: per group {"master": fp32 flat shard, **inner optimizer state of that shard}.
+        """
         return {
             "format": STATE_DICT_FORMAT, "world_size": self.world_size, "rank": self.rank,
             "stage": self.stage, "optimizer_class": class_path(type(self.inner)),
