@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from vsgd_dist.sharding.layout import Bucket, Slot, from_memory_flat, owned_part, plan, to_memory_flat
+from vsgd_dist.sharding.layout import Bucket, from_memory_flat, owned_part, plan, to_memory_flat
 
 STATE_DICT_FORMAT = "vsgd_dist.zero/1"
 ELEMENTWISE_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
