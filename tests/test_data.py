@@ -1,8 +1,10 @@
-"""FFCV data layer on real files: writer CLI, loaders, sharding, resume, demo data, errors.
+"""FFCV data layer on real files: writer CLI, loaders, sharding, resume, seeded crops and
+flips, demo data, errors.
 
 Every image of the generated folder is one solid colour unique to it, so a decoded batch
 tells which images it holds whatever the crop, flip or resize, and exactly-once reading can
-be checked. Each FFCV Loader compiles its pipeline with numba (seconds per process), so
+be checked. The crop and flip tests use a second folder of noise images, where every crop
+looks different. Each FFCV Loader compiles its pipeline with numba (seconds per process), so
 the tests share a few loaders; everything that builds one or starts processes has a timeout.
 """
 from __future__ import annotations
@@ -207,6 +209,119 @@ def test_val_decoder_returns_the_stored_pixels(tmp_path):
         np.testing.assert_allclose(decoded.permute(1, 2, 0).numpy(), source, atol=0.01)
 
 
+# --- seeded crops and flips --------------------------------------------------------------
+
+NOISE_BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def noise_dir(tmp_path_factory):
+    """16 train images of random pixels in assorted sizes, written as JPEG."""
+    root = tmp_path_factory.mktemp("noise")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 2)):
+        for name in ("a", "b"):
+            (root / "src" / split / name).mkdir(parents=True)
+            for i in range(count):
+                h, w = rng.integers(24, 72, size=2)
+                pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / "src" / split / name / f"{i}.png")
+    assert write_cli("--src", root / "src", "--out", root / "out", "--write-mode", "jpg") == 0
+    return root / "out"
+
+
+def noise_loader(data_dir: Path, **overrides):
+    cfg = config(data_dir, batch_size=NOISE_BATCH, dtype="fp32", **overrides)
+    return cfg, build_train_loader(cfg, "cpu")
+
+
+def epoch_batches(loader, cfg, epoch: int, start_batch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    # ffcv reuses its output buffers a few batches later: keep copies
+    return [(x.clone(), y.clone()) for x, y in train_epoch(loader, cfg, epoch, start_batch)]
+
+
+def by_sample(loader, epoch: int, batches) -> dict[int, torch.Tensor]:
+    """{sample index in the .beton: its decoded image} for one epoch's batches."""
+    order = loader.traversal_order.sample_order(epoch)
+    images = torch.cat([x for x, _ in batches])
+    return {int(i): image for i, image in zip(order, images)}
+
+
+def assert_same_batches(actual, expected):
+    assert len(actual) == len(expected)
+    for (x, y), (x_ref, y_ref) in zip(actual, expected):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+@pytest.fixture(scope="module")
+def noise_reference(noise_dir):
+    """Seed 0, 2 threads: the loader and its epochs 0 and 1, uninterrupted."""
+    cfg, loader = noise_loader(noise_dir)
+    return cfg, loader, {epoch: epoch_batches(loader, cfg, epoch) for epoch in (0, 1)}
+
+
+@pytest.fixture(scope="module")
+def noise_fresh(noise_dir):
+    """A second loader with the reference's settings, as a restarted process builds it."""
+    return noise_loader(noise_dir)
+
+
+@pytest.mark.timeout(120)
+def test_the_same_seed_gives_bitwise_the_same_batches(noise_reference, noise_fresh):
+    _, _, reference = noise_reference
+    cfg, fresh = noise_fresh
+    for epoch in (1, 0):
+        assert_same_batches(epoch_batches(fresh, cfg, epoch), reference[epoch])
+
+
+@pytest.mark.timeout(120)
+def test_another_seed_or_epoch_gives_other_crops(noise_dir, noise_reference):
+    _, loader, reference = noise_reference
+    epoch0, epoch1 = by_sample(loader, 0, reference[0]), by_sample(loader, 1, reference[1])
+    assert len(epoch0) == 16 and all(not torch.equal(epoch0[i], epoch1[i]) for i in epoch0)
+    cfg, other = noise_loader(noise_dir, seed=1, num_workers=1)
+    other0 = by_sample(other, 0, epoch_batches(other, cfg, 0))
+    assert all(not torch.equal(epoch0[i], other0[i]) for i in epoch0)
+
+
+@pytest.mark.timeout(120)
+def test_resuming_mid_epoch_continues_bitwise(noise_reference, noise_fresh):
+    _, loader, reference = noise_reference
+    cfg, fresh = noise_fresh
+    assert_same_batches(epoch_batches(fresh, cfg, 1, start_batch=2), reference[1][2:])
+    assert_same_batches(epoch_batches(loader, cfg, 1, start_batch=1), reference[1][1:])
+    assert_same_batches(epoch_batches(fresh, cfg, 0, start_batch=3), reference[0][3:])
+
+
+@pytest.mark.timeout(120)
+def test_crops_do_not_depend_on_the_thread_count_and_flip_only_mirrors(noise_dir, noise_reference):
+    _, _, reference = noise_reference
+    cfg, one_thread = noise_loader(noise_dir, num_workers=1)
+    assert_same_batches(epoch_batches(one_thread, cfg, 0), reference[0])
+    cfg, unflipped = noise_loader(noise_dir, num_workers=1, flip=False)
+    pairs = [(x, x_ref) for (xs, _), (xs_ref, _) in zip(epoch_batches(unflipped, cfg, 0), reference[0])
+             for x, x_ref in zip(xs, xs_ref)]
+    mirrored = sum(torch.equal(x.flip(-1), x_ref) for x, x_ref in pairs)
+    assert sum(torch.equal(x, x_ref) for x, x_ref in pairs) + mirrored == 16 and 4 <= mirrored <= 12
+
+
+def test_crop_boxes_follow_random_resized_crop():
+    from vsgd_dist.data.augment import crop_box, image_key
+
+    boxes = np.array([crop_box(np.uint64(image_key(0, 0, i)), 300, 400, 0.08) for i in range(5000)])
+    top, left, h, w = boxes.T
+    assert top.min() >= 0 and left.min() >= 0 and (top + h).max() <= 300 and (left + w).max() <= 400
+    area = h * w / (300 * 400)
+    # torchvision's sampler gives a mean area fraction of ~0.43 on a 4:3 image (large boxes that
+    # do not fit are redrawn), aspect ratios within [3/4, 4/3] up to rounding
+    assert area.min() >= 0.079 and area.max() <= 1 and 0.41 < area.mean() < 0.45
+    assert np.all(np.abs(np.log(w / h)) < np.log(4 / 3) + 0.02)
+    bigger = np.array([crop_box(np.uint64(image_key(0, 0, i)), 300, 400, 0.35) for i in range(5000)])
+    assert (bigger[:, 2] * bigger[:, 3]).min() >= 0.349 * 300 * 400
+    # no box of the ratio range fits a 10 x 200 strip: the fallback is the centered 3:4 box
+    assert crop_box(np.uint64(image_key(0, 0, 1)), 200, 10, 0.08) == (93, 0, 13, 10)
+
+
 # --- demo data ----------------------------------------------------------------------------
 
 def _demo_on_rank(rank, world_size, cache_dir):
@@ -338,6 +453,8 @@ def test_unworkable_settings_are_errors(dataset, train_loader):
         config(out, val_res=4)
     with pytest.raises(DataError, match="dtype 'fp8'"):
         config(out, dtype="fp8")
+    with pytest.raises(DataError, match=r"crop_scale_min 0 must be in \(0, 1\]; flip 'no' .*seed -1 must"):
+        config(out, crop_scale_min=0, flip="no", seed=-1)
     with pytest.raises(DataError, match="train resolution 0"):
         set_train_resolution(train_loader[1], 0)
     with pytest.raises(DataError, match="start_batch 7 is outside"):

@@ -24,7 +24,8 @@ class DataConfig:
     dtype: str = "fp16"
     """Image tensor dtype: fp16, bf16 or fp32 (labels are int64)."""
     seed: int = 0
-    """Order seed, the same on every rank (ranks shard one permutation per epoch)."""
+    """Order and augmentation seed, the same on every rank (ranks shard one permutation per
+    epoch; an image's crop and flip depend on seed, epoch and its index only)."""
     os_cache: bool = True
     """True: read through the OS page cache, random order (data fits in RAM). False: ffcv's
     process cache with quasi-random order, for data larger than RAM (single process only)."""
@@ -38,6 +39,11 @@ class DataConfig:
     """Epoch where the ramp ends; equal to ramp_start_epoch: end_res from the epoch after."""
     res_step: int = 32
     """Train sizes are rounded to a multiple of this (ffcv-imagenet: 32)."""
+    crop_scale_min: float = 0.08
+    """Lower bound of the train crop's area fraction of the image (upper bound 1). ImageNet:
+    0.08; small images such as the 32 px digits demo want ~0.35, or crops are a few pixels."""
+    flip: bool = True
+    """Flip train images left-right with probability 0.5 (off for data where sides matter)."""
     val_res: int = 256
     """Validation output size (ffcv-imagenet evaluates ResNet-50 at 256)."""
     val_crop_ratio: float = 224 / 256
@@ -65,5 +71,11 @@ class DataConfig:
                             f"ramp_end_epoch ({self.ramp_end_epoch})")
         if not 0.0 < self.val_crop_ratio <= 1.0:
             problems.append(f"val_crop_ratio {self.val_crop_ratio} must be in (0, 1]")
+        if not 0.0 < self.crop_scale_min <= 1.0:
+            problems.append(f"crop_scale_min {self.crop_scale_min} must be in (0, 1]")
+        if not isinstance(self.flip, bool):
+            problems.append(f"flip {self.flip!r} must be true or false")
+        if self.seed < 0:
+            problems.append(f"seed {self.seed} must be >= 0")
         if problems:
             raise DataError("invalid data config: " + "; ".join(problems))

@@ -4,8 +4,8 @@ ffcv's order for an epoch is a pure function of (seed, epoch, world size, datase
 np.random.default_rng(seed + epoch) in one process, torch's DistributedSampler(seed) with
 set_epoch(epoch) across ranks. So resuming needs only the epoch and the number of batches
 already consumed: save both in the checkpoint and pass them back here with the same seed,
-batch size and world size. Skipped batches are not decoded. Random crops and flips are not
-reproduced (ffcv does not seed them); the images and their order are.
+batch size and world size. Skipped batches are not decoded. Crops and flips are a function of
+(seed, epoch, sample index) (augment.py), so the resumed batches are bitwise the same too.
 """
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ from .schedule import resolution_at_epoch
 
 
 def iterate_from(loader, epoch: int, start_batch: int = 0) -> Iterator:
-    """Batches `start_batch, start_batch+1, ...` of `epoch`, in the order `epoch` always has.
+    """Batches `start_batch, start_batch+1, ...` of `epoch`, with the order and crops `epoch`
+    always has.
 
-    Also leaves the loader at epoch + 1, so a plain `for batch in loader` continues correctly.
+    Also leaves the loader's order at epoch + 1; a plain `for batch in loader` would continue
+    that order but keep this epoch's crops, so iterate every epoch through here.
     """
     from ffcv.loader.epoch_iterator import EpochIterator
     from ffcv.pipeline.compiler import Compiler
@@ -33,6 +35,7 @@ def iterate_from(loader, epoch: int, start_batch: int = 0) -> Iterator:
     loader.next_epoch = epoch
     order = loader.next_traversal_order()[:num_batches * loader.batch_size]
     loader.next_epoch = epoch + 1
+    loader.pipeline_specs["image"].decoder.epoch = epoch  # read by the compiled decoder per batch
     if start_batch == num_batches:
         return iter(())
     Compiler.set_num_threads(loader.num_workers)

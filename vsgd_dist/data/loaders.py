@@ -27,14 +27,15 @@ def resolve_dataset(cfg: DataConfig) -> DatasetFiles:
 
 
 def build_train_loader(cfg: DataConfig, device: torch.device | str, distributed: bool = False):
-    """Random-resized-crop + flip loader over this rank's shard, full batches only.
+    """Random-resized-crop + flip loader over this rank's shard, full batches only; crops and
+    flips are seeded by (cfg.seed, epoch, sample index), so runs repeat and resume exactly.
 
-    Returns an ffcv Loader; iterate it with `train_epoch` (sets the epoch's resolution and
-    order, and resumes mid-epoch). distributed=True needs torch.distributed initialized.
+    Returns an ffcv Loader; iterate it with `train_epoch` (sets the epoch's resolution, order
+    and crops, and resumes mid-epoch). distributed=True needs torch.distributed initialized.
     """
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import RandomHorizontalFlip
+
+    from .augment import SeededCropFlipDecoder
 
     cfg.check()
     if distributed and not cfg.os_cache:
@@ -50,12 +51,13 @@ def build_train_loader(cfg: DataConfig, device: torch.device | str, distributed:
                         f"{info.num_samples // world}); lower batch_size")
     if distributed:
         _check_same_seed(cfg.seed)
-    decoder = RandomResizedCropRGBImageDecoder((cfg.start_res, cfg.start_res))
+    decoder = SeededCropFlipDecoder((cfg.start_res, cfg.start_res), seed=cfg.seed,
+                                    scale_min=cfg.crop_scale_min, flip=cfg.flip)
     return Loader(
         str(files.train), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
         os_cache=cfg.os_cache, distributed=distributed, seed=cfg.seed, drop_last=True,
         order=OrderOption.RANDOM if cfg.os_cache else OrderOption.QUASI_RANDOM,
-        pipelines=_pipelines(info, [decoder, RandomHorizontalFlip()], cfg, device))
+        pipelines=_pipelines(info, [decoder], cfg, device))
 
 
 def build_val_loader(cfg: DataConfig, device: torch.device | str, distributed: bool = False):
