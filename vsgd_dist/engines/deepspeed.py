@@ -1,0 +1,145 @@
+"""DeepSpeed ZeRO-1/2 (`deepspeed.initialize`): the peer engine, with VSGD as a client optimizer.
+
+ZeRO flattens each param group and gives the optimizer ONE flat fp32 partition per group,
+calling `step()` once per group with `param_groups` narrowed to it. VSGD is elementwise and
+keeps its step count per tensor, so it gives the unsharded result on those partitions (it
+needs `zero_allow_untested_optimizer`). AdamW comes from DeepSpeed's own optimizer config
+(torch's implementation: no JIT-built kernel), the sharded-Adam baseline users know.
+
+Precision: with train.precision=bf16 DeepSpeed keeps bf16 parameters and gradients and fp32
+master partitions (its usual mixed precision). The trainer's bf16 autocast stays on: it casts
+the fp32 inputs for the bf16 weights and keeps losses in fp32.
+
+DeepSpeed is imported only when the engine is built (it takes seconds).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+from vsgd_dist.engines.base import CheckpointMismatch, Engine
+
+
+def deepspeed_config(cfg, world_size: int, lr: float) -> dict:
+    """The DeepSpeed config for a RunConfig at `world_size` ranks (`lr`: the peak LR)."""
+    t, o = cfg.train, cfg.optim
+    bf16 = t.precision == "bf16"
+    # DeepSpeed counts buckets in elements of the gradient dtype.
+    bucket_elements = int(cfg.engine.bucket_mb * 2**20) // (2 if bf16 else 4)
+    config = {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.global_batch // world_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {"stage": cfg.engine.zero_stage, "reduce_bucket_size": bucket_elements,
+                              "allgather_bucket_size": bucket_elements},
+        "steps_per_print": 2**31 - 1,  # the trainer logs; DeepSpeed stays quiet
+    }
+    if o.name == "vsgd":
+        config["zero_allow_untested_optimizer"] = True
+    elif o.name == "adamw":
+        config["optimizer"] = {"type": "AdamW", "params": {
+            "lr": lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
+            "torch_adam": True, "fused": o.fused or None}}
+    else:
+        raise ValueError(f"unknown optimizer {o.name!r}; choose vsgd or adamw")
+    return config
+
+
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed's CPU accelerator from JIT-compiling its shared-memory comm op.
+
+    Every process that creates DeepSpeed's comm backend on the CPU accelerator would build
+    `deepspeed_shm_comm` with g++ (~50 s on a fresh machine). Only inference all-reduce
+    uses it; ZeRO training talks through torch.distributed (gloo). The accelerator reports no
+    builder for it, so DeepSpeed goes on without it. Other accelerators are left alone.
+    """
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    class CPUAcceleratorWithoutShm(CPU_Accelerator):
+        def create_op_builder(self, op_name):
+            return None if op_name == "ShareMemCommBuilder" else super().create_op_builder(op_name)
+
+    if type(get_accelerator()) is CPU_Accelerator:
+        set_accelerator(CPUAcceleratorWithoutShm())
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, model, cfg, lr):
+        super().__init__(model, cfg, lr)
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        skip_shm_comm_build()
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        # Before initialize: ZeRO swaps each group's "params" for its flat partition.
+        self._named = [(n, p) for g in self.param_groups for n, p in zip(g["param_names"], g["params"])]
+        client = (self.optimizer_class(self.param_groups, **self.optimizer_kwargs)
+                  if cfg.optim.name == "vsgd" else None)
+        self.ds, zero, _, _ = deepspeed.initialize(
+            model=model, optimizer=client, model_parameters=None if client else self.param_groups,
+            config=deepspeed_config(cfg, world, lr))
+        self.module = self.ds
+        self.zero = zero
+        self.optimizer = zero.optimizer  # the torch optimizer on the flat partitions
+
+    def backward(self, loss):
+        self.ds.backward(loss)
+
+    def step(self):
+        """DeepSpeed clips (gradient_clipping) and zeroes the gradients inside its step."""
+        self.ds.step()
+        return torch.tensor(float(self.ds.get_global_grad_norm()))
+
+    def clip_grad_norm(self, max_norm):
+        raise NotImplementedError("DeepSpeed clips inside step() (gradient_clipping = train.grad_clip); "
+                                  "call step()")
+
+    def state_bytes(self):
+        return sum(v.nbytes for s in self.optimizer.state.values() for v in s.values()
+                   if torch.is_tensor(v) and v.dim() > 0)
+
+    def vsgd_state_pieces(self):
+        """Each parameter's slice of this rank's flat partition, found through the mapping
+        ZeRO keeps on every parameter (`_hp_mapping`: group index, start and length)."""
+        for name, param in self._named:
+            mapping = getattr(param, "_hp_mapping", None)
+            if mapping is None:  # none of this parameter lives on this rank
+                continue
+            flat_group = self.optimizer.param_groups[mapping.param_group_index]
+            state = self.optimizer.state.get(flat_group["params"][0], {})
+            if "mug" not in state or int(state["step"]) == 0:
+                continue
+            address = mapping.get_hp_fragment_address()
+            part = slice(address.start, address.start + address.numel)
+            yield name, state["mug"][part], state["bg"][part], state["bhg"][part], flat_group
+
+    def checkpoint_state(self):
+        """This rank's fp32 partitions and optimizer state (plain tensors, for
+        weights_only loading); rank 0 adds the model."""
+        state = {"fp32_partitions": [t.detach() for t in self.zero.single_partition_of_fp32_groups],
+                 "optimizer": self.optimizer.state_dict(), "global_steps": self.ds.global_steps}
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            state["model"] = self.model.state_dict()
+        return state
+
+    def load_checkpoint_state(self, read, meta):
+        self._load_model(read(0)["model"])
+        self._require_same_world(meta)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        state = read(rank)
+        mine = self.zero.single_partition_of_fp32_groups
+        saved = state["fp32_partitions"]
+        if [t.shape for t in saved] != [t.shape for t in mine]:
+            raise CheckpointMismatch(f"checkpoint partitions {[tuple(t.shape) for t in saved]} differ from this "
+                                     f"run's {[tuple(t.shape) for t in mine]}; resume with the same recipe")
+        for current, value in zip(mine, saved):
+            current.data.copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ds.global_steps = state["global_steps"]
