@@ -266,6 +266,8 @@ def resume_at(rank, world_size, saved):
     with pytest.raises(ValueError, match="world size 2"):
         opt.load_state_dict(shards[0] if rank == 0 else shards[1])
     opt.load_state_dict(shard_from_full(full, opt, shards[0]["param_groups"]))
+    with pytest.raises(NotImplementedError, match="pass all groups to the constructor"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
     identical_grad_steps(model, opt, GRAD_STEPS)
 
     uninterrupted = make_model()

@@ -114,6 +114,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
             named.append(list(zip(names, group["params"])))
         return named
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "inner"):  # groups can only be given at construction (buckets are fixed)
+            raise NotImplementedError("ZeroOptimizer cannot add param groups after construction: "
+                                      "pass all groups to the constructor")
+        super().add_param_group(param_group)
+
     @staticmethod
     def _hyperparameters(group: dict) -> dict:
         return {k: v for k, v in group.items() if k not in ("params", "param_names")}
