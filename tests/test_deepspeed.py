@@ -168,10 +168,9 @@ def against_native(rank, world, opt):
 
 
 def resume(rank, world, folder, opt, stage, precision):
-    """3 steps, a checkpoint written by the trainer's Checkpointer and read back with
-    weights_only=True, 3 more steps; a fresh engine (other initial weights) that loads the
+    """3 steps, a checkpoint through the trainer's Checkpointer (files read back with
+    weights_only=True), 3 more steps; a fresh engine (other initial weights) that loads the
     checkpoint must do the same 3 steps bit for bit."""
-    import json
     from pathlib import Path
 
     from vsgd_dist.engines.deepspeed import DeepSpeedEngine
@@ -182,14 +181,13 @@ def resume(rank, world, folder, opt, stage, precision):
     model = make_model()
     engine = DeepSpeedEngine(model, cfg, LR)
     train(engine, 3, rank, world, bf16)
-    saved = Checkpointer(Path(folder) / f"{opt}-{stage}-{precision}", keep=1).save(engine, cfg, step=3)
+    ckpt = Checkpointer(Path(folder) / f"{opt}-{stage}-{precision}", keep=1)
+    ckpt.save(engine, cfg, step=3)
     train(engine, 3, rank, world, bf16, first=3)
 
     fresh = make_model(seed=1)
     resumed = DeepSpeedEngine(fresh, cfg, LR)
-    resumed.load_checkpoint_state(
-        lambda r: torch.load(saved / f"rank{r}.pt", weights_only=True, mmap=True)["engine"],
-        json.loads((saved / "meta.json").read_text()))
+    assert ckpt.load_latest(resumed, cfg)["step"] == 3
     train(resumed, 3, rank, world, bf16, first=3)
     return all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))
 
