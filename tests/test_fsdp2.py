@@ -59,7 +59,7 @@ def check_diagnostics(model, opt, reference, ref_opt):
                                   lr=group["lr"], eps=group["eps"], ps=group["ps"], ghattg=group["ghattg"]).double()
                   for n, p in reference.named_parameters() if layer_of[n] == layer)
         expected = torch.tensor([row[0].item()] + (row[1:] / row[0]).tolist(), dtype=torch.float64)
-        got = torch.tensor([sharded[layer][k] for k in ("count", "snr", "sigma", "beta1", "step_size")],
+        got = torch.tensor([sharded[layer][k] for k in ("count", "snr", "posterior_std", "implied_beta1", "effective_step")],
                            dtype=torch.float64)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
 

@@ -132,7 +132,7 @@ def check_diagnostics(opt, ref_opt, ref_params):
     assert sharded.keys() == sums.keys()
     for layer, row in sums.items():
         expected = [row[0].item()] + (row[1:] / row[0]).tolist()
-        got = [sharded[layer][k] for k in ("count", "snr", "sigma", "beta1", "step_size")]
+        got = [sharded[layer][k] for k in ("count", "snr", "posterior_std", "implied_beta1", "effective_step")]
         torch.testing.assert_close(torch.tensor(got), torch.tensor(expected, dtype=torch.float32),
                                    rtol=1e-5, atol=0)
 

@@ -6,22 +6,9 @@ import os
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Callable
 
 import torch
 import torch.distributed as dist
-
-from vsgd_dist.optim.vsgd import diagnostic_fields
-
-# Histogram bins per diagnostic: (transform, low, high); log10 for quantities spanning decades.
-HISTOGRAM_BINS = 64
-HISTOGRAM_RANGES = {
-    "snr": ("log10", -8.0, 4.0),
-    "posterior_std": ("log10", -12.0, 2.0),
-    "implied_beta1": ("linear", 0.0, 1.0),
-    "effective_step": ("log10", -8.0, 2.0),
-}
-STATS = tuple(HISTOGRAM_RANGES)
 
 
 class RunLogger:
@@ -63,47 +50,6 @@ class RunLogger:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
-
-
-@torch.no_grad()
-def vsgd_diagnostics(pieces, group_of: Callable[[str], str], reduce: bool, device: torch.device):
-    """Means per layer group and fixed-bin histograms of VSGD's diagnostics.
-
-    `pieces` are (name, mug, bg, bhg, hyperparameters) for the state this rank holds. Sums,
-    counts and histogram counts all add across shards, so one all_reduce (when the state is
-    sharded) gives every rank the numbers an unsharded optimizer would give.
-    Returns ({group: {stat: mean}}, {stat: counts over all groups}).
-    """
-    sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(1 + len(STATS), dtype=torch.float64, device=device))
-    hist = torch.zeros(len(STATS), HISTOGRAM_BINS, dtype=torch.float64, device=device)
-    for name, mug, bg, bhg, hp in pieces:
-        fields = diagnostic_fields(mug, bg, bhg, lr=hp["lr"], eps=hp["eps"], ps=hp["ps"], ghattg=hp["ghattg"])
-        row = sums[group_of(name)]
-        row[0] += mug.numel()
-        for i, stat in enumerate(STATS):
-            values = fields[stat].reshape(-1)
-            row[1 + i] += values.sum(dtype=torch.float64)
-            transform, low, high = HISTOGRAM_RANGES[stat]
-            if transform == "log10":
-                values = values.clamp_min(1e-30).log10()
-            hist[i] += torch.histc(values.float().clamp(low, high), HISTOGRAM_BINS, low, high).double()
-    groups = sorted(sums)
-    if reduce and dist.is_initialized():
-        # Ranks may hold different groups: agree on the union of names first.
-        all_groups: list = [None] * dist.get_world_size()
-        dist.all_gather_object(all_groups, groups)
-        groups = sorted(set().union(*all_groups))
-        table = torch.stack([sums[g] for g in groups]) if groups else torch.zeros(0, device=device)
-        packed = torch.cat([table.reshape(-1), hist.reshape(-1)])
-        dist.all_reduce(packed)
-        table = packed[:table.numel()].view(len(groups), -1)
-        hist = packed[table.numel():].view_as(hist)
-    else:
-        table = torch.stack([sums[g] for g in groups]) if groups else torch.zeros(0, 1 + len(STATS))
-    table = table.cpu()
-    means = {g: {stat: (row[1 + i] / row[0]).item() for i, stat in enumerate(STATS)}
-             for g, row in zip(groups, table) if row[0] > 0}
-    return means, {stat: hist[i] for i, stat in enumerate(STATS)}
 
 
 class StepTimer:

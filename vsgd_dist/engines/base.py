@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from vsgd_dist.optim.build import named_param_groups, optimizer_class_and_kwargs
+from vsgd_dist.sharding.zero import class_path
 
 
 class CheckpointMismatch(RuntimeError):
@@ -64,18 +65,32 @@ class Engine(ABC):
         """What this rank writes into its checkpoint file (tensors and plain values)."""
 
     @abstractmethod
-    def load_checkpoint_state(self, read: Callable[[int], dict], meta: dict) -> None:
-        """Load from a checkpoint; `read(rank)` gives that rank's file, `meta` its meta.json
-        (world_size among others)."""
+    def load_full_state(self, full: dict) -> None:
+        """Load the full per-parameter form (`vsgd_dist.train.consolidated`), keeping this
+        rank's part: how any checkpoint loads at any world size."""
 
-    def _require_same_world(self, meta: dict) -> None:
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        if meta["world_size"] != world:
-            raise CheckpointMismatch(f"checkpoint was written by {meta['world_size']} ranks, this run has {world}; "
-                                     f"the {self.name} engine resumes only at the same world size")
+    def load_checkpoint_state(self, read: Callable[[int], dict], meta: dict) -> None:
+        """Load from a checkpoint; `read(rank)` gives that rank's engine payload, `meta` its
+        meta.json. A checkpoint of this engine and layout loads shard by shard; any other
+        (another world size or engine) is consolidated by every rank, which then keeps its
+        part (mmap'd reads: only the pages touched are read)."""
+        from vsgd_dist.train.consolidated import check_optimizer, full_state
+
+        check_optimizer(meta, class_path(self.optimizer_class))
+        if not self._load_own_shard(read, meta):
+            self.load_full_state(full_state(read, meta))
+
+    def _load_own_shard(self, read: Callable[[int], dict], meta: dict) -> bool:
+        """Load this rank's shard when the checkpoint has this run's exact layout; return
+        whether it did. Engines without a cheaper path than the full form return False."""
+        return False
 
     def _load_model(self, state: dict) -> None:
         """Load model weights, naming what differs instead of torch's long error."""
+        self._check_model(state)
+        self.model.load_state_dict(state)
+
+    def _check_model(self, state: dict) -> None:
         mine = self.model.state_dict()
         missing = sorted(set(mine) - set(state))
         unexpected = sorted(set(state) - set(mine))
@@ -85,8 +100,10 @@ class Engine(ABC):
         for name, value in state.items():
             if tuple(value.shape) != tuple(mine[name].shape):
                 raise CheckpointMismatch(f"checkpoint is of another model: {name} has shape {tuple(value.shape)} "
-                                         f"there, {tuple(mine[name].shape)} here")
-        self.model.load_state_dict(state)
+                                         f"there, {tuple(mine[name].shape)} here; use another out= folder")
+
+    def _names_per_group(self) -> list[list[str]]:
+        return [list(g["param_names"]) for g in self.param_groups]
 
     def sync_buffers(self) -> None:
         """Average floating buffers (BatchNorm running stats) over ranks before evaluation
@@ -108,8 +125,9 @@ class Engine(ABC):
             for param in group["params"]:
                 state = optimizer.state.get(param)
                 if state and "mug" in state and int(state["step"]) > 0:
-                    yield names[param], *(_local(state[k]) for k in ("mug", "bg", "bhg")), group
+                    yield names[param], *(local_tensor(state[k]) for k in ("mug", "bg", "bhg")), group
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2), or the tensor itself."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor

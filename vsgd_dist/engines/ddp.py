@@ -5,7 +5,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from vsgd_dist.engines.base import CheckpointMismatch, Engine
+from vsgd_dist.engines.base import Engine
+from vsgd_dist.train.consolidated import by_name, torch_state_dict
 
 
 class DDPEngine(Engine):
@@ -38,9 +39,13 @@ class DDPEngine(Engine):
             return {}
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
-    def load_checkpoint_state(self, read, meta):
-        if meta["engine"] != self.name:
-            raise CheckpointMismatch(f"checkpoint was written by the {meta['engine']} engine, not ddp")
-        state = read(0)
-        self._load_model(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])  # replicated: any world size
+    def load_full_state(self, full):
+        self._load_model(full["model"])
+        self.optimizer.load_state_dict(torch_state_dict(full, self._names_per_group()))
+
+
+def full_state_of(read, meta):
+    """Rank 0's file already holds everything, keyed by parameter index: key it by name."""
+    saved = read(0)
+    optimizer, groups = by_name(saved["optimizer"])
+    return {"model": saved["model"], "optimizer": optimizer, "param_groups": groups}

@@ -19,7 +19,8 @@ import logging
 import torch
 import torch.distributed as dist
 
-from vsgd_dist.engines.base import CheckpointMismatch, Engine
+from vsgd_dist.engines.base import Engine
+from vsgd_dist.train.consolidated import assemble, groups_in_order, hyperparameters
 
 
 def deepspeed_config(cfg, world_size: int, lr: float) -> dict:
@@ -121,25 +122,95 @@ class DeepSpeedEngine(Engine):
             yield name, state["mug"][part], state["bg"][part], state["bhg"][part], flat_group
 
     def checkpoint_state(self):
-        """This rank's fp32 partitions and optimizer state (plain tensors, for
-        weights_only loading); rank 0 adds the model."""
+        """This rank's fp32 partitions and optimizer state (plain tensors, for weights_only
+        loading), and where each parameter's fragment lies in them; rank 0 adds the model."""
         state = {"fp32_partitions": [t.detach() for t in self.zero.single_partition_of_fp32_groups],
-                 "optimizer": self.optimizer.state_dict(), "global_steps": self.ds.global_steps}
+                 "optimizer": self.optimizer.state_dict(), "global_steps": self.ds.global_steps,
+                 "param_names": self._names_per_group(), "fragments": self._fragments()}
         if not dist.is_initialized() or dist.get_rank() == 0:
             state["model"] = self.model.state_dict()
         return state
 
-    def load_checkpoint_state(self, read, meta):
-        self._load_model(read(0)["model"])
-        self._require_same_world(meta)
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        state = read(rank)
+    def _fragments(self) -> dict[str, list[int]]:
+        """name -> [group, first element in the parameter, first element in this rank's
+        partition, element count], from the mapping ZeRO keeps on each parameter."""
+        fragments = {}
+        for name, param in self._named:
+            mapping = getattr(param, "_hp_mapping", None)
+            if mapping is not None:
+                lp, hp = mapping.lp_fragment_address, mapping.get_hp_fragment_address()
+                fragments[name] = [mapping.param_group_index, lp.start, hp.start, hp.numel]
+        return fragments
+
+    def _load_own_shard(self, read, meta):
+        if meta["engine"] != self.name or meta["world_size"] != (dist.get_world_size() if dist.is_initialized() else 1):
+            return False
+        state = read(dist.get_rank() if dist.is_initialized() else 0)
         mine = self.zero.single_partition_of_fp32_groups
-        saved = state["fp32_partitions"]
-        if [t.shape for t in saved] != [t.shape for t in mine]:
-            raise CheckpointMismatch(f"checkpoint partitions {[tuple(t.shape) for t in saved]} differ from this "
-                                     f"run's {[tuple(t.shape) for t in mine]}; resume with the same recipe")
-        for current, value in zip(mine, saved):
+        if state["fragments"] != self._fragments() or [t.shape for t in state["fp32_partitions"]] != \
+                [t.shape for t in mine]:
+            return False  # other bucket sizes or parameters: go through the full form
+        self._load_model(read(0)["model"])
+        for current, value in zip(mine, state["fp32_partitions"]):
             current.data.copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.ds.global_steps = state["global_steps"]
+        return True
+
+    def load_full_state(self, full):
+        """Fill this rank's flat partitions from the full form, fragment by fragment; any
+        per-element state key moves, whatever the optimizer calls it."""
+        self._load_model(full["model"])
+        groups = groups_in_order(full, self._names_per_group())
+        fragments = self._fragments()
+        for index, (names, saved, partition) in enumerate(zip(self._names_per_group(), groups,
+                                                               self.zero.single_partition_of_fp32_groups)):
+            mine = [(name, fragments[name]) for name in names if name in fragments]
+            master = full["master"]
+            partition.data.copy_(_partition(partition, mine, lambda n: master.get(n, full["model"][n]).float()))
+            states = [full["optimizer"][n] for n in names if full["optimizer"].get(n)]
+            state = {}
+            for key, value in (states[0].items() if states else ()):
+                if torch.is_tensor(value) and value.dim() > 0:  # per element; counters are 0-d
+                    state[key] = _partition(partition, mine, lambda n: full["optimizer"][n][key]).to(value.dtype)
+                else:
+                    state[key] = value.clone() if torch.is_tensor(value) else value
+            self.optimizer.state[partition] = state
+            group = self.optimizer.param_groups[index]
+            group.update({k: v for k, v in hyperparameters(saved).items() if k in group})
+        self.ds.global_steps = full["step"]
+
+
+def _partition(like: torch.Tensor, fragments: list, full_of) -> torch.Tensor:
+    """A flat partition shaped like `like` holding each named fragment of `full_of(name)`."""
+    flat = torch.zeros_like(like)
+    for name, (_, param_start, start, count) in fragments:
+        flat[start:start + count] = full_of(name).reshape(-1)[param_start:param_start + count]
+    return flat
+
+
+def full_state_of(read, meta):
+    """Each parameter reassembled from its fragments in every rank's flat partitions."""
+    files = [read(rank) for rank in range(meta["world_size"])]
+    model = files[0]["model"]
+    saved_groups = files[0]["optimizer"]["param_groups"]
+    master, optimizer, groups = {}, {}, []
+    for index, names in enumerate(files[0]["param_names"]):
+        groups.append({**hyperparameters(saved_groups[index]), "param_names": names})
+        group_state = files[0]["optimizer"]["state"].get(saved_groups[index]["params"][0], {})
+        for name in names:
+            numel, shape = model[name].numel(), model[name].shape
+
+            def gather(partition_of):
+                pieces = [(f["fragments"][name][1], partition_of(f), f["fragments"][name][2],
+                           f["fragments"][name][3]) for f in files if name in f["fragments"]]
+                return assemble(numel, pieces, partition_of(files[0])).view(shape)
+
+            fp32 = gather(lambda f: f["fp32_partitions"][index])
+            if model[name].dtype != fp32.dtype:
+                master[name] = fp32
+            optimizer[name] = {
+                key: gather(lambda f: f["optimizer"]["state"][saved_groups[index]["params"][0]][key])
+                if torch.is_tensor(value) and value.dim() > 0 else value
+                for key, value in group_state.items()}
+    return {"model": model, "master": master, "optimizer": optimizer, "param_groups": groups}

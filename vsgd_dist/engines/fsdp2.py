@@ -6,7 +6,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from vsgd_dist.engines.base import Engine
+from torch.distributed.tensor import DTensor, Shard
+
+from vsgd_dist.engines.base import Engine, local_tensor
+from vsgd_dist.train.consolidated import by_name, torch_state_dict
 from vsgd_dist.sharding.fsdp2 import shard_model
 
 
@@ -41,45 +44,75 @@ class FSDP2Engine(Engine):
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def state_bytes(self):
-        return sum(_local_nbytes(v) for s in self.optimizer.state.values() for v in s.values()
+        return sum(local_tensor(v).nbytes for s in self.optimizer.state.values() for v in s.values()
                    if torch.is_tensor(v) and v.dim() > 0)
 
     def vsgd_state_pieces(self):
         return self._vsgd_pieces_of(self.optimizer, self._names)
 
-
-def _local_nbytes(tensor: torch.Tensor) -> int:
-    return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).nbytes
-
     def checkpoint_state(self):
-        """This rank's shards of the weights and of the optimizer state, as local tensors."""
-        optimizer = self.optimizer.state_dict()
-        optimizer["state"] = {i: {k: _to_local(v) for k, v in s.items()} for i, s in optimizer["state"].items()}
-        return {"model": {k: _to_local(v) for k, v in self.model.state_dict().items()}, "optimizer": optimizer}
+        """This rank's rows of every sharded tensor (weights and optimizer state), with
+        where they sit in the full tensor, so that any world size can reassemble them."""
+        model = self.model.state_dict()
+        optimizer, groups = by_name(self.optimizer.state_dict())
+        return {"model": {k: local_tensor(v) for k, v in model.items()},
+                "rows": {k: list(rows_of(v)) for k, v in model.items() if isinstance(v, DTensor)},
+                "optimizer": {name: {k: local_tensor(v) for k, v in s.items()} for name, s in optimizer.items()},
+                "param_groups": groups}
 
-    def load_checkpoint_state(self, read, meta):
-        self._require_same_world(meta)
-        saved = read(dist.get_rank())
+    def load_full_state(self, full):
+        """Keep this rank's rows of the full tensors (FSDP2's even dim-0 split)."""
+        self._check_model(full["model"])
+        mine = self.model.state_dict()
         with torch.no_grad():
-            for name, tensor in self.model.state_dict().items():
-                _to_local(tensor).copy_(saved["model"][name])
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        optimizer = dict(saved["optimizer"])
-        optimizer["state"] = {i: {k: _like(params[i], v) for k, v in s.items()}
-                              for i, s in saved["optimizer"]["state"].items()}
-        self.optimizer.load_state_dict(optimizer)
+            for name, tensor in mine.items():
+                value = full["model"][name]
+                if isinstance(tensor, DTensor):
+                    start, stop = rows_of(tensor)
+                    value = value[start:stop]
+                local_tensor(tensor).copy_(value)
+
+        def place(name, value):
+            param = mine[name]
+            if not isinstance(param, DTensor):
+                return value
+            start, stop = rows_of(param)
+            return DTensor.from_local(value[start:stop].contiguous(), param.device_mesh, param.placements,
+                                      shape=param.shape, stride=param.stride())
+
+        self.optimizer.load_state_dict(torch_state_dict(full, self._names_per_group(), place))
 
 
-def _to_local(tensor):
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+def rows_of(tensor: DTensor) -> tuple[int, int]:
+    """Rows [start, stop) of dim 0 this rank holds: FSDP2 splits dim 0 as torch.chunk does
+    (ceil(n / W) rows per rank, the last ranks get fewer or none)."""
+    if tuple(tensor.placements) != (Shard(0),):
+        raise ValueError(f"expected a DTensor sharded on dim 0, got placements {tensor.placements}")
+    mesh = tensor.device_mesh
+    length, per_rank = tensor.shape[0], -(-tensor.shape[0] // mesh.size())
+    start = min(mesh.get_local_rank() * per_rank, length)
+    stop = min(start + per_rank, length)
+    if tensor.to_local().shape[0] != stop - start:
+        raise ValueError(f"local shard has {tensor.to_local().shape[0]} rows, torch.chunk's split gives "
+                         f"{stop - start}: FSDP2's sharding changed, update rows_of")
+    return start, stop
 
 
-def _like(param, value):
-    """A saved local shard back as a DTensor laid out like `param` (per-element state only)."""
-    from torch.distributed.tensor import DTensor
+def full_state_of(read, meta):
+    """Concatenate every rank's rows of each sharded tensor; unsharded ones come from rank 0."""
+    files = [read(rank) for rank in range(meta["world_size"])]
 
-    if torch.is_tensor(value) and isinstance(param, DTensor) and value.shape == param.to_local().shape \
-            and value.dim() > 0:
-        return DTensor.from_local(value, param.device_mesh, param.placements, shape=param.shape,
-                                  stride=param.stride())
-    return value
+    def full(name, pick):
+        pieces = [(f["rows"][name][0], pick(f)) for f in files if f["rows"][name][1] > f["rows"][name][0]]
+        return torch.cat([piece for _, piece in sorted(pieces, key=lambda p: p[0])])
+
+    def sharded(name, value):  # per-element state is laid out like its parameter
+        return name in first["rows"] and torch.is_tensor(value) and value.dim() > 0
+
+    first = files[0]
+    model = {name: full(name, lambda f: f["model"][name]) if name in first["rows"] else value
+             for name, value in first["model"].items()}
+    optimizer = {name: {key: full(name, lambda f: f["optimizer"][name][key]) if sharded(name, value) else value
+                        for key, value in state.items()}
+                 for name, state in first["optimizer"].items()}
+    return {"model": model, "optimizer": optimizer, "param_groups": first["param_groups"]}

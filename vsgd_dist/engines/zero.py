@@ -7,8 +7,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from vsgd_dist.engines.base import Engine
-from vsgd_dist.sharding import ZeroOptimizer
-from vsgd_dist.sharding.layout import owned_part
+from vsgd_dist.sharding import ZeroOptimizer, consolidate, shard_from_full
+from vsgd_dist.train.consolidated import groups_in_order, hyperparameters
 
 
 class ZeroEngine(Engine):
@@ -30,15 +30,7 @@ class ZeroEngine(Engine):
         return self.optimizer.state_bytes()
 
     def vsgd_state_pieces(self):
-        opt = self.optimizer
-        for slot in opt.slots:
-            first, last, offset = owned_part(slot, opt.buckets[slot.bucket], opt.rank)
-            state = opt.inner.state.get(opt.masters[slot.group], {})
-            if first == last or "mug" not in state or int(state["step"]) == 0:
-                continue
-            part = slice(offset, offset + last - first)
-            yield (slot.name, state["mug"][part], state["bg"][part], state["bhg"][part],
-                   opt.param_groups[slot.group])
+        return self.optimizer.vsgd_state_pieces()
 
     def checkpoint_state(self):
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -47,7 +39,38 @@ class ZeroEngine(Engine):
             state["model"] = self.model.state_dict()
         return state
 
-    def load_checkpoint_state(self, read, meta):
+    def _load_own_shard(self, read, meta):
+        if meta["engine"] != self.name or meta["world_size"] != self.optimizer.world_size:
+            return False
+        saved = read(self.optimizer.rank)["optimizer"]
+        layout = self.optimizer.layout()
+        if any(saved[key] != layout[key] for key in layout):  # other parameters or bucket_mb
+            return False
         self._load_model(read(0)["model"])
-        self._require_same_world(meta)
-        self.optimizer.load_state_dict(read(self.optimizer.rank)["optimizer"])
+        self.optimizer.load_state_dict(saved)
+        return True
+
+    def load_full_state(self, full):
+        """Cut this rank's flat shard out of the full form (`reshard.shard_from_full`);
+        masters come from the full form's fp32 masters, else from the loaded weights."""
+        self._load_model(full["model"])
+        groups = groups_in_order(full, self._names_per_group())
+        per_param = {}
+        for name in (n for names in self._names_per_group() for n in names):
+            master = full["master"].get(name, full["model"][name]).float()
+            per_param[name] = {**full["optimizer"].get(name, {}), "master": master}
+        self.optimizer.load_state_dict(shard_from_full(per_param, self.optimizer, groups))
+
+
+def full_state_of(read, meta):
+    """The full form of a ZeRO checkpoint: every rank's flat shards consolidated."""
+    model = read(0)["model"]
+    shards = [read(rank)["optimizer"] for rank in range(meta["world_size"])]
+    optimizer, master = {}, {}
+    for name, state in consolidate(shards).items():
+        fp32 = state.pop("master")
+        if model[name].dtype != fp32.dtype:  # bf16 weights: the master holds the precision
+            master[name] = fp32
+        optimizer[name] = state
+    groups = [{**hyperparameters(g), "param_names": g["param_names"]} for g in shards[0]["param_groups"]]
+    return {"model": model, "master": master, "optimizer": optimizer, "param_groups": groups}

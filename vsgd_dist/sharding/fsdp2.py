@@ -50,26 +50,20 @@ def sharded_optimizer(params: Iterable, optimizer_class: type, **optimizer_kwarg
     return optimizer_class(params, **optimizer_kwargs)
 
 
-@torch.no_grad()
 def diagnostics(optimizer: torch.optim.Optimizer, named_params: Iterable[tuple[str, nn.Parameter]],
                 param_to_group: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
     """VSGD diagnostics per layer group over the local shards, reduced across ranks."""
-    from vsgd_dist.optim.vsgd import diagnostic_sums
+    from vsgd_dist.optim.diagnostics import reduced_diagnostics
 
     param_to_group = param_to_group or {}
     named = list(named_params)
-    names = sorted({param_to_group.get(n, n) for n, _ in named})
-    device = named[0][1].device
-    sums = torch.zeros(len(names), 5, dtype=torch.float64, device=device)
     group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
+    pieces = []
     for name, param in named:
-        state, group = optimizer.state.get(param), group_of[param]
+        state = optimizer.state.get(param)
         if not state:
             raise ValueError(f"no optimizer state for {name}: take a step before asking for diagnostics")
         local = [t.to_local() if isinstance(t, DTensor) else t for t in (state["mug"], state["bg"], state["bhg"])]
-        sums[names.index(param_to_group.get(name, name))] += diagnostic_sums(
-            *local, lr=group["lr"], eps=group["eps"], ps=group["ps"], ghattg=group["ghattg"]).to(torch.float64)
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    keys = ("snr", "sigma", "beta1", "step_size")
-    return {name: {"count": row[0].item(), **{k: (v / row[0]).item() for k, v in zip(keys, row[1:])}}
-            for name, row in zip(names, sums)}
+        pieces.append((name, *local, group_of[param]))
+    means, _ = reduced_diagnostics(pieces, lambda n: param_to_group.get(n, n), reduce=True, device=named[0][1].device)
+    return means

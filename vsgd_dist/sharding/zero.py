@@ -300,36 +300,33 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Bytes of this rank's fp32 master slices plus its reduced gradient slices."""
         return sum(m.nbytes for m in self.masters) + sum(g.nbytes for g in self._grad_shards)
 
-    @torch.no_grad()
+    def vsgd_state_pieces(self):
+        """(parameter name, mug, bg, bhg, hyperparameters) for the part of each parameter
+        this rank owns: the input of `vsgd_dist.optim.diagnostics.reduced_diagnostics`."""
+        for slot in self.slots:
+            first, last, offset = owned_part(slot, self.buckets[slot.bucket], self.rank)
+            state = self.inner.state.get(self.masters[slot.group], {})
+            if first == last or not state or int(state["step"]) == 0:
+                continue
+            if not {"mug", "bg", "bhg"} <= state.keys():
+                raise ValueError(f"diagnostics need VSGD state (mug, bg, bhg), {type(self.inner).__name__} "
+                                 "keeps " + ", ".join(sorted(state)))
+            part = slice(offset, offset + last - first)
+            yield (slot.name, state["mug"][part], state["bg"][part], state["bhg"][part],
+                   self.param_groups[slot.group])
+
     def diagnostics(self, param_to_group: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
         """VSGD diagnostics averaged over all elements of each layer group, across all ranks.
 
         Groups are `param_to_group[name]` (default: each parameter is its own group); every
         rank returns the same numbers as an unsharded VSGD would give.
         """
-        from vsgd_dist.optim.vsgd import diagnostic_sums
+        from vsgd_dist.optim.diagnostics import reduced_diagnostics
 
         param_to_group = param_to_group or {}
-        names = sorted({param_to_group.get(s.name, s.name) for s in self.slots})
-        sums = torch.zeros(len(names), 5, dtype=torch.float64, device=self.device)
-        for slot in self.slots:
-            first, last, offset = owned_part(slot, self.buckets[slot.bucket], self.rank)
-            if first == last:
-                continue
-            master = self.masters[slot.group]
-            state = self.inner.state.get(master, {})
-            if not {"mug", "bg", "bhg"} <= state.keys():
-                raise ValueError(f"diagnostics need VSGD state (mug, bg, bhg), {self.inner.__class__.__name__} "
-                                 "keeps " + ", ".join(sorted(state)) + " (or no step was taken yet)")
-            group = self.param_groups[slot.group]
-            part = slice(offset, offset + last - first)
-            sums[names.index(param_to_group.get(slot.name, slot.name))] += diagnostic_sums(
-                state["mug"][part], state["bg"][part], state["bhg"][part], lr=group["lr"],
-                eps=group["eps"], ps=group["ps"], ghattg=group["ghattg"]).to(torch.float64)
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.process_group)
-        keys = ("snr", "sigma", "beta1", "step_size")
-        return {name: {"count": row[0].item(), **{k: (v / row[0]).item() for k, v in zip(keys, row[1:])}}
-                for name, row in zip(names, sums)}
+        means, _ = reduced_diagnostics(self.vsgd_state_pieces(), lambda n: param_to_group.get(n, n), reduce=True,
+                                       device=self.device, process_group=self.process_group)
+        return means
 
     # ---- checkpoints --------------------------------------------------------------------
 

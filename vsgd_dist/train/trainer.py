@@ -22,8 +22,8 @@ from vsgd_dist.config import RunConfig, config_from_dict
 from vsgd_dist.data import build_train_loader, build_val_loader, resolve_dataset, train_epoch
 from vsgd_dist.data.schedule import resolution_at_epoch
 from vsgd_dist.engines import build_engine
-from vsgd_dist.metrics import (HISTOGRAM_RANGES, RunLogger, StepTimer, finite_or_raise, memory_stats,
-                               vsgd_diagnostics)
+from vsgd_dist.metrics import RunLogger, StepTimer, finite_or_raise, memory_stats
+from vsgd_dist.optim.diagnostics import HISTOGRAM_RANGES, STATS, reduced_diagnostics
 from vsgd_dist.models import build_model, layer_group
 from vsgd_dist.train.checkpoint import Checkpointer, claim_run_dir
 from vsgd_dist.train.schedule import lr_lambda
@@ -207,10 +207,10 @@ class Trainer:
         return results
 
     def _log_diagnostics(self, engine, logger, step, device) -> None:
-        means, histograms = vsgd_diagnostics(engine.vsgd_state_pieces(), layer_group,
-                                             reduce=engine.sharded_state, device=device)
-        logger.scalars({f"vsgd/{stat}/{group}": value for group, stats in means.items()
-                        for stat, value in stats.items()}, step)
+        means, histograms = reduced_diagnostics(engine.vsgd_state_pieces(), layer_group,
+                                                reduce=engine.sharded_state, device=device)
+        logger.scalars({f"vsgd/{stat}/{group}": stats[stat] for group, stats in means.items() for stat in STATS},
+                       step)
         for stat, counts in histograms.items():
             _, low, high = HISTOGRAM_RANGES[stat]
             logger.histogram(f"vsgd_hist/{stat}", counts, low, high, step)
