@@ -59,6 +59,13 @@ def test_demo_trains_well_above_chance_and_logs_expected_tags(runs):
 
 
 @pytest.mark.timeout(300)
+def test_same_seed_gives_the_same_loss_curve(runs, tmp_path):
+    assert run(tmp_path / "again", "optimizer=vsgd", "lr=0.01", "max_steps=150", "train.stop_at=15") == 0
+    again = scalars(tmp_path / "again", "train/loss")[1]
+    assert again == scalars(runs / "vsgd", "train/loss")[1][:15]
+
+
+@pytest.mark.timeout(300)
 def test_report_renders_table_and_plots_from_real_runs(runs, tmp_path):
     assert launch(["compare", str(runs / "vsgd"), str(runs / "adamw"), "--out", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
