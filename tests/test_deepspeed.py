@@ -130,7 +130,7 @@ def norm_rel_diff(a, b) -> float:
 # ------------------------------------------------------------------------- rank checks
 def against_unsharded(rank, world, stage, precision):
     from vsgd_dist.engines.deepspeed import DeepSpeedEngine
-    from vsgd_dist.metrics import vsgd_diagnostics
+    from vsgd_dist.optim.diagnostics import reduced_diagnostics
 
     cfg = make_cfg(stage=stage, precision=precision)
     model = make_model()
@@ -145,8 +145,8 @@ def against_unsharded(rank, world, stage, precision):
         names = {p: n for n, p in ref.named_parameters()}
         ref_pieces = ((names[p], *(ref_opt.state[p][k] for k in ("mug", "bg", "bhg")), g)
                       for g in ref_opt.param_groups for p in g["params"])
-        means, _ = vsgd_diagnostics(engine.vsgd_state_pieces(), lambda n: n, reduce=True, device=torch.device("cpu"))
-        ref_means, _ = vsgd_diagnostics(ref_pieces, lambda n: n, reduce=False, device=torch.device("cpu"))
+        means, _ = reduced_diagnostics(engine.vsgd_state_pieces(), lambda n: n, reduce=True, device=torch.device("cpu"))
+        ref_means, _ = reduced_diagnostics(ref_pieces, lambda n: n, reduce=False, device=torch.device("cpu"))
         out["diagnostics"] = (means, ref_means)
         unsharded = sum(v.nbytes for s in ref_opt.state.values() for v in s.values() if v.dim() > 0)
         out["state_bytes"] = (engine.state_bytes(), unsharded)
@@ -243,6 +243,7 @@ def test_diagnostics_and_state_bytes_match_unsharded(request, world):
     results = results_at(request, world)
     means, ref_means = results[0][("unsharded", 2, "fp32")]["diagnostics"]
     assert set(means) == set(ref_means) and len(means) == 8  # every parameter named, none lost
+    assert all(means[n]["count"] == ref_means[n]["count"] for n in means)  # each element on one rank
     for name, stats in ref_means.items():
         for stat, value in stats.items():
             assert means[name][stat] == pytest.approx(value, rel=DIAG_RTOL), (name, stat)
