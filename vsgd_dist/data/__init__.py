@@ -1,5 +1,8 @@
 """FFCV data layer: write ImageFolder trees to .beton, load them per rank, resume mid-epoch.
 
+Train crops and flips are a function of (seed, epoch, sample index) (augment.py), so a seed
+repeats a run and a resumed run continues bitwise, at any thread count.
+
 Trainer usage:
     files = resolve_dataset(cfg)                 # classes: files.manifest.classes
     train = build_train_loader(cfg, device, distributed=True)
