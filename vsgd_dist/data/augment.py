@@ -34,7 +34,6 @@ _MUL1 = np.uint64(0xBF58476D1CE4E5B9)
 _MUL2 = np.uint64(0x94D049BB133111EB)
 
 
-
 @intrinsic
 def _load_int64(typingctx, address):
     """The int64 stored at `address` now (a closed-over array would be a frozen copy)."""
