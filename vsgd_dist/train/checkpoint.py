@@ -7,18 +7,22 @@ Every rank writes its own file into `step_X.tmp`; after a barrier rank 0 writes 
 and renames the folder. A crash or kill mid-write leaves only a `.tmp` folder, which is
 never picked up as the latest and is removed by the next save. Files are plain tensors and
 containers, read back with `torch.load(weights_only=True)`, so a tampered file cannot run
-code.
+code. Any engine loads a checkpoint of any engine at any world size (see
+`vsgd_dist.train.consolidated`); the model and optimizer must be the same.
 """
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from vsgd_dist.config import ConfigError, RunConfig, config_from_dict, save_config
+from vsgd_dist.sharding.zero import class_path
 
 RECIPE_FILE = "recipe.yaml"
 # Keys that may differ between the runs that share a folder (a resumed run).
@@ -35,8 +39,7 @@ class Checkpointer:
         self.keep = keep
 
     def latest(self) -> Path | None:
-        done = sorted(p for p in self.folder.glob("step_*") if p.suffix != ".tmp" and (p / "meta.json").is_file())
-        return done[-1] if done else None
+        return latest_checkpoint(self.folder)
 
     def save(self, engine, cfg: RunConfig, *, step: int, **trainer_state) -> Path:
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -48,11 +51,12 @@ class Checkpointer:
         dist.barrier()
         payload = {"engine": engine.checkpoint_state(), "trainer": {"step": step, **trainer_state}}
         torch.save(payload, tmp / f"rank{rank}.pt")
-        dist.barrier()  # every rank's file is complete
+        state_bytes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+        dist.all_gather(state_bytes, torch.tensor([engine.state_bytes()]))  # also: every file is complete
         if rank == 0:
             meta = {"step": step, "world_size": world, "engine": cfg.engine.name, "zero_stage": cfg.engine.zero_stage,
-                    "optimizer": cfg.optim.name, "model": cfg.model.name,
-                    "state_bytes_per_rank": engine.state_bytes()}
+                    "optimizer": cfg.optim.name, "optimizer_class": class_path(engine.optimizer_class),
+                    "model": cfg.model.name, "state_bytes_per_rank": [int(b) for b in state_bytes]}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             if final.exists():  # the same step saved again (e.g. stop at the last step)
                 shutil.rmtree(final)
@@ -69,21 +73,50 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load_latest(self, engine, cfg: RunConfig) -> dict | None:
-        """Load the latest checkpoint into `engine`; return the trainer state, or None."""
+        """Load the latest checkpoint into `engine` (any engine, any world size); return the
+        trainer state, or None. A rank beyond the writers' count gets the last writer's
+        trainer state (its RNG state among it)."""
         path = self.latest()
         if path is None:
             return None
-        meta = json.loads((path / "meta.json").read_text())
-        for key, mine in (("engine", cfg.engine.name), ("optimizer", cfg.optim.name), ("model", cfg.model.name)):
+        meta, read = open_checkpoint(path)
+        for key, mine in (("optimizer", cfg.optim.name), ("model", cfg.model.name)):
             if meta[key] != mine:
                 raise CheckpointError(f"{path} holds a {key} {meta[key]!r} checkpoint, this run uses {mine!r}; "
                                       f"use another out= folder")
-
-        def read(rank: int) -> dict:
-            return torch.load(path / f"rank{rank}.pt", map_location="cpu", weights_only=True, mmap=True)
-
         engine.load_checkpoint_state(lambda rank: read(rank)["engine"], meta)
         return read(min(dist.get_rank(), meta["world_size"] - 1))["trainer"]
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest published `step_*` folder (a `.tmp` one is a write that never finished)."""
+    done = sorted(p for p in Path(folder).glob("step_*") if p.suffix != ".tmp" and (p / "meta.json").is_file())
+    return done[-1] if done else None
+
+
+def open_checkpoint(path: Path) -> tuple[dict, Callable[[int], dict]]:
+    """(meta.json, read) for a published checkpoint folder; `read(rank)` loads that rank's
+    file memory-mapped with weights_only=True and refuses anything but tensors and containers."""
+    path = Path(path)
+    meta = json.loads((path / "meta.json").read_text())
+    missing = [f"rank{r}.pt" for r in range(meta["world_size"]) if not (path / f"rank{r}.pt").is_file()]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)} of its {meta['world_size']} rank files; "
+                              f"it was copied incompletely: copy it again or delete it to resume from an older one")
+
+    def read(rank: int) -> dict:
+        file = path / f"rank{rank}.pt"
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{file} holds objects other than tensors and containers "
+                                  f"({str(e).splitlines()[-1].strip()}); it was not written by this trainer or "
+                                  f"was tampered with: delete that checkpoint folder") from None
+        except RuntimeError as e:
+            raise CheckpointError(f"{file} is not a readable checkpoint file ({str(e).splitlines()[0]}); "
+                                  f"delete that checkpoint folder") from None
+
+    return meta, read
 
 
 def claim_run_dir(run_dir: Path, cfg: RunConfig, rank: int) -> None:
