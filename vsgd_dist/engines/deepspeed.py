@@ -176,8 +176,7 @@ class DeepSpeedEngine(Engine):
                 else:
                     state[key] = value.clone() if torch.is_tensor(value) else value
             self.optimizer.state[partition] = state
-            group = self.optimizer.param_groups[index]
-            group.update({k: v for k, v in hyperparameters(saved).items() if k in group})
+            self.optimizer.param_groups[index].update(hyperparameters(saved))  # initial_lr included
         self.ds.global_steps = full["step"]
 
 
