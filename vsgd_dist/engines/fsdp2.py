@@ -4,13 +4,12 @@ by FSDP itself."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from torch.distributed.tensor import DTensor, Shard
 
 from vsgd_dist.engines.base import Engine, local_tensor
-from vsgd_dist.train.consolidated import by_name, torch_state_dict
 from vsgd_dist.sharding.fsdp2 import shard_model
+from vsgd_dist.train.consolidated import by_name, torch_state_dict
 
 
 def model_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -2,7 +2,6 @@
 and gradients (stage 2, hooks reduce-scatter gradients during backward)."""
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
