@@ -277,3 +277,53 @@ def test_profiles_are_checked(tmp_path):
     (tmp_path / "badtime.yaml").write_text("time_max: 3 days\n")
     with pytest.raises(LaunchError, match="time_max"):
         load_profile("badtime", tmp_path)
+
+
+# --- the real trainer ---------------------------------------------------------------------
+DEMO_OVERRIDES = ["optimizer=vsgd", "max_steps=60", "train.ckpt_every=10", "train.log_every=5",
+                  "train.progress=false"]
+
+
+def final_weights(job_dir: Path) -> dict:
+    import torch
+
+    payload = torch.load(job_dir / "run" / "checkpoints" / "step_00000060" / "rank0.pt", weights_only=True)
+    return payload["engine"]["model"]
+
+
+@pytest.mark.timeout(420)
+def test_demo_recipe_requeues_mid_run_and_ends_bitwise_equal(slurm_env, tmp_path):
+    """The real trainer on 2 SLURM tasks: one run uninterrupted, one preempted (USR2) after
+    its step-20 checkpoint; the requeued job resumes at the step where the signal stopped it,
+    and both end with identical weights and TensorBoard logs."""
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = {}
+    for name in ("uninterrupted", "preempted"):
+        out = tmp_path / name
+        res = launch("submit", "recipes/demo.yaml", "--cluster", "local", "--tasks-per-node", "2", "--time", "20",
+                     "--out", str(out), *DEMO_OVERRIDES)
+        assert res.returncode == 0, res.stderr
+        jid = job_id(out)
+        if name == "preempted":
+            deadline = time.time() + 240
+            while not (out / "run" / "checkpoints" / "step_00000020").is_dir():
+                assert time.time() < deadline, "the run never reached step 20"
+                time.sleep(0.5)
+            slurm(slurm_env, "scancel", "--signal=USR2", jid)
+        assert wait_done(slurm_env, jid, timeout=300) == {jid: "COMPLETED"}
+        runs[name] = (out, jid)
+
+    out, jid = runs["preempted"]
+    assert slurm(slurm_env, "sacct", "-D", "-X", "-n", "-P", "-j", jid, "-o", "State").split() == \
+        ["REQUEUED", "COMPLETED"]
+    (event,) = json.loads((out / "interruptions.json").read_text())
+    assert event["kind"] == "preemption" and 20 <= event["step"] < 60
+    reference, resumed = final_weights(runs["uninterrupted"][0]), final_weights(out)
+    assert reference.keys() == resumed.keys()
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    acc = EventAccumulator(str(out / "run" / "tb"))
+    acc.Reload()
+    assert {"train/loss", "val/top1"} <= set(acc.Tags()["scalars"])
+    assert acc.Scalars("val/top1")[-1].step == 60

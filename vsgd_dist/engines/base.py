@@ -106,17 +106,18 @@ class Engine(ABC):
         return [list(g["param_names"]) for g in self.param_groups]
 
     def sync_buffers(self) -> None:
-        """Average floating buffers (BatchNorm running stats) over ranks before evaluation
-        and checkpoints, so every engine evaluates the same model."""
+        """Give every rank rank 0's buffers (BatchNorm running stats) before evaluation and
+        checkpoints, as DDP does by default. Rank 0's buffers never change by this, so a run
+        that is checkpointed at extra steps (a preemption) keeps the same model as one
+        that is not, and what rank 0 saves is what every rank evaluates."""
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return
-        floats = [b for b in self.model.buffers() if b.is_floating_point()]
-        if floats:
-            flat = torch.cat([b.detach().reshape(-1).double() for b in floats])
-            dist.all_reduce(flat)
-            flat /= dist.get_world_size()
+        buffers = list(self.model.buffers())
+        if buffers:
+            flat = torch.cat([b.detach().reshape(-1).double() for b in buffers])
+            dist.broadcast(flat, src=0)
             offset = 0
-            for b in floats:
+            for b in buffers:
                 b.copy_(flat[offset:offset + b.numel()].view_as(b))
                 offset += b.numel()
 
