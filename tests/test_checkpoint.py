@@ -14,7 +14,7 @@ Trainer level (the digits demo, ZeRO-2, VSGD): resuming at the same world size r
 uninterrupted run's losses and final state bit for bit; resuming 2 ranks' checkpoint at 3
 ranks gives the same global batches and the same weights at the resume point, but BatchNorm
 normalises each rank's slice (24 vs 16 images) with its own statistics, so the losses differ
-by more than rounding: rtol 5e-2 over the 6 resumed steps (measured ~1e-2).
+by more than rounding: rtol 5e-2 over the 6 resumed steps (measured <= 1.5e-2).
 """
 from __future__ import annotations
 
