@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from vsgd_dist.config import RunConfig  # noqa: E402
-from vsgd_dist.testing import run_distributed  # noqa: E402
+from vsgd_dist.spawn import run_distributed  # noqa: E402
 
 
 def make_cfg() -> RunConfig:

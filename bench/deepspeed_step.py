@@ -28,7 +28,7 @@ from sharded_step import SyntheticModel  # noqa: E402
 
 from vsgd_dist.config import RunConfig  # noqa: E402
 from vsgd_dist.engines import build_engine  # noqa: E402
-from vsgd_dist.testing import run_distributed  # noqa: E402
+from vsgd_dist.spawn import run_distributed  # noqa: E402
 
 ENGINES = {"DeepSpeed ZeRO-2": "deepspeed", "native ZeRO-2": "zero"}
 OPTIMIZERS = ("adamw", "vsgd")

@@ -33,7 +33,7 @@ from model_shapes import MODELS, numel  # noqa: E402
 
 from vsgd_dist import VSGD, ZeroOptimizer  # noqa: E402
 from vsgd_dist.sharding.fsdp2 import shard_model, sharded_optimizer  # noqa: E402
-from vsgd_dist.testing import run_distributed  # noqa: E402
+from vsgd_dist.spawn import run_distributed  # noqa: E402
 
 OPTIMIZERS = {"VSGD": (VSGD, dict(lr=1e-3, weight_decay=0.05)),
               "AdamW": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.05))}

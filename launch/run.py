@@ -40,7 +40,7 @@ def main(args) -> int:
     except (ConfigError, DataError) as e:
         print(f"launch run: {e}", file=sys.stderr)
         return 2
-    from vsgd_dist.testing import RankFailed, run_distributed
+    from vsgd_dist.spawn import RankFailed, run_distributed
 
     try:
         if args.from_env:

@@ -33,7 +33,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from launch.__main__ import main as launch
 from vsgd_dist.config import RunConfig
-from vsgd_dist.testing import RankFailed, run_distributed
+from vsgd_dist.spawn import RankFailed, run_distributed
 from vsgd_dist.train.checkpoint import CheckpointError, open_checkpoint
 from vsgd_dist.train.consolidated import full_state
 

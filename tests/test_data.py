@@ -25,7 +25,7 @@ from vsgd_dist.data import (DataConfig, DataError, build_train_loader, build_val
 from vsgd_dist.data.demo import digits_splits
 from vsgd_dist.data.image_folder import list_images
 from vsgd_dist.data.loaders import IMAGENET_MEAN, IMAGENET_STD
-from vsgd_dist.testing import run_distributed
+from vsgd_dist.spawn import run_distributed
 
 CLASS_FOLDERS = ["zebra", "ant", "mole", "cat"]  # label = index in sorted order
 PER_CLASS = {"train": 12, "val": 5}  # 48 train images: 2 and 3 ranks get equal shards

@@ -33,7 +33,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from launch.__main__ import main as launch
 from vsgd_dist.config import RunConfig
 from vsgd_dist.engines.deepspeed import deepspeed_config
-from vsgd_dist.testing import run_distributed
+from vsgd_dist.spawn import run_distributed
 
 GLOBAL_BATCH = 12  # divisible by 1, 2 and 3 ranks
 LR = 0.05

@@ -14,7 +14,7 @@ from torch.distributed.tensor import distribute_tensor
 
 from vsgd_dist.optim.vsgd import VSGD, diagnostic_sums
 from vsgd_dist.sharding.fsdp2 import diagnostics, shard_model, sharded_optimizer
-from vsgd_dist.testing import run_distributed
+from vsgd_dist.spawn import run_distributed
 
 STEPS = 20
 OPTIMIZERS = {"vsgd": (VSGD, dict(lr=0.05, weight_decay=0.1)),

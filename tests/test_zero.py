@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from vsgd_dist.optim.vsgd import VSGD, diagnostic_sums
 from vsgd_dist.sharding import ZeroOptimizer, consolidate, shard_from_full
-from vsgd_dist.testing import run_distributed
+from vsgd_dist.spawn import run_distributed
 
 STEPS = 20
 BUCKET_CAP_MB = 256 / 2**20  # 64 fp32 elements: several buckets, each padded differently

@@ -1,4 +1,4 @@
-"""Run a function on N local processes joined by one process group (launcher, tests, benchmarks).
+"""Start N local processes joined by one process group (`launch run`, tests, benchmarks).
 
 Each rank runs `fn(rank, world_size, *args)` with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR
 and MASTER_PORT set and the default process group initialized (gloo on CPU, NCCL when each
