@@ -13,7 +13,6 @@ engine configures it. Same allocator settings as sharded_step.py.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 import sys
@@ -31,13 +30,15 @@ from vsgd_dist.engines import build_engine  # noqa: E402
 from vsgd_dist.spawn import run_distributed  # noqa: E402
 
 ENGINES = {"DeepSpeed ZeRO-2": "deepspeed", "native ZeRO-2": "zero"}
-OPTIMIZERS = ("adamw", "vsgd")
+# (optimizer, fused): each VSGD row is compared with the AdamW row of the same kind (torch's
+# fused AdamW against VSGD's compiled kernel, multi-tensor against unfused).
+OPTIMIZERS = (("adamw", False), ("vsgd", False), ("adamw", True), ("vsgd", True))
 
 
-def bench_config(engine: str, optimizer: str, world_size: int) -> RunConfig:
+def bench_config(engine: str, optimizer: str, fused: bool, world_size: int) -> RunConfig:
     cfg = RunConfig()
     cfg.engine.name, cfg.engine.zero_stage = engine, 2
-    cfg.optim.name, cfg.optim.weight_decay = optimizer, 0.05
+    cfg.optim.name, cfg.optim.weight_decay, cfg.optim.fused = optimizer, 0.05, fused
     cfg.train.global_batch = world_size
     return cfg
 
@@ -64,17 +65,13 @@ def time_phases(engine, steps: int) -> tuple[float, float]:
     return statistics.median(backward), statistics.median(step)
 
 
-def bench_rank(rank, world_size, model_name, steps):
-    shapes = MODELS[model_name]()
-    rows = []
-    for label, engine_name in ENGINES.items():
-        for optimizer in OPTIMIZERS:
-            engine = build_engine(SyntheticModel(shapes), bench_config(engine_name, optimizer, world_size), lr=1e-3)
-            backward, step = time_phases(engine, steps)
-            rows.append((label, optimizer, engine.state_bytes(), backward, step))
-            del engine
-            gc.collect()
-    return rows
+def bench_rank(rank, world_size, model_name, engine_name, optimizer, fused, steps):
+    """One row per process group: DeepSpeed engines are not fully freed by `del`, so a
+    fresh spawn per row keeps memory flat (ViT-B at 4 ranks)."""
+    engine = build_engine(SyntheticModel(MODELS[model_name]()),
+                          bench_config(engine_name, optimizer, fused, world_size), lr=1e-3)
+    backward, step = time_phases(engine, steps)
+    return engine.state_bytes(), backward, step
 
 
 def main() -> None:
@@ -90,14 +87,17 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for model_name in args.models:
         for world_size in args.world_sizes:
-            rows = run_distributed(bench_rank, world_size, model_name, args.steps, timeout=1800)
-            adamw_step = {}
-            for i, (engine, optimizer, _, backward, step) in enumerate(rows[0]):
-                state = max(r[i][2] for r in rows)
-                adamw_step.setdefault(engine, step)  # AdamW runs first on each engine
-                print(f"| {model_name} | {world_size} | {engine} | {optimizer} | {state / 2**20:.1f} "
-                      f"| {backward:.3f} | {step:.3f} | {step / adamw_step[engine]:.2f}x |", flush=True)
-
+            for label, engine_name in ENGINES.items():
+                adamw_step = {}
+                for optimizer, fused in OPTIMIZERS:
+                    rows = run_distributed(bench_rank, world_size, model_name, engine_name, optimizer, fused,
+                                           args.steps, timeout=1800)
+                    state = max(r[0] for r in rows)
+                    _, backward, step = rows[0]
+                    adamw_step.setdefault(fused, step)  # AdamW runs first for each kind
+                    name = optimizer + (" fused" if fused else "")
+                    print(f"| {model_name} | {world_size} | {label} | {name} | {state / 2**20:.1f} "
+                          f"| {backward:.3f} | {step:.3f} | {step / adamw_step[fused]:.2f}x |", flush=True)
 
 if __name__ == "__main__":
     main()
