@@ -14,6 +14,8 @@ from torch.distributed.tensor import distribute_tensor
 
 from vsgd_dist.optim.vsgd import VSGD, diagnostic_sums
 from vsgd_dist.sharding.fsdp2 import diagnostics, shard_model, sharded_optimizer
+from full_batch import train_side_by_side
+
 from vsgd_dist.spawn import run_distributed
 
 STEPS = 20
@@ -71,17 +73,7 @@ def check_end_to_end(rank, world_size, opt_name):
     shard_model(model, blocks(model))
     ref_opt = optimizer_class(reference.parameters(), **kwargs)
     opt = sharded_optimizer(model.parameters(), optimizer_class, **kwargs)
-    g = torch.Generator().manual_seed(7)
-    per_rank = 12 // world_size
-    for _ in range(STEPS):
-        x, y = torch.randn(12, 13, generator=g), torch.randn(12, 3, generator=g)
-        mine = slice(rank * per_rank, (rank + 1) * per_rank)
-        torch.nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
-        opt.step()
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(reference(x), y).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
+    train_side_by_side(model, opt, reference, ref_opt, rank, world_size, STEPS)
     for p, ref in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.full_tensor(), ref, rtol=1e-4, atol=1e-4)
 

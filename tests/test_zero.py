@@ -25,6 +25,8 @@ import torch.distributed as dist
 
 from vsgd_dist.optim.vsgd import VSGD, diagnostic_sums
 from vsgd_dist.sharding import ZeroOptimizer, consolidate, shard_from_full
+from full_batch import train_side_by_side
+
 from vsgd_dist.spawn import run_distributed
 
 STEPS = 20
@@ -193,17 +195,7 @@ def check_end_to_end(rank, world_size, opt_name, stage):
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if stage == 1 else model
     opt = ZeroOptimizer(param_groups(model.named_parameters()), optimizer_class, stage=stage,
                         bucket_cap_mb=BUCKET_CAP_MB, **kwargs)
-    g = torch.Generator().manual_seed(7)
-    per_rank = 12 // world_size
-    for _ in range(STEPS):
-        x, y = torch.randn(12, 13, generator=g), torch.randn(12, 3, generator=g)
-        mine = slice(rank * per_rank, (rank + 1) * per_rank)
-        torch.nn.functional.mse_loss(wrapped(x[mine]), y[mine]).backward()
-        opt.step()
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(reference(x), y).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
+    train_side_by_side(wrapped, opt, reference, ref_opt, rank, world_size, STEPS)
     for a, b in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
