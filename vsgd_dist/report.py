@@ -83,7 +83,7 @@ def compare(paths: list[str], out: str | Path) -> str:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["| run | seeds | final top-1 | best top-1 | final top-5 | final train loss | images/s | "
-             "wall time (s) | optimizer state per rank (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
+             "train time (s) | optimizer state per rank (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
     for label, members in groups.items():
         lines.append(" | ".join([
             f"| {label}", str(len(members)),
