@@ -2,4 +2,4 @@
 from vsgd_dist.optim.vsgd import VSGD
 from vsgd_dist.sharding import ZeroOptimizer
 
-__all__ = ["VSGD"]
+__all__ = ["VSGD", "ZeroOptimizer"]
