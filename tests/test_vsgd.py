@@ -1,7 +1,6 @@
 """VSGD against the spec: known answers, an independent float64 reference, code paths that
 must agree, the optimizer API, sharding invariance and convergence on real data."""
 import io
-import math
 
 import pytest
 import torch

@@ -8,7 +8,6 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 
 
 class RunLogger:

@@ -8,7 +8,6 @@ and the optimizer (VSGD / AdamW) are config choices and the loop never branches 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import threading
 import time
@@ -23,8 +22,9 @@ from vsgd_dist.data import build_train_loader, build_val_loader, resolve_dataset
 from vsgd_dist.data.schedule import resolution_at_epoch
 from vsgd_dist.engines import build_engine
 from vsgd_dist.metrics import RunLogger, StepTimer, finite_or_raise, memory_stats
-from vsgd_dist.optim.diagnostics import HISTOGRAM_RANGES, STATS, reduced_diagnostics
 from vsgd_dist.models import build_model, layer_group
+from vsgd_dist.optim.diagnostics import HISTOGRAM_RANGES, STATS, reduced_diagnostics
+from vsgd_dist.spawn import free_port
 from vsgd_dist.train.checkpoint import Checkpointer, claim_run_dir
 from vsgd_dist.train.schedule import lr_lambda
 from vsgd_dist.train.state import capture_rng, restore_rng
@@ -67,7 +67,6 @@ class Trainer:
         val_loader = build_val_loader(data_cfg, device, distributed=world > 1)
         steps_per_epoch = len(train_loader)
         total_steps = t.max_steps or t.epochs * steps_per_epoch
-        num_epochs = math.ceil(total_steps / steps_per_epoch)
 
         # Model, engine (wrapper + optimizer), LR schedule stepped every iteration.
         model = build_model(cfg.model.name, len(classes), image_size=data_cfg.end_res).to(device)
@@ -135,21 +134,22 @@ class Trainer:
                     if len(bad):
                         finite_or_raise(losses[bad[0, 0]].item(), step - len(losses) + 1 + bad[0, 0].item())
                     elapsed = time.perf_counter() - window_start
-                    logger.scalars({"train/loss": losses.mean().item(), "train/lr": scheduler.get_last_lr()[0],
+                    mean_loss = losses.mean().item()
+                    logger.scalars({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
                                     "train/grad_norm": float(grad_norm),
                                     "train/images_per_s": window_steps * t.global_batch / elapsed,
                                     "train/epoch": epoch + batch_in_epoch / steps_per_epoch,
                                     "train/resolution": resolution_at_epoch(
                                         epoch, data_cfg.start_res, data_cfg.end_res, data_cfg.ramp_start_epoch,
                                         data_cfg.ramp_end_epoch, data_cfg.res_step),
-                                    "optimizer/state_mib_per_rank": max_over_ranks(engine.state_bytes()) / 2**20,
+                                    "optimizer/state_mib_per_rank": max_over_ranks(engine.state_bytes(), device) / 2**20,
                                     **timer.pop_ms_per_step(window_steps), **memory_stats(device)}, step)
-                    progress.set_postfix(loss=f"{losses.mean().item():.3f}")
+                    progress.set_postfix(loss=f"{mean_loss:.3f}")
                     window_losses, window_start, window_steps = [], time.perf_counter(), 0
                 if cfg.optim.name == "vsgd" and (step % t.diag_every == 0 or step == total_steps):
                     self._log_diagnostics(engine, logger, step, device)
 
-                if self._stop_agreed(step) or step == t.stop_at:
+                if self._stop_agreed(device) or step == t.stop_at:
                     status = "stopped"
                     break
                 if t.ckpt_every and step % t.ckpt_every == 0:
@@ -159,12 +159,12 @@ class Trainer:
             if batch_in_epoch == steps_per_epoch:
                 epoch, batch_in_epoch = epoch + 1, 0
                 if epoch % t.val_every_epochs == 0 and step < total_steps:
-                    result = self._validate(engine, forward, val_loader, autocast, logger, step, ema)
+                    result = self._validate(engine, forward, val_loader, autocast, logger, step, ema, device)
 
         progress.close()
         save()  # at max_steps, at stop_at, or on a stop request: the resume point
         if status == "completed":
-            result = self._validate(engine, forward, val_loader, autocast, logger, step, ema)
+            result = self._validate(engine, forward, val_loader, autocast, logger, step, ema, device)
             logger.hparams({"optimizer": cfg.optim.name, "engine": cfg.engine.name, "model": cfg.model.name,
                             "lr": peak_lr, "global_batch": t.global_batch, "world_size": world, "seed": t.seed},
                            {"hparam/val_top1": result["val_top1"]})
@@ -172,14 +172,14 @@ class Trainer:
         return {"status": status, "step": step, **result}
 
     # ------------------------------------------------------------------------ helpers
-    def _stop_agreed(self, step: int) -> bool:
+    def _stop_agreed(self, device: torch.device) -> bool:
         """Every rank stops at the same step if any rank was asked to stop."""
-        flag = torch.tensor([1.0 if self._stop_requested.is_set() else 0.0])
+        flag = torch.tensor([1.0 if self._stop_requested.is_set() else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     @torch.no_grad()
-    def _validate(self, engine, forward, loader, autocast, logger, step, ema) -> dict:
+    def _validate(self, engine, forward, loader, autocast, logger, step, ema, device) -> dict:
         """Top-1/top-5 over the whole val set: exact counts summed over ranks (each rank
         reads a disjoint part, no padding). With EMA, the EMA weights are evaluated too."""
         engine.sync_buffers()
@@ -189,15 +189,18 @@ class Trainer:
                 continue
             with swapped_weights(engine.model, weights):
                 engine.model.eval()
-                counts = torch.zeros(4, dtype=torch.float64)  # top1, top5, loss sum, images
+                # top1, top5, loss sum, images; kept on the device (no host sync per batch,
+                # and NCCL reduces device tensors only)
+                counts = torch.zeros(4, dtype=torch.float64, device=device)
                 for images, labels in loader:
                     with autocast:
                         logits = forward(images).float()
                     top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
                     hits = top5 == labels[:, None]
-                    counts += torch.tensor([hits[:, 0].sum().item(), hits.any(1).sum().item(),
-                                            nn.functional.cross_entropy(logits, labels, reduction="sum").item(),
-                                            len(labels)], dtype=torch.float64)
+                    counts[0] += hits[:, 0].sum()
+                    counts[1] += hits.any(1).sum()
+                    counts[2] += nn.functional.cross_entropy(logits, labels, reduction="sum")
+                    counts[3] += len(labels)
                 dist.all_reduce(counts)
                 engine.model.train()
             top1, top5, loss_sum, n = counts.tolist()
@@ -225,7 +228,7 @@ def init_distributed() -> bool:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     dist.init_process_group(backend)
     return True
 
@@ -238,16 +241,8 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def max_over_ranks(value: float) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64)
+def max_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
