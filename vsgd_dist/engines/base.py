@@ -121,12 +121,13 @@ class Engine(ABC):
                 b.copy_(flat[offset:offset + b.numel()].view_as(b))
                 offset += b.numel()
 
-    def _vsgd_pieces_of(self, optimizer: torch.optim.Optimizer, names: dict) -> Iterator:
+    def _vsgd_pieces_of(self, optimizer: torch.optim.Optimizer) -> Iterator:
+        """Pieces of an optimizer built directly on the named `param_groups` (DDP, FSDP2)."""
         for group in optimizer.param_groups:
-            for param in group["params"]:
+            for name, param in zip(group["param_names"], group["params"]):
                 state = optimizer.state.get(param)
                 if state and "mug" in state and int(state["step"]) > 0:
-                    yield names[param], *(local_tensor(state[k]) for k in ("mug", "bg", "bhg")), group
+                    yield name, *(local_tensor(state[k]) for k in ("mug", "bg", "bhg")), group
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

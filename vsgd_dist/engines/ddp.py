@@ -21,7 +21,6 @@ class DDPEngine(Engine):
                                                bucket_cap_mb=cfg.engine.bucket_mb)
                        if dist.is_initialized() else model)
         self.optimizer = self.optimizer_class(self.param_groups, **self.optimizer_kwargs)
-        self._names = {p: n for g in self.param_groups for n, p in zip(g["param_names"], g["params"])}
 
     def clip_grad_norm(self, max_norm):
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
@@ -31,7 +30,7 @@ class DDPEngine(Engine):
                    if torch.is_tensor(v) and v.dim() > 0)
 
     def vsgd_state_pieces(self):
-        return self._vsgd_pieces_of(self.optimizer, self._names)
+        return self._vsgd_pieces_of(self.optimizer)
 
     def checkpoint_state(self):
         # Replicated: rank 0's file holds everything; the other ranks' files stay small.

@@ -36,7 +36,6 @@ class FSDP2Engine(Engine):
         super().__init__(model, cfg, lr)  # param groups over the DTensor parameters
         self.module = model
         self.optimizer = self.optimizer_class(self.param_groups, **self.optimizer_kwargs)
-        self._names = {p: n for g in self.param_groups for n, p in zip(g["param_names"], g["params"])}
 
     def clip_grad_norm(self, max_norm):
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
@@ -47,7 +46,7 @@ class FSDP2Engine(Engine):
                    if torch.is_tensor(v) and v.dim() > 0)
 
     def vsgd_state_pieces(self):
-        return self._vsgd_pieces_of(self.optimizer, self._names)
+        return self._vsgd_pieces_of(self.optimizer)
 
     def checkpoint_state(self):
         """This rank's rows of every sharded tensor (weights and optimizer state), with
