@@ -23,23 +23,33 @@ class LaunchError(ValueError):
     """A problem found before submission, worded as one line naming the fix (exit code 2)."""
 
 
-_TIME_FORMATS = "MM, HH:MM:SS or D-HH:MM:SS"
-_TIME_RE = re.compile(r"^(?:(?:(?P<d>\d+)-)?(?P<h>\d+):(?P<m>[0-5]?\d):(?P<s>[0-5]?\d)|(?P<mins>\d+))$")
+_TIME_FORMATS = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+_TIME_RE = re.compile(r"^(?:(?P<days>[0-9]+)-(?P<dh>[0-9]+)(?::(?P<dm>[0-9]+)(?::(?P<ds>[0-9]+))?)?"
+                      r"|(?P<a>[0-9]+)(?::(?P<b>[0-9]+)(?::(?P<c>[0-9]+))?)?)$")
 
 
 def parse_time(text: str) -> int:
-    """SLURM time string -> whole minutes (rounded up, as submitit takes minutes)."""
+    """SLURM time string (any of sbatch's formats) -> whole minutes (rounded up, as submitit
+    takes minutes)."""
     match = _TIME_RE.match(str(text).strip())
-    if not match or (match["d"] is not None and int(match["h"]) > 23):
+    if match is None:
         raise LaunchError(f"time {text!r} is not a SLURM time; use {_TIME_FORMATS} (e.g. 01:30:00)")
-    if match["mins"] is not None:
-        minutes = int(match["mins"])
-    else:
-        seconds = ((int(match["d"] or 0) * 24 + int(match["h"])) * 60 + int(match["m"])) * 60 + int(match["s"])
-        minutes = -(-seconds // 60)
-    if minutes <= 0:
+    if match["days"] is not None:
+        days, hours, minutes, seconds = (int(match[k] or 0) for k in ("days", "dh", "dm", "ds"))
+        limits = ((hours, 23), (minutes, 59), (seconds, 59))
+    elif match["c"] is not None:  # HH:MM:SS
+        days, hours, minutes, seconds = 0, int(match["a"]), int(match["b"]), int(match["c"])
+        limits = ((minutes, 59), (seconds, 59))
+    else:  # MM or MM:SS
+        days, hours, minutes, seconds = 0, 0, int(match["a"]), int(match["b"] or 0)
+        limits = ((seconds, 59),)
+    if any(value > top for value, top in limits):
+        raise LaunchError(f"time {text!r} has a field out of range (hours 0-23 after a day count, "
+                          f"minutes and seconds 0-59); use {_TIME_FORMATS}")
+    total = -(-(((days * 24 + hours) * 60 + minutes) * 60 + seconds) // 60)
+    if total <= 0:
         raise LaunchError(f"time {text!r} is zero; ask for at least one minute")
-    return minutes
+    return total
 
 
 def format_minutes(minutes: int) -> str:
@@ -85,7 +95,7 @@ class ClusterProfile:
     signal_delay_s: int = 120
     """Seconds before the time limit at which SLURM sends USR2, so the job can checkpoint."""
     time_default: str = "01:00:00"
-    """Time limit when --time is not given (MM, HH:MM:SS or D-HH:MM:SS)."""
+    """Time limit when --time is not given (any SLURM time: MM, MM:SS, HH:MM:SS, D-HH, ...)."""
     time_max: str = "1-00:00:00"
     """Largest --time the partition accepts."""
     max_preemptions: int = 10

@@ -15,7 +15,8 @@ import os
 import shlex
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+import unicodedata
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import yaml
@@ -96,6 +97,11 @@ class JobSpec:
     setup: list[str]
     """Shell lines before srun (profile setup, then PYTHONPATH to this checkout)."""
 
+    def __post_init__(self):
+        for f in fields(self):
+            if isinstance(getattr(self, f.name), str):
+                sbatch_value(f"--{f.name.replace('_', '-')}", getattr(self, f.name))
+
     @property
     def world_size(self) -> int:
         return self.nodes * self.ntasks_per_node
@@ -109,6 +115,22 @@ class JobSpec:
         return params
 
 
+def sbatch_value(name: str, value: str) -> str:
+    """`value`, or LaunchError if it holds a control character: sbatch reads one
+    `#SBATCH --name=value` per line, so a newline in a value would start a shell line."""
+    bad = sorted({c for c in value if unicodedata.category(c) == "Cc"})
+    if bad:
+        raise LaunchError(f"{name} {value!r} holds control character(s) {', '.join(map(repr, bad))}; "
+                          "give one printable line")
+    return value
+
+
+def job_folder(out: str | None, default: Path) -> Path:
+    """The job folder, absolute: --out, else `default`. Its path names the job's logs and
+    is its sbatch comment, so it is checked like every sbatch value."""
+    return Path(sbatch_value("--out", str(Path(out or default).resolve())))
+
+
 def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by `submit` and `sweep`."""
     parser.add_argument("recipe", help="recipe YAML file")
@@ -120,7 +142,8 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks-per-node", type=int, default=None,
                         help="tasks per node on CPU-only clusters (default 1)")
     parser.add_argument("--partition", help="partition (default: the profile's)")
-    parser.add_argument("--time", help="time limit: MM, HH:MM:SS or D-HH:MM:SS (default: the profile's)")
+    parser.add_argument("--time", help="time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS "
+                                        "(default: the profile's)")
     parser.add_argument("--account", help="account to charge (default: the profile's)")
     parser.add_argument("--qos", help="quality of service (default: the profile's)")
     parser.add_argument("--out", help="job folder (default: runs/<recipe name>)")

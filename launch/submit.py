@@ -15,7 +15,7 @@ from launch.clusters import load_profile
 from launch.job import TrainJob
 from launch.resolve import resolve_recipe
 from launch.slurm import (add_request_arguments, build_spec, check_factory, check_not_active, claim_run_dir,
-                          describe, finish_submission, make_executor, print_errors, render_sbatch,
+                          describe, finish_submission, job_folder, make_executor, print_errors, render_sbatch,
                           use_cluster, write_point)
 
 
@@ -35,7 +35,7 @@ def show(path: Path) -> str:
 @print_errors
 def main(args: argparse.Namespace) -> int:
     profile = load_profile(args.cluster)
-    job_dir = Path(args.out or Path("runs") / Path(args.recipe).stem).resolve()
+    job_dir = job_folder(args.out, Path("runs") / Path(args.recipe).stem)
     check_factory(args.trainer)
     use_cluster(profile)
     spec = build_spec(profile, args, job_dir.name)

@@ -16,7 +16,7 @@ from launch.clusters import LaunchError, load_profile
 from launch.job import TrainJob
 from launch.resolve import parse_override, resolve_recipe
 from launch.slurm import (add_request_arguments, build_spec, check_factory, check_not_active, claim_run_dir,
-                          describe, finish_submission, make_executor, print_errors, render_sbatch,
+                          describe, finish_submission, job_folder, make_executor, print_errors, render_sbatch,
                           use_cluster, write_point)
 from launch.submit import show
 
@@ -53,7 +53,7 @@ def grid(overrides: list[str]) -> list[tuple[str, list[str]]]:
 def main(args: argparse.Namespace) -> int:
     profile = load_profile(args.cluster)
     points = grid(args.overrides)
-    sweep_dir = Path(args.out or Path("runs") / f"{Path(args.recipe).stem}-sweep").resolve()
+    sweep_dir = job_folder(args.out, Path("runs") / f"{Path(args.recipe).stem}-sweep")
     check_factory(args.trainer)
     use_cluster(profile)
     spec = build_spec(profile, args, sweep_dir.name)

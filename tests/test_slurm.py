@@ -227,7 +227,7 @@ BAD = {
     "too many tasks": ("toy.yaml", ["--tasks-per-node", "3"], "3 tasks per node: cluster profile 'local' allows 1 to 2"),
     "too many nodes": ("toy.yaml", ["--nodes", "2"], "--nodes 2: cluster profile 'local' allows 1 to 1"),
     "gpus on a cpu cluster": ("toy.yaml", ["--gpus-per-node", "1"], "has no GPUs; use --tasks-per-node"),
-    "bad time": ("toy.yaml", ["--time", "1:30"], "not a SLURM time; use MM, HH:MM:SS or D-HH:MM:SS"),
+    "bad time": ("toy.yaml", ["--time", "1h30"], "not a SLURM time; use MM, MM:SS, HH:MM:SS, D-HH"),
     "time over the max": ("toy.yaml", ["--time", "1-00:00:00"], "longer than the 02:00:00 allowed"),
     "missing recipe": ("missing.yaml", [], "missing.yaml' not found"),
     "recipe not a mapping": ("list.yaml", [], "must be a YAML mapping"),
@@ -258,8 +258,9 @@ def test_bad_input_fails_before_submission(slurm_env, tmp_path, case):
 # --- no cluster needed --------------------------------------------------------------------
 @pytest.mark.timeout(30)
 def test_time_strings():
-    assert [parse_time(t) for t in ["90", "01:30:00", "00:00:01", "1-02:00:00"]] == [90, 90, 1, 1560]
-    for bad in ["1:30", "1-2", "1h", "-5", "0", "00:61:00", "1-24:00:00"]:
+    times = ["90", "1:30", "01:30:00", "00:00:01", "1-2", "1-02:00:00"]
+    assert [parse_time(t) for t in times] == [90, 2, 90, 1, 1560, 1560]
+    for bad in ["1h", "-5", "0", "00:61:00", "1-24:00:00"]:
         with pytest.raises(LaunchError):
             parse_time(bad)
 

@@ -1,0 +1,92 @@
+"""Faults and bad input (issue 12): every way a run can break ends in one clear line, and no
+run is lost, mixed up or orphaned. Real processes and real files throughout; the commands run
+as `python -m launch ...` subprocesses, as a user types them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.clusters import LaunchError, load_profile, parse_time
+from launch.slurm import add_request_arguments, build_spec
+
+REPO = Path(__file__).resolve().parents[1]
+GPU_PROFILE = "example-a100"  # not local: a dry run needs no cluster
+
+
+def launch(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def one_line_error(res: subprocess.CompletedProcess, code: int = 2) -> str:
+    """The command failed with `code` and said so in exactly one line (no traceback)."""
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    err = res.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+# --- item 12: control characters never reach an sbatch line ------------------------------
+HOSTILE = "x\ntouch /tmp/pwned #"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("option", ["--account", "--qos", "--out"])
+def test_control_characters_in_options_are_refused(tmp_path, option):
+    value = str(tmp_path / HOSTILE) if option == "--out" else HOSTILE
+    res = launch("submit", "recipes/demo.yaml", "--cluster", GPU_PROFILE, "--dry-run", "--out", tmp_path / "job",
+                 option, value)
+    err = one_line_error(res)
+    assert f"{option} " in err and "control character(s) '\\n'" in err, err
+    assert "touch /tmp/pwned" not in res.stdout
+
+
+def request(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_request_arguments(parser)
+    return parser.parse_args(["recipes/demo.yaml", "--cluster", "hostile", *argv])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("field", ["partition", "account", "qos", "constraint", "mem"])
+def test_control_characters_in_profile_values_are_refused(tmp_path, field):
+    profile = yaml.safe_load((REPO / "slurm/clusters" / f"{GPU_PROFILE}.yaml").read_text())
+    profile[field] = HOSTILE
+    if field == "partition":
+        profile["partitions"] = [HOSTILE]
+    (tmp_path / "hostile.yaml").write_text(yaml.safe_dump(profile))
+    with pytest.raises(LaunchError, match=f"--{field} .*control character"):
+        build_spec(load_profile("hostile", tmp_path), request(), "job")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("char", ["\r", "\t", "\x1b", "\x00", "\x85"])
+def test_job_name_with_any_control_character_is_refused(char):
+    profile = load_profile(GPU_PROFILE)
+    with pytest.raises(LaunchError, match="--job-name .*control character"):
+        build_spec(profile, request(), f"job{char}x")
+
+
+# --- item 14: every SLURM time format -----------------------------------------------------
+def test_every_slurm_time_format():
+    cases = {"30": 30, "30:00": 30, "90:30": 91, "01:30:00": 90, "00:00:01": 1, "1-2": 1560, "1-02:30": 1590,
+             "1-02:30:01": 1591, "2-0": 2880}
+    assert {t: parse_time(t) for t in cases} == cases
+    for bad in ["1h", "-5", "0", "00:00", "00:61:00", "1:60", "1-24", "1-02:60", "1:2:3:4", "1-", "٣٠", ""]:
+        with pytest.raises(LaunchError, match="SLURM time|out of range|zero"):
+            parse_time(bad)
+
+
+@pytest.mark.timeout(120)
+def test_submit_accepts_minutes_and_seconds(tmp_path):
+    res = launch("submit", "recipes/demo.yaml", "--cluster", GPU_PROFILE, "--dry-run", "--out", tmp_path / "job",
+                 "--time", "30:00")
+    assert res.returncode == 0, res.stderr
+    assert "#SBATCH --time=30" in res.stdout.splitlines()
