@@ -48,8 +48,19 @@ def apply_overrides(recipe: dict, overrides: list[str]) -> dict:
     return out
 
 
+def refuse_run_folder_override(overrides: list[str]) -> None:
+    """A job's run folder is always <job folder>/run (--out names the job folder), so an
+    `out=` override, which names the run folder for `launch run`, would be ignored."""
+    for text in overrides:
+        key, _, value = text.partition("=")
+        if key.strip() in ("out", "train.out"):
+            raise RecipeError(f"override {text!r} names launch run's run folder; a SLURM job takes its folder "
+                              f"as --out {value or 'DIR'} (training writes to its run/)")
+
+
 def resolve_recipe(path: str | Path, overrides: list[str], trainer: str, world_size: int) -> dict:
     """Load the recipe at `path`, apply `overrides`; raise RecipeError naming the fix."""
+    refuse_run_folder_override(overrides)
     if trainer == DEFAULT_TRAINER:
         from vsgd_dist.config import ConfigError, load_recipe
 

@@ -90,3 +90,15 @@ def test_submit_accepts_minutes_and_seconds(tmp_path):
                  "--time", "30:00")
     assert res.returncode == 0, res.stderr
     assert "#SBATCH --time=30" in res.stdout.splitlines()
+
+
+# --- item 17: one notion of the run folder ------------------------------------------------
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command,override", [("submit", "out"), ("submit", "train.out"), ("sweep", "out")])
+def test_out_override_on_slurm_points_to_the_out_flag(tmp_path, command, override):
+    grid = ["seed=0,1"] if command == "sweep" else []
+    res = launch(command, "recipes/demo.yaml", "--cluster", GPU_PROFILE, "--dry-run", *grid,
+                 f"{override}={tmp_path / 'x'}")
+    err = one_line_error(res)
+    assert f"as --out {tmp_path / 'x'} " in err, err
+    assert not res.stdout
