@@ -102,3 +102,33 @@ def test_out_override_on_slurm_points_to_the_out_flag(tmp_path, command, overrid
     err = one_line_error(res)
     assert f"as --out {tmp_path / 'x'} " in err, err
     assert not res.stdout
+
+
+# --- item 15: compare groups by the whole recipe minus seed and out ------------------------
+def fake_run(folder: Path, top1: float, **train) -> Path:
+    """A run folder as `launch run` leaves it: recipe.yaml and TensorBoard events."""
+    from vsgd_dist.config import RunConfig, save_config
+    from vsgd_dist.metrics import RunLogger
+
+    cfg = RunConfig()
+    cfg.train.out = str(folder)
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    folder.mkdir(parents=True)
+    save_config(cfg, folder / "recipe.yaml")
+    logger = RunLogger(str(folder / "tb"), enabled=True)
+    logger.scalars({"val/top1": top1, "train/loss": 1.0, "train/images_per_s": 100.0}, 10)
+    logger.close()
+    return folder
+
+
+@pytest.mark.timeout(120)
+def test_compare_never_averages_runs_with_different_recipes(tmp_path):
+    fake_run(tmp_path / "short0", 0.5, max_steps=100, seed=0)
+    fake_run(tmp_path / "short1", 0.7, max_steps=100, seed=1)
+    fake_run(tmp_path / "long0", 0.9, max_steps=300, seed=0)
+    res = launch("compare", tmp_path, "--out", tmp_path / "report")
+    assert res.returncode == 0, res.stderr
+    rows = {tuple(line.split(" | ")[:3]) for line in res.stdout.splitlines() if line.startswith("| vsgd")}
+    assert rows == {("| vsgd (zero, resnet_tiny, lr 0.1, train.max_steps=100)", "2", "60.00 ± 14.14"),
+                    ("| vsgd (zero, resnet_tiny, lr 0.1, train.max_steps=300)", "1", "90.00")}, res.stdout

@@ -1,10 +1,13 @@
 """Compare runs from their TensorBoard event files: a Markdown table and PNG plots.
 
-Runs are grouped by what they differ in besides the seed (optimizer, engine, model, lr), so
-a sweep over seeds reports mean and spread per group.
+Runs are grouped by their whole recipe except the seed and the run folder, so a sweep over
+seeds reports mean and spread per group, and runs that differ in anything else (max_steps,
+batch, data) are never averaged together: their rows name the keys that tell them apart.
 """
 from __future__ import annotations
 
+import json
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +15,8 @@ from pathlib import Path
 import yaml
 
 RECIPE_FILE = "recipe.yaml"
+# Not part of what a run is: the seed is what a group's members vary, the rest where and how it ran.
+NOT_GROUPED = {"train.seed", "train.out", "train.progress"}
 SCALARS = ("train/loss", "train/images_per_s", "val/top1", "val/top5", "optimizer/state_mib_per_rank")
 
 
@@ -20,6 +25,9 @@ class Run:
     path: Path
     label: str
     seed: int
+    setting: dict = field(default_factory=dict)
+    """The recipe as {dotted key: value}, without NOT_GROUPED: runs with equal settings are seeds
+    of one row."""
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     wall_s: float = 0.0
 
@@ -54,7 +62,8 @@ def load_run(path: Path) -> Run:
     label = f"{recipe['optim']['name']} ({recipe['engine']['name']}, {recipe['model']['name']}, lr {recipe['optim']['lr']:g})"
     acc = EventAccumulator(str(path / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
-    run = Run(path=path, label=label, seed=recipe["train"]["seed"])
+    setting = {k: v for k, v in _flatten(recipe).items() if k not in NOT_GROUPED}
+    run = Run(path=path, label=label, seed=recipe["train"]["seed"], setting=setting)
     walls = []
     for tag in acc.Tags()["scalars"]:
         events = acc.Scalars(tag)
@@ -63,6 +72,32 @@ def load_run(path: Path) -> Run:
         walls += [e.wall_time for e in events]
     run.wall_s = max(walls) - min(walls) if walls else 0.0
     return run
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    """{row label: runs with the same setting}; a label shared by several settings gets the
+    keys (and values) that tell them apart appended."""
+    by_setting: dict[str, list[Run]] = {}
+    for run in runs:
+        by_setting.setdefault(json.dumps(run.setting, sort_keys=True), []).append(run)
+    groups = {}
+    for members in by_setting.values():
+        mine = members[0].setting
+        twins = [m[0].setting for m in by_setting.values() if m[0].label == members[0].label and m[0].setting != mine]
+        differing = sorted({k for other in twins for k in mine.keys() | other.keys() if mine.get(k) != other.get(k)})
+        extra = "".join(f", {k}={mine.get(k)}" for k in differing)
+        groups[members[0].label[:-1] + extra + ")"] = members
+    return groups
 
 
 def _mean_spread(values: list[float], fmt: str) -> str:
@@ -76,10 +111,7 @@ def _mean_spread(values: list[float], fmt: str) -> str:
 
 def compare(paths: list[str], out: str | Path) -> str:
     """Write report.md and PNG plots into `out`; return the Markdown."""
-    runs = [load_run(p) for p in find_runs(paths)]
-    groups: dict[str, list[Run]] = {}
-    for run in runs:
-        groups.setdefault(run.label, []).append(run)
+    groups = group_runs([load_run(p) for p in find_runs(paths)])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["| run | seeds | final top-1 | best top-1 | final top-5 | final train loss | images/s | "
@@ -104,17 +136,22 @@ def compare(paths: list[str], out: str | Path) -> str:
 
 
 def _throughput_ratios(groups: dict[str, list[Run]]) -> list[str]:
-    """VSGD images/s relative to AdamW with the same engine and model."""
+    """VSGD images/s relative to AdamW on the same workload: the same setting apart from the
+    optimizer's section and the recipe's description."""
+    def workload(run: Run) -> dict:
+        return {k: v for k, v in run.setting.items() if not k.startswith(("optim.", "recipe."))}
+
     lines = []
     for label, members in groups.items():
-        if not label.startswith("vsgd "):
+        if members[0].setting["optim.name"] != "vsgd":
             continue
-        engine_model = label.split("(", 1)[1].rsplit(", lr", 1)[0]
-        peers = [m for other, ms in groups.items() if other.startswith("adamw (" + engine_model) for m in ms]
+        peers = [m for ms in groups.values() for m in ms
+                 if m.setting["optim.name"] == "adamw" and workload(m) == workload(members[0])]
         if peers:
+            context = re.sub(r", lr [^,]*", "", label.split("(", 1)[1][:-1])
             vsgd = statistics.fmean(r.mean_after_first("train/images_per_s") for r in members)
             adamw = statistics.fmean(r.mean_after_first("train/images_per_s") for r in peers)
-            lines.append(f"VSGD throughput relative to AdamW ({engine_model}): {vsgd / adamw:.3f}")
+            lines.append(f"VSGD throughput relative to AdamW ({context}): {vsgd / adamw:.3f}")
     return lines
 
 
