@@ -27,6 +27,9 @@ def add_arguments(parser, name):
 def main(args) -> int:
     try:
         path = find_checkpoint(Path(args.path))
+        if args.action == "convert" and Path(args.out).is_dir():
+            raise CheckpointError(f"--out {args.out} is a folder; give a file to write, e.g. "
+                                  f"{Path(args.out) / 'consolidated.pt'}")
         meta, read = open_checkpoint(path)
         if args.action == "inspect":
             print(describe(path, meta))
@@ -43,6 +46,10 @@ def find_checkpoint(path: Path) -> Path:
     """The checkpoint folder `path` names: itself (holds meta.json) or the latest under it."""
     if (path / "meta.json").is_file():
         return path
+    if path.is_file():
+        if (path.parent / "meta.json").is_file():
+            raise CheckpointError(f"{path} is one rank's file; give its checkpoint folder {path.parent}")
+        raise CheckpointError(f"{path} is a file; give a run folder or a checkpoint folder")
     for folder in (path / "checkpoints", path):
         found = latest_checkpoint(folder)
         if found is not None:
@@ -76,5 +83,8 @@ def write_consolidated(meta: dict, read, out: Path) -> None:
     full = full_state(lambda rank: read(rank)["engine"], meta)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    torch.save({**full, "source": meta}, tmp)
-    tmp.rename(out)  # never a half-written file under the requested name
+    try:
+        torch.save({**full, "source": meta}, tmp)
+        tmp.rename(out)  # never a half-written file under the requested name
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -132,3 +132,43 @@ def test_compare_never_averages_runs_with_different_recipes(tmp_path):
     rows = {tuple(line.split(" | ")[:3]) for line in res.stdout.splitlines() if line.startswith("| vsgd")}
     assert rows == {("| vsgd (zero, resnet_tiny, lr 0.1, train.max_steps=100)", "2", "60.00 ± 14.14"),
                     ("| vsgd (zero, resnet_tiny, lr 0.1, train.max_steps=300)", "1", "90.00")}, res.stdout
+
+
+# --- a real run with a checkpoint, shared by the checkpoint tests -------------------------
+DEMO = ["recipes/demo.yaml", "train.progress=false", "train.log_every=1", "train.global_batch=16",
+        "train.ckpt_every=0"]
+
+
+def run(out: Path, *overrides: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    return launch("run", *DEMO, "--nproc", nproc, f"out={out}", *overrides, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    """A finished 2-rank demo run of 4 steps (one checkpoint, step 4); copy it before changing it."""
+    out = tmp_path_factory.mktemp("demo") / "run"
+    res = run(out, "max_steps=4")
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def checkpoint_of(run_dir: Path) -> Path:
+    return sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+
+
+# --- item 10: one line instead of a traceback or a misleading message ---------------------
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("action", ["inspect", "convert"])
+def test_checkpoint_commands_on_a_rank_file_name_its_folder(demo_run, tmp_path, action):
+    rank_file = checkpoint_of(demo_run) / "rank0.pt"
+    extra = ["--out", tmp_path / "c.pt"] if action == "convert" else []
+    err = one_line_error(launch("checkpoint", action, rank_file, *extra))
+    assert f"{rank_file} is one rank's file; give its checkpoint folder {rank_file.parent}" in err, err
+
+
+@pytest.mark.timeout(400)
+def test_convert_to_a_folder_is_refused_and_leaves_nothing(demo_run, tmp_path):
+    (tmp_path / "out").mkdir()
+    err = one_line_error(launch("checkpoint", "convert", demo_run, "--out", tmp_path / "out"))
+    assert f"--out {tmp_path / 'out'} is a folder; give a file to write" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not any((tmp_path / "out").iterdir())
