@@ -75,4 +75,5 @@ def _check_counter(seed: int, step: int, sample: int, start: int, numel: int) ->
         if not 0 <= value < 2 ** bits:
             raise ValueError(f"noise: {name}={value} must be in [0, 2**{bits})")
     if start < 0 or numel < 0 or start + numel > 2 ** 62:
-        raise ValueError(f"noise: element range [{start}, {start + numel}) must lie in [0, 2**62)")
+        raise ValueError(f"noise: start={start}, numel={numel}: elements [start, start + numel) "
+                         "must lie in [0, 2**62)")
