@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -172,3 +173,67 @@ def test_convert_to_a_folder_is_refused_and_leaves_nothing(demo_run, tmp_path):
     err = one_line_error(launch("checkpoint", "convert", demo_run, "--out", tmp_path / "out"))
     assert f"--out {tmp_path / 'out'} is a folder; give a file to write" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not any((tmp_path / "out").iterdir())
+
+
+# --- items 5 and 6: data -----------------------------------------------------------------
+def last_line_error(res: subprocess.CompletedProcess, code: int) -> str:
+    """The command failed with `code`, printed no traceback, and ended with one error line."""
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    return res.stderr.strip().splitlines()[-1]
+
+
+def image_folder(root: Path, splits=("train", "val"), classes=("a", "b"), per_class: int = 8) -> Path:
+    """Noise images, 32 px, `per_class` per class and split."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def write_data(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return launch("data", "write", "--src", src, "--out", out, "--write-mode", "jpg", "--num-workers", "1", *extra)
+
+
+def zero_jpeg(beton: Path, sample: int) -> None:
+    """Overwrite one sample's JPEG payload with zeros, in place."""
+    from ffcv.reader import Reader
+
+    reader = Reader(str(beton))
+    columns = reader.metadata.dtype.names
+    pointer = reader.metadata[columns[reader.field_names.index("image")]]["data_ptr"][sample]
+    row = reader.alloc_table[reader.alloc_table["ptr"] == pointer][0]
+    with open(beton, "r+b") as f:
+        f.seek(int(row["ptr"]))
+        f.write(bytes(int(row["size"])))
+
+
+def run_on_data(data_dir: Path, out: Path) -> subprocess.CompletedProcess:
+    return run(out, f"data.data_dir={data_dir}", "train.global_batch=8", "max_steps=4", nproc=1)
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("split,sample", [("train", 5)])
+def test_corrupt_jpeg_inside_a_beton_names_the_sample_and_file(tmp_path, split, sample):
+    assert write_data(image_folder(tmp_path / "src"), tmp_path / "data").returncode == 0
+    zero_jpeg(tmp_path / "data" / f"{split}.beton", sample)
+    err = last_line_error(run_on_data(tmp_path / "data", tmp_path / "run"), 1)
+    assert f"{tmp_path / 'data' / split}.beton: sample {sample} holds a corrupt JPEG" in err, err
+
+
+@pytest.mark.timeout(400)
+def test_overwrite_removes_the_splits_the_new_dataset_lacks(tmp_path):
+    assert write_data(image_folder(tmp_path / "both"), tmp_path / "data").returncode == 0
+    old_val = (tmp_path / "data" / "val.beton").read_bytes()
+    train_only = image_folder(tmp_path / "train_only", splits=("train",), classes=("a", "b", "c"))
+    assert write_data(train_only, tmp_path / "data", "--overwrite").returncode == 0
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["manifest.json", "train.beton"]
+    (tmp_path / "data" / "val.beton").write_bytes(old_val)  # a stray file is never read
+    err = one_line_error(run_on_data(tmp_path / "data", tmp_path / "run"))
+    assert f"{tmp_path / 'data'}: the dataset has no val split (manifest.json lists train)" in err, err

@@ -1,4 +1,5 @@
-"""Seeded random-resized-crop + horizontal-flip decoder for ffcv.
+"""Decoders for ffcv: seeded random-resized-crop + horizontal flip (train), center crop (val),
+both checking that every JPEG decodes.
 
 ffcv 1.0.2's RandomResizedCropRGBImageDecoder and RandomHorizontalFlip draw from numba's
 per-thread generator, which nothing seeds: two runs with one seed differ, and a resumed run
@@ -10,6 +11,11 @@ ffcv compiles the pipeline once, and numba freezes closed-over values (numpy arr
 included) into the machine code. So the epoch, which changes at run time, lives in a one-element
 array the decoder owns, and the compiled code closes over its address and loads from it once
 per batch; `iterate_from` sets it before each epoch's iterator starts.
+
+ffcv's own decoders ignore libjpeg-turbo's return code, so a corrupt JPEG payload trains as
+whatever was left in the buffer. An exception cannot leave the decoding threads either (the
+loader then waits forever), so a JPEG that fails to decode writes its sample index into a
+second one-element array, and `checked_batches` raises DataError when it reads one there.
 """
 from __future__ import annotations
 
@@ -20,10 +26,13 @@ import numba
 import numpy as np
 from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
 from ffcv.libffcv import imdecode, resize_crop
+from ffcv.loader import Loader
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from numba.core import types
 from numba.extending import intrinsic
+
+from .errors import DataError
 
 RATIO = (3 / 4, 4 / 3)
 """Aspect-ratio range of the crops (torchvision's and ffcv's default)."""
@@ -40,6 +49,15 @@ def _load_int64(typingctx, address):
     def codegen(context, builder, signature, args):
         return builder.load(builder.inttoptr(args[0], context.get_value_type(types.int64).as_pointer()))
     return types.int64(types.uint64), codegen
+
+
+@intrinsic
+def _store_int64(typingctx, address, value):
+    """Store `value` at `address` (where Python reads it back after the batch)."""
+    def codegen(context, builder, signature, args):
+        builder.store(args[1], builder.inttoptr(args[0], context.get_value_type(types.int64).as_pointer()))
+        return context.get_dummy_value()
+    return types.void(types.uint64, types.int64), codegen
 
 
 @numba.njit(nogil=True)
@@ -98,16 +116,17 @@ def mirror(image):
                 image[y, x, c], image[y, width - 1 - x, c] = image[y, width - 1 - x, c], image[y, x, c]
 
 
-class SeededCropFlipDecoder(SimpleRGBImageDecoder):
-    """RandomResizedCrop + RandomHorizontalFlip(0.5) whose draws depend only on (seed, epoch,
-    sample index). Set `epoch` before iterating an epoch; `output_size` may change between
-    epochs (ffcv sizes its buffers per epoch)."""
+class CropResizeDecoder(SimpleRGBImageDecoder):
+    """Decode each image (JPEG or raw pixels), crop the box that the subclass's `box_function`
+    picks, resize it to `output_size` and mirror it if the box says so. `output_size` may
+    change between epochs (ffcv sizes its buffers per epoch)."""
 
-    def __init__(self, output_size: tuple[int, int], seed: int, scale_min: float = 0.08,
-                 flip: bool = True):
+    def __init__(self, output_size: tuple[int, int]):
         super().__init__()
-        self.output_size, self.seed, self.scale_min, self.flip = output_size, seed, scale_min, flip
-        self._epoch = np.zeros(1, np.int64)  # lives as long as the decoder, which ffcv keeps
+        self.output_size = output_size
+        # both live as long as the decoder, which ffcv keeps; the compiled code holds their addresses
+        self._epoch = np.zeros(1, np.int64)
+        self._corrupt = np.full(1, -1, np.int64)
 
     @property
     def epoch(self) -> int:
@@ -116,6 +135,17 @@ class SeededCropFlipDecoder(SimpleRGBImageDecoder):
     @epoch.setter
     def epoch(self, value: int) -> None:
         self._epoch[0] = value
+
+    def box_function(self):
+        """A numba function (epoch, sample index, height, width) -> (top, left, h, w, mirror)."""
+        raise NotImplementedError
+
+    def check_decoded(self, path: str) -> None:
+        """Raise DataError if a JPEG of `path` failed to decode so far."""
+        index = int(self._corrupt[0])
+        if index >= 0:
+            raise DataError(f"{path}: sample {index} holds a corrupt JPEG (libjpeg-turbo cannot decode it); "
+                            f"write the dataset again from its source images (`python -m launch data write`)")
 
     def declare_state_and_memory(self, previous_state):
         pixels = self.metadata["height"].astype(np.int64) * self.metadata["width"]
@@ -127,9 +157,9 @@ class SeededCropFlipDecoder(SimpleRGBImageDecoder):
     def generate_code(self):
         read, loop = self.memory_read, Compiler.get_iterator()
         imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
-        jpg = IMAGE_MODES["jpg"]
-        seed, scale_min, flip = np.uint64(self.seed), float(self.scale_min), bool(self.flip)
+        jpg, box = IMAGE_MODES["jpg"], self.box_function()
         epoch_address = np.uint64(self._epoch.ctypes.data)
+        corrupt_address = np.uint64(self._corrupt.ctypes.data)
 
         def decode(batch_indices, storage, metadata, storage_state):
             epoch = _load_int64(epoch_address)
@@ -141,15 +171,71 @@ class SeededCropFlipDecoder(SimpleRGBImageDecoder):
                 height, width = int(field["height"]), int(field["width"])
                 if field["mode"] == jpg:
                     pixels = scratch[k][:3 * height * width].reshape(height, width, 3)
-                    imdecode_c(data, pixels, height, width, height, width, 0, 0, 1, 1, False, False)
+                    if imdecode_c(data, pixels, height, width, height, width, 0, 0, 1, 1, False, False) != 0:
+                        _store_int64(corrupt_address, np.int64(index))
                 else:
                     pixels = data.reshape(height, width, 3)
-                key = image_key(seed, epoch, index)
-                top, left, h, w = crop_box(key, height, width, scale_min)
+                top, left, h, w, flip = box(epoch, index, height, width)
                 resize_crop_c(pixels, top, top + h, left, left + w, destination[k])
-                if flip and uniform(key, 0) < 0.5:
+                if flip:
                     mirror(destination[k])
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
         return decode
+
+
+class SeededCropFlipDecoder(CropResizeDecoder):
+    """RandomResizedCrop + RandomHorizontalFlip(0.5) whose draws depend only on (seed, epoch,
+    sample index). Set `epoch` before iterating an epoch."""
+
+    def __init__(self, output_size: tuple[int, int], seed: int, scale_min: float = 0.08,
+                 flip: bool = True):
+        super().__init__(output_size)
+        self.seed, self.scale_min, self.flip = seed, scale_min, flip
+
+    def box_function(self):
+        seed, scale_min, flip = np.uint64(self.seed), float(self.scale_min), bool(self.flip)
+
+        @numba.njit(nogil=True)
+        def box(epoch, index, height, width):
+            key = image_key(seed, epoch, index)
+            top, left, h, w = crop_box(key, height, width, scale_min)
+            return top, left, h, w, flip and uniform(key, 0) < 0.5
+        return box
+
+
+class CenterCropDecoder(CropResizeDecoder):
+    """ffcv's CenterCropRGBImageDecoder: the centered square of `ratio` x the shorter side,
+    resized to `output_size`."""
+
+    def __init__(self, output_size: tuple[int, int], ratio: float):
+        super().__init__(output_size)
+        self.ratio = ratio
+
+    def box_function(self):
+        ratio = float(self.ratio)
+
+        @numba.njit(nogil=True)
+        def box(epoch, index, height, width):
+            side = int(ratio * min(height, width))
+            return (height - side) // 2, (width - side) // 2, side, side, False
+        return box
+
+
+def checked_batches(loader, batches):
+    """`batches` of `loader`, raising DataError as soon as its decoder reports a corrupt JPEG;
+    stops the loader's decoding thread when left."""
+    try:
+        for batch in batches:
+            loader.pipeline_specs["image"].decoder.check_decoded(loader.fname)
+            yield batch
+    finally:
+        batches.close()
+
+
+class CheckedLoader(Loader):
+    """An ffcv Loader whose plain iteration (`for batch in loader`) goes through `checked_batches`."""
+
+    def __iter__(self):
+        return checked_batches(self, super().__iter__())

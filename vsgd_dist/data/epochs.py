@@ -27,6 +27,8 @@ def iterate_from(loader, epoch: int, start_batch: int = 0) -> Iterator:
     from ffcv.loader.epoch_iterator import EpochIterator
     from ffcv.pipeline.compiler import Compiler
 
+    from .augment import checked_batches
+
     num_batches = len(loader)
     if not 0 <= start_batch <= num_batches:
         raise DataError(f"start_batch {start_batch} is outside [0, {num_batches}] for this loader; "
@@ -39,7 +41,7 @@ def iterate_from(loader, epoch: int, start_batch: int = 0) -> Iterator:
     if start_batch == num_batches:
         return iter(())
     Compiler.set_num_threads(loader.num_workers)
-    return EpochIterator(loader, order[start_batch * loader.batch_size:])
+    return checked_batches(loader, EpochIterator(loader, order[start_batch * loader.batch_size:]))
 
 
 def train_epoch(loader, cfg: DataConfig, epoch: int, start_batch: int = 0) -> Iterator:

@@ -56,14 +56,29 @@ def write_manifest(folder: str | os.PathLike, manifest: Manifest) -> None:
 
 @dataclass(frozen=True)
 class DatasetFiles:
-    """A written dataset folder: its .beton files and what they hold."""
+    """A written dataset folder: its .beton files and what they hold. Only the splits the
+    manifest lists exist for readers (a stray file of an older dataset is never read)."""
 
-    train: Path
-    """train.beton (checked when a loader is built: a folder may hold one split only)."""
-    val: Path
-    """val.beton (checked likewise)."""
+    folder: Path
+    """The dataset folder."""
     manifest: Manifest
     """Classes, counts and write settings."""
+
+    @property
+    def train(self) -> Path:
+        return self.split("train")
+
+    @property
+    def val(self) -> Path:
+        return self.split("val")
+
+    def split(self, name: str) -> Path:
+        """`name`.beton (checked when a loader is built), or DataError if the manifest does not list it."""
+        if name not in self.manifest.counts:
+            raise DataError(f"{self.folder}: the dataset has no {name} split (manifest.json lists "
+                            f"{', '.join(self.manifest.counts)}); write it again from a source folder "
+                            f"with {name}/ in it")
+        return self.folder / f"{name}.beton"
 
 
 def open_dataset_dir(folder: str | os.PathLike) -> DatasetFiles:
@@ -72,4 +87,4 @@ def open_dataset_dir(folder: str | os.PathLike) -> DatasetFiles:
     if manifest is None:
         raise DataError(f"{folder}: no {MANIFEST_NAME}, so not a dataset folder; write one with "
                         f"`python -m launch data write --src DIR --out {folder}`")
-    return DatasetFiles(train=Path(folder) / "train.beton", val=Path(folder) / "val.beton", manifest=manifest)
+    return DatasetFiles(folder=Path(folder), manifest=manifest)

@@ -15,7 +15,7 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 
 from .errors import DataError
-from .manifest import Manifest, read_manifest, write_manifest
+from .manifest import SPLITS, Manifest, read_manifest, write_manifest
 
 WRITE_MODES = ("jpg", "proportion", "raw", "smart")
 
@@ -90,8 +90,9 @@ class StagedWrite:
 
 @contextlib.contextmanager
 def staged_write(out_dir: str | os.PathLike, manifest: Manifest, overwrite: bool = False) -> Iterator[StagedWrite]:
-    """Yield temp paths for manifest's splits; on clean exit rename them into place and write
-    the manifest last; on any exception delete them and leave the folder as it was."""
+    """Yield temp paths for manifest's splits; on clean exit rename them into place, write the
+    manifest, and delete the splits it does not list; on any exception delete the temp files
+    and leave the folder as it was."""
     out = Path(out_dir)
     refuse_foreign_folder(out, manifest, overwrite)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,6 +106,8 @@ def staged_write(out_dir: str | os.PathLike, manifest: Manifest, overwrite: bool
     for split in stage.splits:
         os.replace(stage.path(split), out / f"{split}.beton")
     write_manifest(out, manifest)
+    for split in set(SPLITS) - set(stage.splits):  # an older dataset's split must not outlive it
+        (out / f"{split}.beton").unlink(missing_ok=True)
 
 
 def refuse_foreign_folder(out: Path, manifest: Manifest, overwrite: bool) -> None:
