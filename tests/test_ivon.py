@@ -23,7 +23,8 @@ class SpecReference:
     def __init__(self, weights, lr, ess, hess_init=1.0, beta1=0.9, beta2=0.99999, weight_decay=1e-4,
                  clip_radius=math.inf, rescale_lr=True, debias=True, hess_approx="price"):
         self.lr, self.ess, self.h0, self.b1, self.b2 = lr, ess, hess_init, beta1, beta2
-        self.wd, self.clip, self.rescale, self.debias, self.approx = weight_decay, clip_radius, rescale_lr, debias, hess_approx
+        self.wd, self.clip, self.rescale, self.debias = weight_decay, clip_radius, rescale_lr, debias
+        self.approx = hess_approx
         self.w = [w.double().clone() for w in weights]
         self.m = [torch.zeros_like(w) for w in self.w]
         self.h = [torch.full_like(w, hess_init) for w in self.w]
@@ -329,7 +330,8 @@ def test_runs_describe_a_shard_made_of_separate_pieces():
 
         ivon_step(opt_full, params, on_flat(loss, ODD_SHAPES))
         ivon_step(opt_master, masters, on_masters)
-    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in params])[order], torch.cat([m.detach() for m in masters]))
+    whole = torch.cat([p.detach().reshape(-1) for p in params])
+    assert torch.equal(whole[order], torch.cat([m.detach() for m in masters]))
     with pytest.raises(ValueError, match="cover"):
         opt_master.set_global_offset(masters[1], [(0, 5)])
 
@@ -442,7 +444,8 @@ def test_defaults_and_per_group_overrides():
     a, b = torch.ones(2, requires_grad=True), torch.ones(3, requires_grad=True)
     opt = IVON([{"params": [a]}, {"params": [b], "beta2": 0.999, "hess_init": 0.05}], lr=0.1, ess=100)
     g0, g1 = opt.param_groups
-    assert (g0["hess_init"], g0["beta1"], g0["beta2"], g0["weight_decay"], g0["mc_samples"]) == (1.0, 0.9, 0.99999, 1e-4, 1)
+    assert (g0["hess_init"], g0["beta1"], g0["beta2"], g0["weight_decay"]) == (1.0, 0.9, 0.99999, 1e-4)
+    assert (g0["mc_samples"], g0["seed"]) == (1, 0)
     assert (g0["clip_radius"], g0["rescale_lr"], g0["debias"], g0["hess_approx"]) == (math.inf, True, True, "price")
     assert (g1["beta2"], g1["hess_init"], g1["ess"]) == (0.999, 0.05, 100)
     opt.sample()

@@ -30,9 +30,9 @@ comparisons with another implementation).
 Everything after the backward is elementwise (`elementwise = True`): a flat slice gives the
 numbers of the whole tensor, given the same eps and gradient. Three paths compute the step:
 per-tensor (`foreach=False`), multi-tensor (`foreach=True`, the same ops as `torch._foreach_*`,
-bitwise equal on CPU) and `fused=True`: one `torch.compile`d pass for the sample (noise
-included) and one for the step; Inductor may contract multiply-adds, so it agrees with the
-others to float rounding.
+bitwise equal on CPU) and `fused=True`, one `torch.compile`d pass per tensor; Inductor may
+contract multiply-adds, so it agrees with the others to float rounding. The first two draw
+the noise with eager torch ops; `fused=True` also draws it in one compiled pass per tensor.
 """
 from __future__ import annotations
 
@@ -187,7 +187,13 @@ class IVON(Optimizer):
     # -------------------------------------------------------------------- noise indices
     def set_global_offset(self, tensor: torch.Tensor, offset: int | Sequence[tuple[int, int]]) -> None:
         """Where `tensor`'s elements (its local part, in memory order) lie in the global index
-        space of the noise: an int, or runs [(start, length), ...] covering all of them."""
+        space of the noise: an int, or runs [(start, length), ...] covering all of them.
+
+        ZeRO: a rank's flat master of a group is, bucket by bucket, the owned parts of slots;
+        a slot part [first, last) of parameter j is the run (base_j + first, last - first),
+        base_j = the numel of all parameters before j in the unsharded optimizer's order (what
+        that optimizer uses by default). Bucket padding may take any indices (its noise is unused).
+        """
         runs = [(offset, _local(tensor).numel())] if isinstance(offset, int) else [tuple(r) for r in offset]
         if sum(length for _, length in runs) != _local(tensor).numel() or any(s < 0 or n < 0 for s, n in runs):
             raise ValueError(f"IVON: global offset runs {runs} must be non-negative and cover the tensor's "
@@ -209,7 +215,9 @@ class IVON(Optimizer):
         """Write a weight sample m_w + eps into the parameters, eps = z * sigma.
 
         z: standard-normal draws, one tensor per parameter (param_groups order, local shape);
-        default: the counter-based draw for (group seed or `seed`, step, mc_sample, index).
+            default: the counter-based draw for (seed, the parameter's step + 1, mc_sample, index).
+        seed: instead of the group's, e.g. for posterior-predictive samples at evaluation that
+            should not repeat the next training step's noise.
         """
         params = [p for group in self.param_groups for p in group["params"]]
         if z is not None and len(z) != len(params):
@@ -343,7 +351,7 @@ def _flat(tensor: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tenso
     like = tensor if like is None else like
     if like.dim() <= 1:
         return tensor.reshape(-1)
-    return to_memory_flat(tensor, memory_dim_order(like, "IVON tensor"))
+    return to_memory_flat(tensor, memory_dim_order(like, "given to IVON"))
 
 
 def _dtensor_local_start(param: torch.Tensor) -> int:
