@@ -76,7 +76,7 @@ def reshard(rank, world, folder):
 
 def convert_offline(folder: Path) -> float:
     from vsgd_dist.train.checkpoint import latest_checkpoint, open_checkpoint
-    from vsgd_dist.train.consolidated import full_state
+    from vsgd_dist.engines import full_state
 
     start = time.perf_counter()
     meta, read = open_checkpoint(latest_checkpoint(folder))

@@ -123,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         for storage, settings in storages.items():
             out = Path(tmp) / storage.replace("% ", "-")
             write_image_folder(src, out, settings)
-            cfg = DataConfig(data_dir=str(out), batch_size=args.batch_size, num_workers=args.workers,
-                             dtype="fp32", start_res=args.res, end_res=args.res, val_res=args.res)
-            train, val = build_train_loader(cfg, torch.device("cpu")), build_val_loader(cfg, torch.device("cpu"))
+            cfg = DataConfig(data_dir=str(out), num_workers=args.workers, dtype="fp32", start_res=args.res,
+                             end_res=args.res, val_res=args.res)
+            train = build_train_loader(cfg, torch.device("cpu"), batch_size=args.batch_size)
+            val = build_val_loader(cfg, torch.device("cpu"), batch_size=args.batch_size)
             results[f"FFCV train, {storage} (random resized crop, flip, normalize)"] = images_per_second(
                 lambda epoch: train_epoch(train, cfg, epoch + 1), args.epochs)
             results[f"FFCV val, {storage} (center crop 224/256, normalize)"] = images_per_second(

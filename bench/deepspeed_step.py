@@ -55,7 +55,7 @@ def time_phases(engine, steps: int) -> tuple[float, float]:
     for i in range(steps + 1):
         dist.barrier()
         start = time.perf_counter()
-        engine.backward(engine.module())
+        engine.backward(engine.wrapped())
         middle = time.perf_counter()
         engine.step()
         end = time.perf_counter()

@@ -32,7 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_shapes import MODELS, numel  # noqa: E402
 
 from vsgd_dist import VSGD, ZeroOptimizer  # noqa: E402
-from vsgd_dist.sharding.fsdp2 import shard_model, sharded_optimizer  # noqa: E402
+from torch.distributed.fsdp import MixedPrecisionPolicy  # noqa: E402
+
+from vsgd_dist.engines.fsdp2 import shard_model  # noqa: E402
 from vsgd_dist.spawn import run_distributed  # noqa: E402
 
 OPTIMIZERS = {"VSGD": (VSGD, dict(lr=1e-3, weight_decay=0.05)),
@@ -88,8 +90,8 @@ def build(strategy: str, opt_name: str, shapes):
     if strategy == "ZeRO-2":
         opt = ZeroOptimizer(model.parameters(), optimizer_class, stage=2, **kwargs)
         return model, opt, opt.state_bytes
-    shard_model(model, list(model.blocks))
-    opt = sharded_optimizer(model.parameters(), optimizer_class, **kwargs)
+    shard_model(model, list(model.blocks), MixedPrecisionPolicy(reduce_dtype=torch.float32))
+    opt = optimizer_class(model.parameters(), **kwargs)
     return model, opt, lambda: local_state_bytes(opt)
 
 

@@ -35,7 +35,7 @@ from launch.__main__ import main as launch
 from vsgd_dist.config import RunConfig
 from vsgd_dist.spawn import RankFailed, run_distributed
 from vsgd_dist.train.checkpoint import CheckpointError, open_checkpoint
-from vsgd_dist.train.consolidated import full_state
+from vsgd_dist.engines import full_state
 
 GLOBAL_BATCH = 12  # divisible by 1 to 4 ranks
 LR = 0.05
@@ -76,7 +76,7 @@ def train(engine, first, steps, rank, world):
         g = torch.Generator().manual_seed(step)
         x, y = torch.randn(GLOBAL_BATCH, 13, generator=g), torch.randn(GLOBAL_BATCH, 3, generator=g)
         n = GLOBAL_BATCH // world
-        engine.backward(((engine.module(x[rank * n:(rank + 1) * n]) - y[rank * n:(rank + 1) * n]) ** 2).mean())
+        engine.backward(((engine.wrapped(x[rank * n:(rank + 1) * n]) - y[rank * n:(rank + 1) * n]) ** 2).mean())
         engine.step()
         scheduler.step()
 

@@ -75,7 +75,7 @@ def dataset(tmp_path_factory):
 
 
 def config(data_dir: Path, **overrides) -> DataConfig:
-    settings = dict(data_dir=str(data_dir), batch_size=BATCH, num_workers=2, start_res=32, end_res=32,
+    settings = dict(data_dir=str(data_dir), num_workers=2, start_res=32, end_res=32,
                     val_res=32, val_crop_ratio=1.0, dtype="fp16")
     return DataConfig(**{**settings, **overrides})
 
@@ -133,7 +133,7 @@ def test_cli_names_an_unreadable_image_and_writes_nothing(tmp_path, capsys):
 def train_loader(dataset):
     out, _ = dataset
     cfg = config(out, start_res=32, end_res=64, ramp_start_epoch=2, ramp_end_epoch=4, res_step=16)
-    return cfg, build_train_loader(cfg, torch.device("cpu"))
+    return cfg, build_train_loader(cfg, torch.device("cpu"), batch_size=BATCH)
 
 
 @pytest.mark.timeout(120)
@@ -158,7 +158,7 @@ def test_train_loader_reads_each_image_once_per_epoch_in_a_fixed_order(dataset, 
     assert resumed == epochs[1][2 * BATCH:]
     assert loader.next_epoch == 2
     # a restarted process (new Loader, same seed) has the same order for that epoch
-    fresh = build_train_loader(cfg, torch.device("cpu"))
+    fresh = build_train_loader(cfg, torch.device("cpu"), batch_size=BATCH)
     ids_by_index = file_ids(out, "train")
     assert [ids_by_index[i] for i in fresh.traversal_order.sample_order(1)] == epochs[1]
 
@@ -181,7 +181,7 @@ def test_resolution_schedule_rounds_like_ffcv_imagenet():
 @pytest.mark.timeout(120)
 def test_val_loader_reads_each_image_once_in_file_order(dataset):
     out, labels = dataset
-    loader = build_val_loader(config(out, dtype="bf16"), "cpu")
+    loader = build_val_loader(config(out, dtype="bf16"), "cpu", batch_size=BATCH)
     ids = []
     for images, batch_labels in loader:
         assert images.dtype == torch.bfloat16 and images.shape[1:] == (3, 32, 32)
@@ -201,7 +201,7 @@ def test_val_decoder_returns_the_stored_pixels(tmp_path):
             (tmp_path / "src" / split / name).mkdir(parents=True)
             Image.fromarray(pixels).save(tmp_path / "src" / split / name / "g.png")
     assert write_cli("--src", tmp_path / "src", "--out", tmp_path / "out", "--write-mode", "raw") == 0
-    loader = build_val_loader(config(tmp_path / "out", batch_size=2, dtype="fp32"), "cpu")
+    loader = build_val_loader(config(tmp_path / "out", dtype="fp32"), "cpu", batch_size=2)
     images, labels = next(iter(loader))
     pixels = images * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     assert labels.tolist() == [0, 1]
@@ -230,9 +230,9 @@ def noise_dir(tmp_path_factory):
     return root / "out"
 
 
-def noise_loader(data_dir: Path, **overrides):
-    cfg = config(data_dir, batch_size=NOISE_BATCH, dtype="fp32", **overrides)
-    return cfg, build_train_loader(cfg, "cpu")
+def noise_loader(data_dir: Path, seed: int = 0, **overrides):
+    cfg = config(data_dir, dtype="fp32", **overrides)
+    return cfg, build_train_loader(cfg, "cpu", batch_size=NOISE_BATCH, seed=seed)
 
 
 def epoch_batches(loader, cfg, epoch: int, start_batch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -350,7 +350,7 @@ def test_demo_data_holds_the_real_digits(demo_dir):
     cache, _ = demo_dir
     expected = digits_splits()
     assert np.bincount(expected["val"].labels).min() >= 29  # stratified: ~30 per digit
-    loader = build_val_loader(config(cache, batch_size=64, dtype="fp32"), "cpu")
+    loader = build_val_loader(config(cache, dtype="fp32"), "cpu", batch_size=64)
     images, labels = next(iter(loader))
     pixels = images * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     assert labels.tolist() == expected["val"].labels[:64].tolist()
@@ -367,17 +367,17 @@ def _shards_on_rank(rank, world_size, data_dir, decode_train):
     """
     cfg = config(Path(data_dir))
     try:
-        build_train_loader(config(Path(data_dir), seed=rank), "cpu", distributed=True)
+        build_train_loader(config(Path(data_dir)), "cpu", batch_size=BATCH, seed=rank, distributed=True)
         seed_error = ""
     except DataError as e:
         seed_error = str(e)
-    train = build_train_loader(cfg, "cpu", distributed=True)
+    train = build_train_loader(cfg, "cpu", batch_size=BATCH, distributed=True)
     if decode_train:
         train_ids = [i for images, _ in train_epoch(train, cfg, 0) for i in ids_of(images)]
     else:
         ids_by_index = file_ids(Path(data_dir), "train")
         train_ids = [ids_by_index[i] for i in train.traversal_order.sample_order(0)[:len(train) * BATCH]]
-    val_ids = [i for images, _ in build_val_loader(cfg, "cpu", distributed=True) for i in ids_of(images)]
+    val_ids = [i for images, _ in build_val_loader(cfg, "cpu", batch_size=BATCH, distributed=True) for i in ids_of(images)]
     return train_ids, val_ids, seed_error
 
 
@@ -407,10 +407,10 @@ def broken_copy(dataset, tmp_path):
 @pytest.mark.timeout(30)
 def test_missing_folder_and_missing_file_are_errors(broken_copy, tmp_path):
     with pytest.raises(DataError, match="no manifest.json"):
-        build_train_loader(config(tmp_path / "nowhere"), "cpu")
+        build_train_loader(config(tmp_path / "nowhere"), "cpu", batch_size=BATCH)
     (broken_copy / "train.beton").unlink()
     with pytest.raises(DataError, match="no such dataset file.*launch data write"):
-        build_train_loader(config(broken_copy), "cpu")
+        build_train_loader(config(broken_copy), "cpu", batch_size=BATCH)
     (broken_copy / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match="not a .beton file"):
         inspect_beton(broken_copy / "notes.txt")
@@ -425,7 +425,7 @@ def test_corrupt_or_truncated_file_is_an_error(broken_copy, damage):
                "last bytes cut": data[:-5], "empty": b""}[damage]
     path.write_bytes(damaged)
     with pytest.raises(DataError, match="corrupt or truncated"):
-        build_train_loader(config(broken_copy), "cpu")
+        build_train_loader(config(broken_copy), "cpu", batch_size=BATCH)
 
 
 @pytest.mark.timeout(60)
@@ -437,24 +437,24 @@ def test_wrong_field_type_is_an_error(broken_copy):
     DatasetWriter(str(broken_copy / "train.beton"), {"image": RGBImageField(), "label": FloatField()},
                   num_workers=1).from_indexed_dataset(images)
     with pytest.raises(DataError, match="needs field 'label' of type IntField"):
-        build_train_loader(config(broken_copy), "cpu")
+        build_train_loader(config(broken_copy), "cpu", batch_size=BATCH)
 
 
 @pytest.mark.timeout(30)
 def test_unworkable_settings_are_errors(dataset, train_loader):
     out, _ = dataset
-    with pytest.raises(DataError, match="larger than this rank's shard"):
-        build_train_loader(config(out, batch_size=49), "cpu")
+    with pytest.raises(DataError, match=r"batch_size 49 is outside \[1, this rank's shard"):
+        build_train_loader(config(out), "cpu", batch_size=49)
     with pytest.raises(DataError, match="torch.distributed is not initialized"):
-        build_train_loader(config(out), "cpu", distributed=True)
+        build_train_loader(config(out), "cpu", batch_size=BATCH, distributed=True)
     with pytest.raises(DataError, match="single process only"):
-        build_train_loader(config(out, os_cache=False), "cpu", distributed=True)
+        build_train_loader(config(out, os_cache=False), "cpu", batch_size=BATCH, distributed=True)
     with pytest.raises(DataError, match="val_res 4 is outside"):
         config(out, val_res=4)
     with pytest.raises(DataError, match="dtype 'fp8'"):
         config(out, dtype="fp8")
-    with pytest.raises(DataError, match=r"crop_scale_min 0 must be in \(0, 1\]; flip 'no' .*seed -1 must"):
-        config(out, crop_scale_min=0, flip="no", seed=-1)
+    with pytest.raises(DataError, match=r"crop_scale_min 0 must be in \(0, 1\]; flip 'no' must"):
+        config(out, crop_scale_min=0, flip="no")
     with pytest.raises(DataError, match="train resolution 0"):
         set_train_resolution(train_loader[1], 0)
     with pytest.raises(DataError, match="start_batch 7 is outside"):

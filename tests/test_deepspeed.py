@@ -32,6 +32,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from launch.__main__ import main as launch
 from vsgd_dist.config import RunConfig
+from vsgd_dist.optim.adamw import AdamWHparams
 from vsgd_dist.engines.deepspeed import deepspeed_config
 from vsgd_dist.spawn import run_distributed
 
@@ -82,7 +83,7 @@ def train(engine, steps, rank, world, bf16=False, first=0):
     scheduler = warmup(engine.optimizer, first)
     norms = []
     for step in range(first, first + steps):
-        engine.backward(loss_of(engine.module, step, rank, world, bf16))
+        engine.backward(loss_of(engine.wrapped, step, rank, world, bf16))
         norms.append(float(engine.step()))
         scheduler.step()
     return norms
@@ -91,7 +92,7 @@ def train(engine, steps, rank, world, bf16=False, first=0):
 def train_unsharded(cfg, steps):
     """One process, full batch; for bf16 the same mixed precision as DeepSpeed (bf16 model,
     fp32 masters stepped by the optimizer, clipping on the fp32 gradient)."""
-    from vsgd_dist.optim.build import named_param_groups, optimizer_class_and_kwargs
+    from vsgd_dist.optim import OPTIMIZERS, named_param_groups
 
     model = make_model()
     bf16 = cfg.train.precision == "bf16"
@@ -99,8 +100,9 @@ def train_unsharded(cfg, steps):
     model.to(torch.bfloat16 if bf16 else torch.float32)
     groups = [{**g, "params": [masters[p] for p in g["params"]]}
               for g in named_param_groups(model, cfg.optim.weight_decay)]
-    cls, kwargs = optimizer_class_and_kwargs(cfg.optim, LR)
-    optimizer = cls(groups, **kwargs)
+    o = cfg.optim
+    entry = OPTIMIZERS.get(o.name)
+    optimizer = entry.optimizer_class(groups, **entry.kwargs(o.hparams, LR, o.weight_decay, o.fused))
     scheduler = warmup(optimizer)
     norms = []
     for step in range(steps):
@@ -283,7 +285,8 @@ def test_deepspeed_config():
                                            "allgather_bucket_size": 25 * 2**18}
     assert config["zero_allow_untested_optimizer"] is True and "optimizer" not in config
 
-    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, name="adamw", beta2=0.95),
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, name="adamw",
+                                                                   adamw=AdamWHparams(beta2=0.95)),
                               train=dataclasses.replace(cfg.train, precision="bf16", grad_clip=0.0))
     config = deepspeed_config(cfg, 2, lr=0.3)
     assert config["bf16"] == {"enabled": True} and config["gradient_clipping"] == 0.0

@@ -94,7 +94,7 @@ def test_engines_give_the_same_first_losses(runs, tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["max_step=5"], "unknown recipe key 'max_step'; did you mean 'train.max_steps'?"),
     (["train.global_batch=lots"], "bad value for train.global_batch"),
-    (["optimizer=sgdd"], "optim.name='sgdd' is not one of vsgd, adamw"),
+    (["optimizer=sgdd"], "optim.name='sgdd' is not one of adamw, vsgd; did you mean 'vsgd'?"),
     (["engine=zer0"], "did you mean 'zero'?"),
     (["train.global_batch=63"], "not divisible by the world size 2"),
     (["noequals"], "is not key=value"),

@@ -8,9 +8,8 @@ Overrides may use the full dotted path (`optim.lr=0.1`), a short alias (`optimiz
 """
 from __future__ import annotations
 
-import difflib
 import math
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +18,12 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vsgd_dist.data.config import DataConfig
+from vsgd_dist.engines.registry import ENGINES
+from vsgd_dist.models import MODELS
+from vsgd_dist.optim import OPTIMIZERS
+from vsgd_dist.registry import suggest
+from vsgd_dist.train.schedule import SCHEDULES
 
-MODELS = ("resnet_tiny", "resnet18", "resnet50", "vit_s16", "vit_b16")
-OPTIMIZERS = ("vsgd", "adamw")
-ENGINES = ("ddp", "zero", "fsdp2", "deepspeed")
-SCHEDULES = ("cosine", "step", "constant")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -34,7 +34,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "resnet_tiny"
-    """Architecture: resnet_tiny (demo), resnet18, resnet50, vit_s16, vit_b16."""
+    """Architecture, a name in `vsgd_dist.models.MODELS`: resnet_tiny (demo), resnet18,
+    resnet50, vit_s16, vit_b16."""
     channels_last: bool = True
     """Run convolutions in NHWC memory format (faster on tensor cores and oneDNN)."""
     compile: bool = False
@@ -42,37 +43,39 @@ class ModelConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimSettings:
+    """The settings every optimizer shares; `OptimConfig` adds one section per registered
+    optimizer (`optim.vsgd`, `optim.adamw`, ...) with its own hyperparameters."""
+
     name: str = "vsgd"
-    """Optimizer: vsgd or adamw."""
+    """Optimizer, a name in `vsgd_dist.optim.OPTIMIZERS` (vsgd, adamw, ...)."""
     lr: float = 0.1
     """Peak learning rate at `lr_base_batch` images per step (scaled linearly to global_batch)."""
     lr_base_batch: int = 0
     """Linear scaling rule: lr_used = lr * global_batch / lr_base_batch; 0 turns scaling off."""
     weight_decay: float = 0.0
     """Decoupled weight decay; never applied to norms and biases (1-D parameters)."""
-    ghattg: float = 30.0
-    """VSGD: prior variance ratio K_g."""
-    ps: float = 1e-8
-    """VSGD: prior strength gamma."""
-    tau1: float = 0.81
-    """VSGD: decay exponent of the SVI step on the true-gradient side."""
-    tau2: float = 0.9
-    """VSGD: decay exponent of the SVI step on the observation side."""
-    beta1: float = 0.9
-    """AdamW: first-moment decay."""
-    beta2: float = 0.999
-    """AdamW: second-moment decay."""
-    eps: float = 1e-8
-    """Denominator epsilon (both optimizers)."""
     fused: bool = False
     """Use the fused kernel (VSGD: torch.compile'd; AdamW: torch's fused implementation)."""
+
+    @property
+    def hparams(self):
+        """The selected optimizer's own section."""
+        return getattr(self, self.name)
+
+
+OptimConfig = make_dataclass(
+    "OptimConfig", [(name, entry.hparams, field(default_factory=entry.hparams)) for name, entry in OPTIMIZERS.items()],
+    bases=(OptimSettings,))
+OptimConfig.__module__ = __name__  # pickles by name like the other sections
+OptimConfig.__doc__ = "Shared optimizer settings plus one section of hyperparameters per registered optimizer."
 
 
 @dataclass
 class ScheduleConfig:
     name: str = "cosine"
-    """LR shape after warmup: cosine, step or constant; stepped every iteration."""
+    """LR shape after warmup, a name in `vsgd_dist.train.schedule.SCHEDULES` (cosine, step,
+    constant); stepped every iteration."""
     warmup_steps: int = 0
     """Linear warmup from 0 over this many steps."""
     warmup_epochs: float = 0.0
@@ -88,8 +91,9 @@ class ScheduleConfig:
 @dataclass
 class EngineConfig:
     name: str = "zero"
-    """How the work is distributed: ddp (replicated optimizer), zero (native ZeroOptimizer),
-    fsdp2 (fully_shard, DTensor parameters) or deepspeed (ZeRO via deepspeed.initialize)."""
+    """How the work is distributed, a name in `vsgd_dist.engines.ENGINES`: ddp (replicated
+    optimizer), zero (native ZeroOptimizer), fsdp2 (fully_shard, DTensor parameters) or
+    deepspeed (ZeRO via deepspeed.initialize)."""
     zero_stage: int = 2
     """ZeRO stage for zero and deepspeed: 1 (shard optimizer state) or 2 (also gradients)."""
     bucket_mb: float = 25.0
@@ -122,6 +126,9 @@ class TrainConfig:
     """Steps between VSGD diagnostics (scalars and histograms per layer group)."""
     val_every_epochs: int = 1
     """Validate every this many epochs (a run always ends with a validation pass)."""
+    stop_check_every: int = 10
+    """Steps between checks whether any rank was asked to stop (preemption, SIGTERM): each
+    check is one small collective."""
     ckpt_every: int = 0
     """Steps between periodic checkpoints (0: only at the end and on preemption)."""
     keep_checkpoints: int = 2
@@ -161,29 +168,48 @@ class RunConfig:
                    ("train.precision", self.train.precision, PRECISIONS)]
         for key, value, allowed in choices:
             if value not in allowed:
-                raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}{_suggest(value, allowed)}")
+                raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}{suggest(value, allowed)}")
+        self._check_optimizer()
+        self._check_resolutions()
         if self.engine.zero_stage not in (1, 2):
             raise ConfigError(f"engine.zero_stage={self.engine.zero_stage} must be 1 or 2")
-        t = self.train
-        if t.global_batch < 1:
-            raise ConfigError(f"train.global_batch={t.global_batch} must be at least 1")
-        if world_size is not None and t.global_batch % world_size:
-            raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by the world size "
+        tc = self.train
+        if tc.global_batch < 1:
+            raise ConfigError(f"train.global_batch={tc.global_batch} must be at least 1")
+        if world_size is not None and tc.global_batch % world_size:
+            raise ConfigError(f"train.global_batch={tc.global_batch} is not divisible by the world size "
                               f"{world_size}; use a multiple of {world_size} or another process count")
-        if t.max_steps < 0 or t.epochs < 1 and t.max_steps == 0:
+        if tc.max_steps < 0 or tc.epochs < 1 and tc.max_steps == 0:
             raise ConfigError("set train.max_steps > 0 or train.epochs >= 1")
-        if t.stop_at < 0 or (t.max_steps and t.stop_at > t.max_steps):
-            raise ConfigError(f"train.stop_at={t.stop_at} must be in [0, max_steps={t.max_steps}]")
+        if tc.stop_at < 0 or (tc.max_steps and tc.stop_at > tc.max_steps):
+            raise ConfigError(f"train.stop_at={tc.stop_at} must be in [0, max_steps={tc.max_steps}]")
+        if tc.seed < 0:
+            raise ConfigError(f"train.seed={tc.seed} must be >= 0")
         if not (self.optim.lr >= 0 and math.isfinite(self.optim.lr)):
             raise ConfigError(f"optim.lr={self.optim.lr} must be a finite number >= 0")
-        if not 0.0 <= t.ema_decay < 1.0:
-            raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
-        if not 0.0 <= t.label_smoothing < 1.0:
-            raise ConfigError(f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
-        for name in ("log_every", "diag_every", "val_every_epochs", "keep_checkpoints"):
-            if getattr(t, name) < 1:
-                raise ConfigError(f"train.{name}={getattr(t, name)} must be at least 1")
+        if not 0.0 <= tc.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay={tc.ema_decay} must be in [0, 1)")
+        if not 0.0 <= tc.label_smoothing < 1.0:
+            raise ConfigError(f"train.label_smoothing={tc.label_smoothing} must be in [0, 1)")
+        for name in ("log_every", "diag_every", "val_every_epochs", "keep_checkpoints", "stop_check_every"):
+            if getattr(tc, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(tc, name)} must be at least 1")
         self.data.check()
+
+    def _check_optimizer(self) -> None:
+        """The optimizer's own range checks, run here so a bad value fails in the launcher."""
+        o = self.optim
+        try:
+            OPTIMIZERS.get(o.name).validate(o.hparams, o.lr, o.weight_decay)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"optim.{o.name}: {e}") from None
+
+    def _check_resolutions(self) -> None:
+        d = self.data
+        if MODELS.get(self.model.name).fixed_resolution and len({d.start_res, d.end_res, d.val_res}) > 1:
+            raise ConfigError(f"model {self.model.name} takes {d.end_res} px images only (its position "
+                              f"embeddings are fixed), but data.start_res={d.start_res}, data.val_res="
+                              f"{d.val_res}: set both to data.end_res")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -217,16 +243,7 @@ def resolve_key(key: str) -> str:
         return matches[0]
     if len(matches) > 1:
         raise ConfigError(f"override key {key!r} is ambiguous ({', '.join(matches)}); use the full path")
-    raise ConfigError(f"unknown recipe key {key!r}{_suggest(key, paths + list(ALIASES))}")
-
-
-def _suggest(word: str, options) -> str:
-    options = list(options)
-    close = difflib.get_close_matches(str(word), options, n=1, cutoff=0.5)
-    if not close:  # also match the last path component (e.g. "max_step" -> train.max_steps)
-        leaf = {o.rsplit(".", 1)[-1]: o for o in options}
-        close = [leaf[m] for m in difflib.get_close_matches(str(word), list(leaf), n=1, cutoff=0.6)]
-    return f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"unknown recipe key {key!r}{suggest(key, paths + list(ALIASES))}")
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -306,7 +323,7 @@ def _check_keys(data: dict, cls, prefix: str, source: str) -> None:
     for key, value in data.items():
         if key not in known:
             raise ConfigError(f"{source}: unknown key {prefix + str(key)!r}"
-                              f"{_suggest(key, [prefix + k for k in known])}")
+                              f"{suggest(key, [prefix + k for k in known])}")
         default = known[key].default_factory() if callable(known[key].default_factory) else None
         if is_dataclass(default):
             if not isinstance(value, dict):

@@ -1,7 +1,6 @@
-"""Run metrics: TensorBoard (rank 0 only), reduced VSGD diagnostics, timing and memory."""
+"""Run metrics: the TensorBoard writer (rank 0 only), time per step phase, memory."""
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections import defaultdict
@@ -52,21 +51,33 @@ class RunLogger:
 
 
 class StepTimer:
-    """Wall time per phase of a step, summed between logs (synchronizes CUDA on stop)."""
+    """Time per phase of a step, summed between logs. On CUDA each phase is a pair of CUDA
+    events read only when the totals are popped (at log time), so timing never makes the
+    host wait for the GPU inside a step; on the CPU it is wall time."""
 
     def __init__(self, device: torch.device):
-        self.device = device
+        self.cuda = device.type == "cuda"
         self.totals: dict[str, float] = defaultdict(float)
+        self.pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
     @contextmanager
     def phase(self, name: str):
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.totals[name] += time.perf_counter() - start
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.pending.append((name, start, end))
+        else:
+            start_s = time.perf_counter()
+            yield
+            self.totals[name] += time.perf_counter() - start_s
 
     def pop_ms_per_step(self, steps: int) -> dict[str, float]:
+        for name, start, end in self.pending:
+            end.synchronize()
+            self.totals[name] += start.elapsed_time(end) / 1000
+        self.pending.clear()
         out = {f"time/{k}_ms": v * 1000 / max(steps, 1) for k, v in self.totals.items()}
         self.totals.clear()
         return out
@@ -83,9 +94,3 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         stats["memory/cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return stats
-
-
-def finite_or_raise(loss: float, step: int) -> None:
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss} at step {step}: stopping; the last good checkpoint is kept "
-                                 f"(lower optim.lr, set train.grad_clip, or check the data)")

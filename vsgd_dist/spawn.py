@@ -1,23 +1,25 @@
 """Start N local processes joined by one process group (`launch run`, tests, benchmarks).
 
 Each rank runs `fn(rank, world_size, *args)` with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR
-and MASTER_PORT set and the default process group initialized (gloo on CPU, NCCL when each
-rank has a GPU); its return value (picklable) comes back in a list ordered by rank. A rank
-that raises makes the call raise with that rank's traceback; a rank that dies without a
-word (killed, segfault) is reported too, and a hang ends with TimeoutError after `timeout`
+and MASTER_PORT set and the default process group initialized by
+`vsgd_dist.distributed.init_process_group_from_env` (the rule every launcher shares); its
+return value (picklable) comes back in a list ordered by rank. A rank that raises makes the
+call raise with that rank's traceback; a rank that dies without a word (killed, segfault) is
+reported too, and a hang ends with TimeoutError after `timeout`
 seconds instead of blocking forever.
 """
 from __future__ import annotations
 
 import os
 import queue as queue_module
-import socket
 import time
 import traceback
 from typing import Any, Callable
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from vsgd_dist.distributed import close_process_group, free_port, init_process_group_from_env
 
 
 class RankFailed(RuntimeError):
@@ -28,33 +30,16 @@ class RankFailed(RuntimeError):
         self.rank, self.summary = rank, summary
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world_size, port, fn, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    import torch
-
     try:
-        if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
-            torch.cuda.set_device(rank)
-            backend = "nccl"
-        else:
-            os.environ.setdefault("OMP_NUM_THREADS", "1")
-            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-            backend = "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        init_process_group_from_env()
         result = fn(rank, world_size, *args)
-        if dist.is_initialized():
-            dist.barrier()  # without it, 3+ rank runs sometimes abort at exit
+        close_process_group()
         queue.put((rank, True, result))
     except BaseException as e:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, False, (f"{type(e).__name__}: {e}".splitlines()[0], traceback.format_exc())))
-    finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 

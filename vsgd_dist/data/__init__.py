@@ -5,8 +5,8 @@ repeats a run and a resumed run continues bitwise, at any thread count.
 
 Trainer usage:
     files = resolve_dataset(cfg)                 # classes: files.manifest.classes
-    train = build_train_loader(cfg, device, distributed=True)
-    val = build_val_loader(cfg, device, distributed=True)
+    train = build_train_loader(cfg, device, batch_size=per_rank, seed=seed, distributed=True)
+    val = build_val_loader(cfg, device, batch_size=per_rank, distributed=True)
     for epoch in range(start_epoch, epochs):
         for images, labels in train_epoch(train, cfg, epoch, start_batch):
             ...                                  # checkpoint (epoch, batches consumed)

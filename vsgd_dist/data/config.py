@@ -11,21 +11,17 @@ MIN_RES, MAX_RES = 8, 4096
 
 @dataclass
 class DataConfig:
-    """Where the data is and how it is decoded; runtime facts (device, ranks) are passed to
-    the build functions instead."""
+    """Where the data is and how it is decoded. What the run derives (batch per rank from
+    train.global_batch, seed from train.seed) and runtime facts (device, ranks) are passed
+    to the build functions instead."""
 
     data_dir: str = ""
     """Folder with train.beton, val.beton and manifest.json (`python -m launch data write`);
     empty: the built-in digits demo, written to the cache on first use."""
-    batch_size: int = 256
-    """Images per batch on each rank (train and val)."""
     num_workers: int = 8
     """Decoding threads per rank (FFCV compiles the pipeline; use about the cores per GPU)."""
     dtype: str = "fp16"
     """Image tensor dtype: fp16, bf16 or fp32 (labels are int64)."""
-    seed: int = 0
-    """Order and augmentation seed, the same on every rank (ranks shard one permutation per
-    epoch; an image's crop and flip depend on seed, epoch and its index only)."""
     os_cache: bool = True
     """True: read through the OS page cache, random order (data fits in RAM). False: ffcv's
     process cache with quasi-random order, for data larger than RAM (single process only)."""
@@ -57,9 +53,8 @@ class DataConfig:
         problems = []
         if self.dtype not in DTYPES:
             problems.append(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.batch_size < 1 or self.num_workers < 1:
-            problems.append(f"batch_size ({self.batch_size}) and num_workers ({self.num_workers}) "
-                            f"must be at least 1")
+        if self.num_workers < 1:
+            problems.append(f"num_workers ({self.num_workers}) must be at least 1")
         for name in ("start_res", "end_res", "val_res"):
             res = getattr(self, name)
             if not MIN_RES <= res <= MAX_RES:
@@ -75,7 +70,5 @@ class DataConfig:
             problems.append(f"crop_scale_min {self.crop_scale_min} must be in (0, 1]")
         if not isinstance(self.flip, bool):
             problems.append(f"flip {self.flip!r} must be true or false")
-        if self.seed < 0:
-            problems.append(f"seed {self.seed} must be >= 0")
         if problems:
             raise DataError("invalid data config: " + "; ".join(problems))

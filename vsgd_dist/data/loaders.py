@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vsgd_dist.distributed import gather_host_values
+
 from .config import MAX_RES, MIN_RES, DataConfig
 from .demo import ensure_demo_data
 from .errors import DataError
@@ -26,9 +28,11 @@ def resolve_dataset(cfg: DataConfig) -> DatasetFiles:
     return open_dataset_dir(cfg.data_dir) if cfg.data_dir else ensure_demo_data()
 
 
-def build_train_loader(cfg: DataConfig, device: torch.device | str, distributed: bool = False):
-    """Random-resized-crop + flip loader over this rank's shard, full batches only; crops and
-    flips are seeded by (cfg.seed, epoch, sample index), so runs repeat and resume exactly.
+def build_train_loader(cfg: DataConfig, device: torch.device | str, *, batch_size: int, seed: int = 0,
+                       distributed: bool = False):
+    """Random-resized-crop + flip loader over this rank's shard, `batch_size` images per
+    batch, full batches only. Order, crops and flips are seeded by (seed, epoch, sample
+    index), the same seed on every rank, so runs repeat and resume exactly.
 
     Returns an ffcv Loader; iterate it with `train_epoch` (sets the epoch's resolution, order
     and crops, and resumes mid-epoch). distributed=True needs torch.distributed initialized.
@@ -45,22 +49,22 @@ def build_train_loader(cfg: DataConfig, device: torch.device | str, distributed:
     world = _world_size(distributed)
     files = resolve_dataset(cfg)
     info = _checked_file(files.train, len(files.manifest.classes))
-    if cfg.batch_size > info.num_samples // world:
-        raise DataError(f"{files.train}: batch_size {cfg.batch_size} is larger than this rank's "
+    if not 1 <= batch_size <= info.num_samples // world:
+        raise DataError(f"{files.train}: batch_size {batch_size} is outside [1, this rank's "
                         f"shard ({info.num_samples} images / {world} ranks = "
-                        f"{info.num_samples // world}); lower batch_size")
+                        f"{info.num_samples // world}]); lower the batch")
     if distributed:
-        _check_same_seed(cfg.seed)
-    decoder = SeededCropFlipDecoder((cfg.start_res, cfg.start_res), seed=cfg.seed,
+        _check_same_seed(seed)
+    decoder = SeededCropFlipDecoder((cfg.start_res, cfg.start_res), seed=seed,
                                     scale_min=cfg.crop_scale_min, flip=cfg.flip)
     return Loader(
-        str(files.train), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-        os_cache=cfg.os_cache, distributed=distributed, seed=cfg.seed, drop_last=True,
+        str(files.train), batch_size=batch_size, num_workers=cfg.num_workers,
+        os_cache=cfg.os_cache, distributed=distributed, seed=seed, drop_last=True,
         order=OrderOption.RANDOM if cfg.os_cache else OrderOption.QUASI_RANDOM,
         pipelines=_pipelines(info, [decoder], cfg, device))
 
 
-def build_val_loader(cfg: DataConfig, device: torch.device | str, distributed: bool = False):
+def build_val_loader(cfg: DataConfig, device: torch.device | str, *, batch_size: int, distributed: bool = False):
     """Center-crop loader in file order; with distributed=True each rank reads every
     world_size-th image, so the ranks together see each image exactly once (no padding)."""
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
@@ -77,7 +81,7 @@ def build_val_loader(cfg: DataConfig, device: torch.device | str, distributed: b
                         f"ranks; use fewer ranks or a larger val split")
     decoder = CenterCropRGBImageDecoder((cfg.val_res, cfg.val_res), ratio=cfg.val_crop_ratio)
     return Loader(
-        str(files.val), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+        str(files.val), batch_size=batch_size, num_workers=cfg.num_workers,
         os_cache=cfg.os_cache, order=OrderOption.SEQUENTIAL, drop_last=False,
         indices=np.arange(rank, info.num_samples, world),
         pipelines=_pipelines(info, [decoder], cfg, device))
@@ -133,8 +137,6 @@ def _world_size(distributed: bool) -> int:
 
 def _check_same_seed(seed: int) -> None:
     """ffcv shards one seeded permutation per epoch; different seeds would overlap shards."""
-    seeds = [None] * dist.get_world_size()
-    dist.all_gather_object(seeds, seed)
+    seeds = [int(s) for s in gather_host_values(seed)]
     if len(set(seeds)) > 1:
-        raise DataError(f"data seed differs across ranks ({seeds}); every rank must use the "
-                        f"same DataConfig.seed")
+        raise DataError(f"data seed differs across ranks ({seeds}); every rank must use the same seed")

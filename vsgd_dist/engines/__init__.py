@@ -1,23 +1,20 @@
 """Distribution strategies behind one interface (`Engine`), chosen by `engine.name`."""
 from __future__ import annotations
 
+from typing import Callable
+
 from vsgd_dist.engines.base import Engine
+from vsgd_dist.engines.registry import ENGINES, engine_class
 
 
 def build_engine(model, cfg, lr: float) -> Engine:
-    """ddp | zero | fsdp2 | deepspeed, imported lazily (DeepSpeed is slow to import)."""
-    name = cfg.engine.name
-    if name == "ddp":
-        from vsgd_dist.engines.ddp import DDPEngine as cls
-    elif name == "zero":
-        from vsgd_dist.engines.zero import ZeroEngine as cls
-    elif name == "fsdp2":
-        from vsgd_dist.engines.fsdp2 import FSDP2Engine as cls
-    elif name == "deepspeed":
-        from vsgd_dist.engines.deepspeed import DeepSpeedEngine as cls
-    else:
-        raise ValueError(f"unknown engine {name!r}; choose ddp, zero, fsdp2 or deepspeed")
-    return cls(model, cfg, lr)
+    return engine_class(cfg.engine.name)(model, cfg, lr)
 
 
-__all__ = ["Engine", "build_engine"]
+def full_state(read: Callable[[int], dict], meta: dict) -> dict:
+    """The world-size-free full form (`vsgd_dist.full_form`) of the checkpoint that `meta`
+    (its meta.json) describes, assembled by the engine that wrote it. Needs no process group."""
+    return engine_class(meta["engine"]).full_state(read, meta)
+
+
+__all__ = ["ENGINES", "Engine", "build_engine", "engine_class", "full_state"]

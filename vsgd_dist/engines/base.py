@@ -1,7 +1,7 @@
 """The engine interface: everything the training loop needs from a distribution strategy.
 
 An engine owns the wrapped model and the (possibly sharded) optimizer. The loop calls
-`module(x)`, `backward(loss)`, `step()` and never branches on which engine it has.
+`wrapped(x)`, `backward(loss)`, `step()` and never branches on which engine it has.
 """
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vsgd_dist.optim.build import named_param_groups, optimizer_class_and_kwargs
+from vsgd_dist.engines.registry import engine_class
+from vsgd_dist.full_form import FORMAT, CheckpointMismatch, check_optimizer
+from vsgd_dist.optim import OPTIMIZERS, named_param_groups
 from vsgd_dist.sharding.zero import class_path
-
-
-class CheckpointMismatch(RuntimeError):
-    """A checkpoint that does not fit this model, optimizer or world size."""
 
 
 class Engine(ABC):
     name: str = ""
-    module: nn.Module
+    model: nn.Module
+    """The model itself: its parameters, buffers and state_dict (for checkpoints, EMA, eval mode)."""
+    wrapped: nn.Module
     """Call this for the forward pass (DDP, FSDP2 or DeepSpeed wrapper, or the model)."""
     optimizer: torch.optim.Optimizer
     """Its `param_groups` are what the LR scheduler drives."""
@@ -33,7 +33,10 @@ class Engine(ABC):
         self.cfg = cfg
         self.model = model
         self.max_norm = cfg.train.grad_clip
-        self.optimizer_class, self.optimizer_kwargs = optimizer_class_and_kwargs(cfg.optim, lr)
+        entry = OPTIMIZERS.get(cfg.optim.name)
+        self.optimizer_class = entry.optimizer_class
+        self.optimizer_kwargs = entry.kwargs(cfg.optim.hparams, lr, cfg.optim.weight_decay,
+                                             cfg.optim.fused)
         self.param_groups = named_param_groups(model, cfg.optim.weight_decay)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -66,19 +69,30 @@ class Engine(ABC):
 
     @abstractmethod
     def load_full_state(self, full: dict) -> None:
-        """Load the full per-parameter form (`vsgd_dist.train.consolidated`), keeping this
-        rank's part: how any checkpoint loads at any world size."""
+        """Load the full per-parameter form (`vsgd_dist.full_form`), keeping this rank's
+        part: how any checkpoint loads at any world size."""
+
+    @classmethod
+    def full_state(cls, read: Callable[[int], dict], meta: dict) -> dict:
+        """The full form of a checkpoint this engine wrote; `read(rank)` gives that rank's
+        engine payload, `meta` its meta.json. Needs no process group."""
+        return {"format": FORMAT, "step": meta["step"], "optimizer_class": meta["optimizer_class"],
+                "master": {}, **cls._full_state_parts(read, meta)}
+
+    @classmethod
+    @abstractmethod
+    def _full_state_parts(cls, read: Callable[[int], dict], meta: dict) -> dict:
+        """"model", "optimizer", "param_groups" (and "master" where it differs from the
+        weights) of the full form, from every rank's file."""
 
     def load_checkpoint_state(self, read: Callable[[int], dict], meta: dict) -> None:
         """Load from a checkpoint; `read(rank)` gives that rank's engine payload, `meta` its
         meta.json. A checkpoint of this engine and layout loads shard by shard; any other
         (another world size or engine) is consolidated by every rank, which then keeps its
         part (mmap'd reads: only the pages touched are read)."""
-        from vsgd_dist.train.consolidated import check_optimizer, full_state
-
         check_optimizer(meta, class_path(self.optimizer_class))
         if not self._load_own_shard(read, meta):
-            self.load_full_state(full_state(read, meta))
+            self.load_full_state(engine_class(meta["engine"]).full_state(read, meta))
 
     def _load_own_shard(self, read: Callable[[int], dict], meta: dict) -> bool:
         """Load this rank's shard when the checkpoint has this run's exact layout; return

@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from vsgd_dist.engines.base import Engine
-from vsgd_dist.train.consolidated import by_name, torch_state_dict
+from vsgd_dist.full_form import by_name, torch_state_dict
 
 
 class DDPEngine(Engine):
@@ -15,11 +15,11 @@ class DDPEngine(Engine):
 
     def __init__(self, model, cfg, lr):
         super().__init__(model, cfg, lr)
-        # Each rank keeps its own BatchNorm statistics (as ZeRO and FSDP2 do); they are
-        # averaged before evaluation instead of broadcast from rank 0 every step.
-        self.module = (DistributedDataParallel(model, broadcast_buffers=False,
-                                               bucket_cap_mb=cfg.engine.bucket_mb)
-                       if dist.is_initialized() else model)
+        # Each rank keeps its own BatchNorm statistics (as ZeRO and FSDP2 do); before
+        # evaluation and checkpoints every rank takes rank 0's (`Engine.sync_buffers`),
+        # instead of DDP broadcasting them every step.
+        self.wrapped = (DistributedDataParallel(model, broadcast_buffers=False, bucket_cap_mb=cfg.engine.bucket_mb)
+                        if dist.is_initialized() else model)
         self.optimizer = self.optimizer_class(self.param_groups, **self.optimizer_kwargs)
 
     def clip_grad_norm(self, max_norm):
@@ -42,9 +42,9 @@ class DDPEngine(Engine):
         self._load_model(full["model"])
         self.optimizer.load_state_dict(torch_state_dict(full, self._names_per_group()))
 
-
-def full_state_of(read, meta):
-    """Rank 0's file already holds everything, keyed by parameter index: key it by name."""
-    saved = read(0)
-    optimizer, groups = by_name(saved["optimizer"])
-    return {"model": saved["model"], "optimizer": optimizer, "param_groups": groups}
+    @classmethod
+    def _full_state_parts(cls, read, meta):
+        """Rank 0's file already holds everything, keyed by parameter index: key it by name."""
+        saved = read(0)
+        optimizer, groups = by_name(saved["optimizer"])
+        return {"model": saved["model"], "optimizer": optimizer, "param_groups": groups}

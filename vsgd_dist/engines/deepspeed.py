@@ -20,33 +20,31 @@ import torch
 import torch.distributed as dist
 
 from vsgd_dist.engines.base import Engine
-from vsgd_dist.train.consolidated import assemble, groups_in_order, hyperparameters
+from vsgd_dist.optim import OPTIMIZERS
+from vsgd_dist.full_form import assemble, groups_in_order, hyperparameters
 
 
 def deepspeed_config(cfg, world_size: int, lr: float) -> dict:
     """The DeepSpeed config for a RunConfig at `world_size` ranks (`lr`: the peak LR)."""
-    t, o = cfg.train, cfg.optim
-    bf16 = t.precision == "bf16"
+    tc, o = cfg.train, cfg.optim
+    bf16 = tc.precision == "bf16"
     # DeepSpeed counts buckets in elements of the gradient dtype.
     bucket_elements = int(cfg.engine.bucket_mb * 2**20) // (2 if bf16 else 4)
     config = {
-        "train_batch_size": t.global_batch,
-        "train_micro_batch_size_per_gpu": t.global_batch // world_size,
+        "train_batch_size": tc.global_batch,
+        "train_micro_batch_size_per_gpu": tc.global_batch // world_size,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": t.grad_clip,
+        "gradient_clipping": tc.grad_clip,
         "bf16": {"enabled": bf16},
         "zero_optimization": {"stage": cfg.engine.zero_stage, "reduce_bucket_size": bucket_elements,
                               "allgather_bucket_size": bucket_elements},
         "steps_per_print": 2**31 - 1,  # the trainer logs; DeepSpeed stays quiet
     }
-    if o.name == "vsgd":
-        config["zero_allow_untested_optimizer"] = True
-    elif o.name == "adamw":
-        config["optimizer"] = {"type": "AdamW", "params": {
-            "lr": lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "weight_decay": o.weight_decay,
-            "torch_adam": True, "fused": o.fused or None}}
+    own_optimizer = OPTIMIZERS.get(o.name).deepspeed_optimizer
+    if own_optimizer is None:
+        config["zero_allow_untested_optimizer"] = True  # ours: a client optimizer
     else:
-        raise ValueError(f"unknown optimizer {o.name!r}; choose vsgd or adamw")
+        config["optimizer"] = own_optimizer(o.hparams, lr, o.weight_decay, o.fused)
     return config
 
 
@@ -82,11 +80,11 @@ class DeepSpeedEngine(Engine):
         # Before initialize: ZeRO swaps each group's "params" for its flat partition.
         self._named = [(n, p) for g in self.param_groups for n, p in zip(g["param_names"], g["params"])]
         client = (self.optimizer_class(self.param_groups, **self.optimizer_kwargs)
-                  if cfg.optim.name == "vsgd" else None)
+                  if OPTIMIZERS.get(cfg.optim.name).deepspeed_optimizer is None else None)
         self.ds, zero, _, _ = deepspeed.initialize(
             model=model, optimizer=client, model_parameters=None if client else self.param_groups,
             config=deepspeed_config(cfg, world, lr))
-        self.module = self.ds
+        self.wrapped = self.ds
         self.zero = zero
         self.optimizer = zero.optimizer  # the torch optimizer on the flat partitions
 
@@ -179,6 +177,33 @@ class DeepSpeedEngine(Engine):
             self.optimizer.param_groups[index].update(hyperparameters(saved))  # initial_lr included
         self.ds.global_steps = full["step"]
 
+    @classmethod
+    def _full_state_parts(cls, read, meta):
+        """Each parameter reassembled from its fragments in every rank's flat partitions."""
+        files = [read(rank) for rank in range(meta["world_size"])]
+        model = files[0]["model"]
+        saved_groups = files[0]["optimizer"]["param_groups"]
+        master, optimizer, groups = {}, {}, []
+        for index, names in enumerate(files[0]["param_names"]):
+            groups.append({**hyperparameters(saved_groups[index]), "param_names": names})
+            group_state = files[0]["optimizer"]["state"].get(saved_groups[index]["params"][0], {})
+            for name in names:
+                numel, shape = model[name].numel(), model[name].shape
+
+                def gather(partition_of):
+                    pieces = [(f["fragments"][name][1], partition_of(f), f["fragments"][name][2],
+                               f["fragments"][name][3]) for f in files if name in f["fragments"]]
+                    return assemble(numel, pieces, partition_of(files[0])).view(shape)
+
+                fp32 = gather(lambda f: f["fp32_partitions"][index])
+                if model[name].dtype != fp32.dtype:
+                    master[name] = fp32
+                optimizer[name] = {
+                    key: gather(lambda f: f["optimizer"]["state"][saved_groups[index]["params"][0]][key])
+                    if torch.is_tensor(value) and value.dim() > 0 else value
+                    for key, value in group_state.items()}
+        return {"model": model, "master": master, "optimizer": optimizer, "param_groups": groups}
+
 
 def _partition(like: torch.Tensor, fragments: list, full_of) -> torch.Tensor:
     """A flat partition shaped like `like` holding each named fragment of `full_of(name)`."""
@@ -186,30 +211,3 @@ def _partition(like: torch.Tensor, fragments: list, full_of) -> torch.Tensor:
     for name, (_, param_start, start, count) in fragments:
         flat[start:start + count] = full_of(name).reshape(-1)[param_start:param_start + count]
     return flat
-
-
-def full_state_of(read, meta):
-    """Each parameter reassembled from its fragments in every rank's flat partitions."""
-    files = [read(rank) for rank in range(meta["world_size"])]
-    model = files[0]["model"]
-    saved_groups = files[0]["optimizer"]["param_groups"]
-    master, optimizer, groups = {}, {}, []
-    for index, names in enumerate(files[0]["param_names"]):
-        groups.append({**hyperparameters(saved_groups[index]), "param_names": names})
-        group_state = files[0]["optimizer"]["state"].get(saved_groups[index]["params"][0], {})
-        for name in names:
-            numel, shape = model[name].numel(), model[name].shape
-
-            def gather(partition_of):
-                pieces = [(f["fragments"][name][1], partition_of(f), f["fragments"][name][2],
-                           f["fragments"][name][3]) for f in files if name in f["fragments"]]
-                return assemble(numel, pieces, partition_of(files[0])).view(shape)
-
-            fp32 = gather(lambda f: f["fp32_partitions"][index])
-            if model[name].dtype != fp32.dtype:
-                master[name] = fp32
-            optimizer[name] = {
-                key: gather(lambda f: f["optimizer"]["state"][saved_groups[index]["params"][0]][key])
-                if torch.is_tensor(value) and value.dim() > 0 else value
-                for key, value in group_state.items()}
-    return {"model": model, "master": master, "optimizer": optimizer, "param_groups": groups}

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import torch
 
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from vsgd_dist.engines.base import Engine, local_tensor
-from vsgd_dist.sharding.fsdp2 import shard_model
-from vsgd_dist.train.consolidated import by_name, torch_state_dict
+from vsgd_dist.full_form import by_name, torch_state_dict
 
 
 def model_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -27,14 +29,22 @@ def model_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
+def shard_model(model: torch.nn.Module, blocks: list[torch.nn.Module], policy: MixedPrecisionPolicy) -> None:
+    """`fully_shard` each block, then the root (which takes the parameters left over)."""
+    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
 class FSDP2Engine(Engine):
     name = "fsdp2"
 
     def __init__(self, model, cfg, lr):
         # Parameters stay fp32: bf16 comes from autocast, as with the other engines.
-        shard_model(model, model_blocks(model))
+        shard_model(model, model_blocks(model), MixedPrecisionPolicy(reduce_dtype=torch.float32))
         super().__init__(model, cfg, lr)  # param groups over the DTensor parameters
-        self.module = model
+        self.wrapped = model
         self.optimizer = self.optimizer_class(self.param_groups, **self.optimizer_kwargs)
 
     def clip_grad_norm(self, max_norm):
@@ -80,6 +90,26 @@ class FSDP2Engine(Engine):
 
         self.optimizer.load_state_dict(torch_state_dict(full, self._names_per_group(), place))
 
+    @classmethod
+    def _full_state_parts(cls, read, meta):
+        """Concatenate every rank's rows of each sharded tensor; unsharded ones come from rank 0."""
+        files = [read(rank) for rank in range(meta["world_size"])]
+
+        def full(name, pick):
+            pieces = [(f["rows"][name][0], pick(f)) for f in files if f["rows"][name][1] > f["rows"][name][0]]
+            return torch.cat([piece for _, piece in sorted(pieces, key=lambda p: p[0])])
+
+        def sharded(name, value):  # per-element state is laid out like its parameter
+            return name in first["rows"] and torch.is_tensor(value) and value.dim() > 0
+
+        first = files[0]
+        model = {name: full(name, lambda f: f["model"][name]) if name in first["rows"] else value
+                 for name, value in first["model"].items()}
+        optimizer = {name: {key: full(name, lambda f: f["optimizer"][name][key]) if sharded(name, value) else value
+                            for key, value in state.items()}
+                     for name, state in first["optimizer"].items()}
+        return {"model": model, "optimizer": optimizer, "param_groups": first["param_groups"]}
+
 
 def rows_of(tensor: DTensor) -> tuple[int, int]:
     """Rows [start, stop) of dim 0 this rank holds: FSDP2 splits dim 0 as torch.chunk does
@@ -94,23 +124,3 @@ def rows_of(tensor: DTensor) -> tuple[int, int]:
         raise ValueError(f"local shard has {tensor.to_local().shape[0]} rows, torch.chunk's split gives "
                          f"{stop - start}: FSDP2's sharding changed, update rows_of")
     return start, stop
-
-
-def full_state_of(read, meta):
-    """Concatenate every rank's rows of each sharded tensor; unsharded ones come from rank 0."""
-    files = [read(rank) for rank in range(meta["world_size"])]
-
-    def full(name, pick):
-        pieces = [(f["rows"][name][0], pick(f)) for f in files if f["rows"][name][1] > f["rows"][name][0]]
-        return torch.cat([piece for _, piece in sorted(pieces, key=lambda p: p[0])])
-
-    def sharded(name, value):  # per-element state is laid out like its parameter
-        return name in first["rows"] and torch.is_tensor(value) and value.dim() > 0
-
-    first = files[0]
-    model = {name: full(name, lambda f: f["model"][name]) if name in first["rows"] else value
-             for name, value in first["model"].items()}
-    optimizer = {name: {key: full(name, lambda f: f["optimizer"][name][key]) if sharded(name, value) else value
-                        for key, value in state.items()}
-                 for name, state in first["optimizer"].items()}
-    return {"model": model, "optimizer": optimizer, "param_groups": first["param_groups"]}

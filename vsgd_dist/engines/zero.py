@@ -7,7 +7,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vsgd_dist.engines.base import Engine
 from vsgd_dist.sharding import ZeroOptimizer, consolidate, shard_from_full
-from vsgd_dist.train.consolidated import groups_in_order, hyperparameters
+from vsgd_dist.full_form import groups_in_order, hyperparameters
 
 
 class ZeroEngine(Engine):
@@ -19,7 +19,7 @@ class ZeroEngine(Engine):
         self.optimizer = ZeroOptimizer(self.param_groups, self.optimizer_class, stage=stage,
                                        bucket_cap_mb=cfg.engine.bucket_mb, **self.optimizer_kwargs)
         # ZeroOptimizer moved the parameters into flat buffers; DDP must wrap them after.
-        self.module = (DistributedDataParallel(model, broadcast_buffers=False, bucket_cap_mb=cfg.engine.bucket_mb)
+        self.wrapped = (DistributedDataParallel(model, broadcast_buffers=False, bucket_cap_mb=cfg.engine.bucket_mb)
                        if stage == 1 and dist.is_initialized() else model)
 
     def clip_grad_norm(self, max_norm):
@@ -60,16 +60,16 @@ class ZeroEngine(Engine):
             per_param[name] = {**full["optimizer"].get(name, {}), "master": master}
         self.optimizer.load_state_dict(shard_from_full(per_param, self.optimizer, groups))
 
-
-def full_state_of(read, meta):
-    """The full form of a ZeRO checkpoint: every rank's flat shards consolidated."""
-    model = read(0)["model"]
-    shards = [read(rank)["optimizer"] for rank in range(meta["world_size"])]
-    optimizer, master = {}, {}
-    for name, state in consolidate(shards).items():
-        fp32 = state.pop("master")
-        if model[name].dtype != fp32.dtype:  # bf16 weights: the master holds the precision
-            master[name] = fp32
-        optimizer[name] = state
-    groups = [{**hyperparameters(g), "param_names": g["param_names"]} for g in shards[0]["param_groups"]]
-    return {"model": model, "master": master, "optimizer": optimizer, "param_groups": groups}
+    @classmethod
+    def _full_state_parts(cls, read, meta):
+        """The full form of a ZeRO checkpoint: every rank's flat shards consolidated."""
+        model = read(0)["model"]
+        shards = [read(rank)["optimizer"] for rank in range(meta["world_size"])]
+        optimizer, master = {}, {}
+        for name, state in consolidate(shards).items():
+            fp32 = state.pop("master")
+            if model[name].dtype != fp32.dtype:  # bf16 weights: the master holds the precision
+                master[name] = fp32
+            optimizer[name] = state
+        groups = [{**hyperparameters(g), "param_names": g["param_names"]} for g in shards[0]["param_groups"]]
+        return {"model": model, "master": master, "optimizer": optimizer, "param_groups": groups}

@@ -1,32 +1,58 @@
-"""Models the recipes select by name."""
+"""Models the recipes select by name (`MODELS`): the demo's tiny ResNet, torchvision's
+ResNet-18/50 and ViTs (DeiT-S/16 and ViT-B/16)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from vsgd_dist.models.torchvision_import import import_torchvision
+from vsgd_dist.registry import Registry
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    build: Callable[[int, int], nn.Module]
+    """(num_classes, image_size) -> the model."""
+    fixed_resolution: bool = False
+    """True when the model only takes `image_size` inputs (ViT position embeddings), so the
+    recipe's training and validation resolutions must all equal it."""
+
+
+MODELS: Registry[ModelEntry] = Registry("model")
 
 
 def build_model(name: str, num_classes: int, image_size: int = 224) -> nn.Module:
-    """resnet_tiny (demo), torchvision resnet18/resnet50, DeiT-style vit_s16, vit_b16."""
-    tv = import_torchvision()
-    from torchvision.models import resnet, vision_transformer
+    return MODELS.get(name).build(num_classes, image_size)
 
-    if name == "resnet18":
-        return resnet.resnet18(num_classes=num_classes)
-    if name == "resnet50":
-        return resnet.resnet50(num_classes=num_classes)
-    if name == "vit_s16":  # DeiT-S: ViT-B/16's blocks at width 384 with 6 heads
-        return vision_transformer.VisionTransformer(image_size=image_size, patch_size=16, num_layers=12,
-                                                    num_heads=6, hidden_dim=384, mlp_dim=1536,
-                                                    num_classes=num_classes)
-    if name == "vit_b16":
-        return vision_transformer.VisionTransformer(image_size=image_size, patch_size=16, num_layers=12,
-                                                    num_heads=12, hidden_dim=768, mlp_dim=3072,
-                                                    num_classes=num_classes)
-    if name == "resnet_tiny":
-        return TinyResNet(num_classes, tv.models.resnet.BasicBlock)
-    raise ValueError(f"unknown model {name!r}")
+
+def _vit(num_heads: int, hidden_dim: int) -> Callable[[int, int], nn.Module]:
+    def build(num_classes: int, image_size: int) -> nn.Module:
+        import_torchvision()
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(image_size=image_size, patch_size=16, num_layers=12, num_heads=num_heads,
+                                 hidden_dim=hidden_dim, mlp_dim=4 * hidden_dim, num_classes=num_classes)
+    return build
+
+
+def _torchvision_resnet(name: str) -> Callable[[int, int], nn.Module]:
+    def build(num_classes: int, image_size: int) -> nn.Module:
+        return getattr(import_torchvision().models, name)(num_classes=num_classes)
+    return build
+
+
+def _tiny_resnet(num_classes: int, image_size: int) -> nn.Module:
+    return TinyResNet(num_classes, import_torchvision().models.resnet.BasicBlock)
+
+
+MODELS.register("resnet_tiny", ModelEntry(_tiny_resnet))
+MODELS.register("resnet18", ModelEntry(_torchvision_resnet("resnet18")))
+MODELS.register("resnet50", ModelEntry(_torchvision_resnet("resnet50")))
+MODELS.register("vit_s16", ModelEntry(_vit(num_heads=6, hidden_dim=384), fixed_resolution=True))  # DeiT-S
+MODELS.register("vit_b16", ModelEntry(_vit(num_heads=12, hidden_dim=768), fixed_resolution=True))
 
 
 class TinyResNet(nn.Module):

@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from vsgd_dist.distributed import all_reduce, gather_host_objects
 from vsgd_dist.optim.vsgd import diagnostic_fields
 
 # Histogram bins per diagnostic: (transform, low, high); log10 for quantities spanning decades.
@@ -51,12 +52,10 @@ def reduced_diagnostics(pieces: Iterable, group_of: Callable[[str], str], reduce
     groups = sorted(sums)
     if reduce and dist.is_initialized():
         # Ranks may hold different groups: agree on the union of names first.
-        all_groups: list = [None] * dist.get_world_size(process_group)
-        dist.all_gather_object(all_groups, groups, group=process_group)
-        groups = sorted(set().union(*all_groups))
+        groups = sorted(set().union(*gather_host_objects(groups, process_group)))
         table = torch.stack([sums[g] for g in groups]) if groups else torch.zeros(0, device=device)
         packed = torch.cat([table.reshape(-1), hist.reshape(-1)])
-        dist.all_reduce(packed, group=process_group)
+        all_reduce(packed, process_group=process_group)
         table = packed[:table.numel()].view(len(groups), -1)
         hist = packed[table.numel():].view_as(hist)
     else:

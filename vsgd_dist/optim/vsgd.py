@@ -3,7 +3,7 @@
 The true gradient of every weight is a latent variable observed through the noisy minibatch
 gradient. Per element the optimizer keeps the posterior mean of the true gradient (`mug`)
 and twice the rates of two Gamma-distributed precisions (`bg`: drift of the true gradient,
-`bhg`: noise of the observation). See docs in ../shared/docs/vsgd-spec.md for the update.
+`bhg`: noise of the observation). `_single_tensor_update` writes the update out per element.
 
 Every line of the update is elementwise, so the optimizer gives identical results on a
 whole tensor, a flat 1-D slice of a flattened bucket (ZeRO) or a DTensor shard (FSDP2),
@@ -26,6 +26,8 @@ from typing import Any, Iterable
 
 import torch
 from torch.optim import Optimizer
+
+from vsgd_dist.optim.registry import OPTIMIZERS, OptimizerEntry
 
 __all__ = ["VSGD", "diagnostic_fields", "diagnostic_sums", "DIAGNOSTIC_NAMES"]
 
@@ -393,3 +395,20 @@ def diagnostic_means(sums: torch.Tensor) -> dict[str, float]:
     values = sums.double().cpu().tolist()
     count = values[0]
     return {name: (v / count if count else float("nan")) for name, v in zip(DIAGNOSTIC_NAMES[1:], values[1:])}
+
+
+@dataclass
+class VSGDHparams:
+    ghattg: float = 30.0
+    """Prior variance ratio K_g = Var(g_hat - g) / Var(g_t - g_{t-1})."""
+    ps: float = 1e-8
+    """Prior strength gamma."""
+    tau1: float = 0.81
+    """Decay exponent of the SVI step on the true-gradient side, in (0, 1]."""
+    tau2: float = 0.9
+    """Decay exponent of the SVI step on the observation side, in (0, 1]."""
+    eps: float = 1e-8
+    """Added to the denominator."""
+
+
+OPTIMIZERS.register("vsgd", OptimizerEntry(VSGD, VSGDHparams, diagnostics=True))

@@ -1,4 +1,4 @@
-"""Sharded optimizers: native ZeRO-1/2 for elementwise optimizers, FSDP2 helpers, resharding."""
+"""Native ZeRO-1/2 for elementwise optimizers (flat buckets, even shards) and its resharding."""
 from vsgd_dist.sharding.reshard import consolidate, shard_from_full
 from vsgd_dist.sharding.zero import ZeroOptimizer
 

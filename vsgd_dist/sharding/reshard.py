@@ -11,12 +11,9 @@ from typing import Any
 
 import torch
 
+from vsgd_dist.full_form import is_per_element
 from vsgd_dist.sharding.layout import from_memory_flat, owned_part, to_memory_flat
 from vsgd_dist.sharding.zero import STATE_DICT_FORMAT, ZeroOptimizer
-
-
-def _is_shard_tensor(value: Any, master: torch.Tensor) -> bool:
-    return torch.is_tensor(value) and value.dim() == 1 and value.numel() == master.numel()
 
 
 def consolidate(state_dicts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -33,7 +30,7 @@ def consolidate(state_dicts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         numel = meta["range"][1] - meta["range"][0]
         entry: dict[str, Any] = {}
         for key, value in group_state.items():
-            if not _is_shard_tensor(value, group_state["master"]):
+            if not is_per_element(value, group_state["master"].shape):
                 entry[key] = value
                 continue
             flat = value.new_zeros(numel)
@@ -64,7 +61,7 @@ def shard_from_full(full: dict[str, dict[str, Any]], optimizer: ZeroOptimizer,
         shard: dict[str, Any] = {"master": master.clone()}
         for _, slot in slots:
             for key, value in full[slot.name].items():
-                if not _is_full_tensor(key, value, slot.shape):
+                if not is_per_element(value, slot.shape):
                     if key in shard and not _same(shard[key], value):
                         raise ValueError(f"parameters of group {group_index} have different {key!r} "
                                          f"({shard[key]} vs {value} at {slot.name}); one shard per group "
@@ -79,10 +76,6 @@ def shard_from_full(full: dict[str, dict[str, Any]], optimizer: ZeroOptimizer,
         shards.append(shard)
     state_dict["state"] = shards
     return state_dict
-
-
-def _is_full_tensor(key: str, value: Any, shape: tuple[int, ...]) -> bool:
-    return torch.is_tensor(value) and tuple(value.shape) == shape and not (value.dim() == 0 and key == "step")
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -27,6 +27,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
+from vsgd_dist.full_form import is_per_element
 from vsgd_dist.sharding.layout import Bucket, from_memory_flat, owned_part, plan, to_memory_flat
 
 STATE_DICT_FORMAT = "vsgd_dist.zero/1"
@@ -294,11 +295,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes of per-element optimizer state on this rank (padding included, no masters/grads)."""
         return sum(v.nbytes for m in self.masters for v in self.inner.state.get(m, {}).values()
-                   if _is_per_element(v, m))
-
-    def master_bytes(self) -> int:
-        """Bytes of this rank's fp32 master slices plus its reduced gradient slices."""
-        return sum(m.nbytes for m in self.masters) + sum(g.nbytes for g in self._grad_shards)
+                   if is_per_element(v, m.shape))
 
     def vsgd_state_pieces(self):
         """(parameter name, mug, bg, bhg, hyperparameters) for the part of each parameter
@@ -314,19 +311,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
             part = slice(offset, offset + last - first)
             yield (slot.name, state["mug"][part], state["bg"][part], state["bhg"][part],
                    self.param_groups[slot.group])
-
-    def diagnostics(self, param_to_group: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
-        """VSGD diagnostics averaged over all elements of each layer group, across all ranks.
-
-        Groups are `param_to_group[name]` (default: each parameter is its own group); every
-        rank returns the same numbers as an unsharded VSGD would give.
-        """
-        from vsgd_dist.optim.diagnostics import reduced_diagnostics
-
-        param_to_group = param_to_group or {}
-        means, _ = reduced_diagnostics(self.vsgd_state_pieces(), lambda n: param_to_group.get(n, n), reduce=True,
-                                       device=self.device, process_group=self.process_group)
-        return means
 
     # ---- checkpoints --------------------------------------------------------------------
 
@@ -394,8 +378,3 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 k: v.detach().clone().to(master.device) if torch.is_tensor(v) else v
                 for k, v in saved.items() if k != "master"}
         self._gather_parameters()
-
-
-def _is_per_element(value: Any, master: torch.Tensor) -> bool:
-    """Whether a state value is a per-element tensor of a flat master slice (not a counter)."""
-    return torch.is_tensor(value) and value.dim() == 1 and value.numel() == master.numel()

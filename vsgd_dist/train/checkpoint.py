@@ -8,7 +8,8 @@ and renames the folder. A crash or kill mid-write leaves only a `.tmp` folder, w
 never picked up as the latest and is removed by the next save. Files are plain tensors and
 containers, read back with `torch.load(weights_only=True)`, so a tampered file cannot run
 code. Any engine loads a checkpoint of any engine at any world size (see
-`vsgd_dist.train.consolidated`); the model and optimizer must be the same.
+`vsgd_dist.full_form`); the model and optimizer must be the same. A checkpoint whose
+weights or optimizer state hold NaN or inf is never published.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from vsgd_dist.config import ConfigError, RunConfig, config_from_dict, save_config
+from vsgd_dist.distributed import gather_host_values, reduce_host_values
 from vsgd_dist.sharding.zero import class_path
 
 RECIPE_FILE = "recipe.yaml"
@@ -41,18 +43,27 @@ class Checkpointer:
     def latest(self) -> Path | None:
         return latest_checkpoint(self.folder)
 
+    def describe_latest(self) -> str:
+        """Where a failed run can resume from, for error messages."""
+        latest = self.latest()
+        if latest is None:
+            return "no checkpoint was written"
+        return f"the latest checkpoint, {latest} (finite weights), is kept: rerun the same command to resume from it"
+
     def save(self, engine, cfg: RunConfig, *, step: int, **trainer_state) -> Path:
         rank, world = dist.get_rank(), dist.get_world_size()
+        payload = {"engine": engine.checkpoint_state(), "trainer": {"step": step, **trainer_state}}
+        if reduce_host_values([not _all_finite(payload["engine"])], op="max")[0]:
+            raise FloatingPointError(f"weights or optimizer state are not finite at step {step}: not saved; "
+                                     f"{self.describe_latest()} (lower optim.lr or set train.grad_clip)")
         final = self.folder / f"step_{step:08d}"
         tmp = final.with_suffix(".tmp")
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        payload = {"engine": engine.checkpoint_state(), "trainer": {"step": step, **trainer_state}}
         torch.save(payload, tmp / f"rank{rank}.pt")
-        state_bytes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
-        dist.all_gather(state_bytes, torch.tensor([engine.state_bytes()]))  # also: every file is complete
+        state_bytes = gather_host_values(engine.state_bytes())  # also: every file is complete
         if rank == 0:
             meta = {"step": step, "world_size": world, "engine": cfg.engine.name, "zero_stage": cfg.engine.zero_stage,
                     "optimizer": cfg.optim.name, "optimizer_class": class_path(engine.optimizer_class),
@@ -88,6 +99,17 @@ class Checkpointer:
         return read(min(dist.get_rank(), meta["world_size"] - 1))["trainer"]
 
 
+def _all_finite(tree) -> bool:
+    """Whether every floating-point tensor in a nested dict/list is free of NaN and inf."""
+    if isinstance(tree, dict):
+        return all(_all_finite(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return all(_all_finite(v) for v in tree)
+    if torch.is_tensor(tree) and tree.is_floating_point():
+        return bool(torch.isfinite(tree).all())
+    return True
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest published `step_*` folder (a `.tmp` one is a write that never finished)."""
     done = sorted(p for p in Path(folder).glob("step_*") if p.suffix != ".tmp" and (p / "meta.json").is_file())
@@ -119,7 +141,7 @@ def open_checkpoint(path: Path) -> tuple[dict, Callable[[int], dict]]:
     return meta, read
 
 
-def claim_run_dir(run_dir: Path, cfg: RunConfig, rank: int) -> None:
+def open_run_dir(run_dir: Path, cfg: RunConfig, rank: int) -> None:
     """Use `run_dir` for this run: new, or holding the same recipe (then the run resumes).
     A folder holding a different run is never touched."""
     if rank == 0:

@@ -1,6 +1,6 @@
 """The full per-parameter form of a checkpoint: every engine converts its shards to it and back.
 
-    {"step": int,
+    {"format": FORMAT, "step": int,
      "model": {name: full tensor}                       model.state_dict(): weights and buffers
      "master": {param name: fp32 tensor}                only where fp32 masters carry more
                                                         precision than the weights (bf16 weights)
@@ -9,30 +9,30 @@
      "optimizer_class": "vsgd_dist.optim.vsgd.VSGD"}
 
 Nothing in it depends on the world size or the engine that wrote it, so a checkpoint written
-by any engine at N ranks loads into any engine at M ranks: `full_state(read, meta)` asks the
-writing engine's module (`vsgd_dist.engines.<engine>.full_state_of`) to assemble it, and the
-loading engine's `load_full_state` cuts out its part. Optimizer state keys are never
-interpreted: whatever per-element tensors the optimizer keeps (VSGD's mug/bg/bhg, AdamW's
-exp_avg/exp_avg_sq) are moved as they are.
+by any engine at N ranks loads into any engine at M ranks: the writing engine's
+`Engine.full_state` assembles it and the loading engine's `load_full_state` cuts out its part.
+Optimizer state keys are never interpreted: whatever per-element tensors the optimizer keeps
+(VSGD's mug/bg/bhg, AdamW's exp_avg/exp_avg_sq) are moved as they are.
+
+This module sits below the engines and the sharding code and imports neither.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable
 
 import torch
 
-from vsgd_dist.engines.base import CheckpointMismatch
-
 FORMAT = "vsgd_dist.full/1"
 
 
-def full_state(read: Callable[[int], dict], meta: dict) -> dict[str, Any]:
-    """The full form of the checkpoint described by `meta` (meta.json), whose rank files
-    `read(rank)` returns (their engine payloads). Needs no process group."""
-    module = importlib.import_module(f"vsgd_dist.engines.{meta['engine']}")
-    return {"format": FORMAT, "step": meta["step"], "optimizer_class": meta["optimizer_class"],
-            "master": {}, **module.full_state_of(read, meta)}
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint that does not fit this model, optimizer or world size."""
+
+
+def is_per_element(value: Any, shape: torch.Size | tuple) -> bool:
+    """A state tensor with one entry per element of a tensor of `shape` (a parameter, or a
+    flat shard), as opposed to a counter such as `step`."""
+    return torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) == tuple(shape)
 
 
 def hyperparameters(group: dict) -> dict:
@@ -92,11 +92,6 @@ def torch_state_dict(full: dict, names_per_group: list[list[str]],
                                 for k, v in full["optimizer"][name].items()}
             index += 1
     return {"state": state, "param_groups": out_groups}
-
-
-def is_per_element(value: Any, shape: torch.Size | tuple) -> bool:
-    """A state tensor with one entry per parameter element (not a counter such as `step`)."""
-    return torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) == tuple(shape)
 
 
 def assemble(numel: int, pieces: list[tuple[int, torch.Tensor, int, int]], like: torch.Tensor) -> torch.Tensor:

@@ -1,20 +1,7 @@
-"""From a recipe's optimizer section to an optimizer class, its arguments and param groups."""
+"""Param groups for any optimizer: weight decay for weights, none for norms and biases."""
 from __future__ import annotations
 
-import torch
 from torch import nn
-
-from vsgd_dist.optim.vsgd import VSGD
-
-
-def optimizer_class_and_kwargs(cfg, lr: float) -> tuple[type[torch.optim.Optimizer], dict]:
-    """`cfg` is an OptimConfig; `lr` the peak LR after the linear scaling rule."""
-    if cfg.name == "vsgd":
-        return VSGD, dict(lr=lr, ghattg=cfg.ghattg, ps=cfg.ps, tau1=cfg.tau1, tau2=cfg.tau2, eps=cfg.eps,
-                          fused=cfg.fused or None)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW, dict(lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=cfg.fused or None)
-    raise ValueError(f"unknown optimizer {cfg.name!r}; choose vsgd or adamw")
 
 
 def named_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

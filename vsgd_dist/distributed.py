@@ -1,0 +1,117 @@
+"""The process group and the device of a rank, and collectives on host values.
+
+Every way a rank starts (local processes from `launch run`, `--from-env` under srun, submitit
+on SLURM) joins its group through `init_process_group_from_env`, so there is one backend
+rule: on CUDA the group is "cuda:nccl,cpu:gloo" (NCCL for device tensors, gloo for the few
+host values such as a stop flag or a byte count), on CPU plain gloo. Host values are reduced
+through `reduce_host_values`, which never hands NCCL a CPU tensor.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 600.0
+"""Process-group timeout: how long a collective waits for a missing rank before failing."""
+
+
+class DeviceError(RuntimeError):
+    """This rank cannot get the GPU its local rank asks for."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_device() -> torch.device:
+    """cuda:LOCAL_RANK among the visible GPUs, or the only visible GPU when the scheduler
+    binds one GPU per task (SLURM --gpus-per-task=1); the CPU when there is no GPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if visible == 1:
+        index = 0
+    elif local_rank < visible:
+        index = local_rank
+    else:
+        raise DeviceError(f"local rank {local_rank} has no GPU: {visible} are visible to this task; "
+                          f"start at most {visible} ranks per node or make each task see its own GPU")
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
+    return device
+
+
+def backend_for(device: torch.device) -> str:
+    return "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+
+
+def init_process_group_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Join the group RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT describe (a lone process
+    without them gets a world of one). Returns whether this call created the group."""
+    if dist.is_initialized():
+        return False
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    device = pick_device()
+    if device.type == "cpu":
+        torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "1")))
+    dist.init_process_group(backend_for(device), timeout=timedelta(seconds=timeout_s))
+    return True
+
+
+def close_process_group() -> None:
+    """Leave the group; the barrier first, or 3+ rank gloo runs sometimes abort at exit."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def reduce_host_values(values: list[float], op: str = "sum") -> list[float]:
+    """All-reduce a few host numbers (flags, counts, byte sizes) over the default group and
+    return them as Python floats. They travel as a CPU float64 tensor: gloo takes it, and a
+    "cuda:nccl,cpu:gloo" group routes it to its gloo side, never to NCCL."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return tensor.tolist()
+
+
+def rank_and_world() -> tuple[int, int]:
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def gather_host_values(value: float) -> list[float]:
+    """One host number from every rank, in rank order (the CPU side of the group, as above)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [float(value)]
+    gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, torch.tensor([float(value)], dtype=torch.float64))
+    return [t.item() for t in gathered]
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum", process_group=None) -> torch.Tensor:
+    """Sum (or max) a tensor over the ranks in place and return it. It must live on the
+    run's device (NCCL reduces CUDA tensors only); reading it back is the caller's sync."""
+    if dist.is_initialized() and dist.get_world_size(process_group) > 1:
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=process_group)
+    return tensor
+
+
+def gather_host_objects(obj, process_group=None) -> list:
+    """A small picklable object from every rank, in rank order. torch sends it through the
+    group's CPU side when it has one (gloo, or "cuda:nccl,cpu:gloo")."""
+    if not dist.is_initialized() or dist.get_world_size(process_group) == 1:
+        return [obj]
+    gathered: list = [None] * dist.get_world_size(process_group)
+    dist.all_gather_object(gathered, obj, group=process_group)
+    return gathered
