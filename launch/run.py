@@ -1,14 +1,18 @@
 """`python -m launch run RECIPE [key=value ...] [--nproc N]`: train on N local processes.
 
-The recipe and the run folder are checked before any process starts. Under srun (the plain
-sbatch template) pass --from-env: the process then joins the group that RANK, WORLD_SIZE,
-MASTER_ADDR and MASTER_PORT describe instead of starting ranks itself.
+The recipe and the run folder are checked before any process starts. SIGTERM, SIGINT and
+SIGHUP stop every rank at one step with a checkpoint (launch/signals.py). Under srun (the
+plain sbatch template) pass --from-env: the process then joins the group that RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT describe instead of starting ranks itself.
 """
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
+from launch.signals import ForwardSignals, Interrupted, die_with_parent, stop_on_signals
 from vsgd_dist.config import ConfigError, load_recipe
 
 
@@ -22,14 +26,24 @@ def add_arguments(parser, name):
 
 
 def main(args) -> int:
-    import os
+    if args.from_env:
+        return run(args, None)
+    with ForwardSignals() as signals:
+        try:
+            return run(args, signals)
+        except Interrupted as e:
+            print(f"launch run: {e} received {'again' if signals.received else 'before the ranks started'}: "
+                  f"stopped without saving", file=sys.stderr)
+            return 128 + e.signum
 
+
+def run(args, signals: ForwardSignals | None) -> int:
     world = int(os.environ.get("WORLD_SIZE", 1)) if args.from_env else args.nproc
     if world < 1:
         print(f"launch run: --nproc must be at least 1, got {world}", file=sys.stderr)
         return 2
     from vsgd_dist.data import DataError, inspect_beton, resolve_dataset
-    from vsgd_dist.train.checkpoint import check_run_dir
+    from vsgd_dist.train.checkpoint import check_run_dir, latest_checkpoint
 
     try:
         cfg = load_recipe(args.recipe, args.overrides, world_size=world)
@@ -44,21 +58,36 @@ def main(args) -> int:
 
     try:
         if args.from_env:
-            from vsgd_dist.train.trainer import Trainer
-
-            summary = Trainer(cfg).run()
+            summary = _train(cfg)
         else:
-            summary = run_distributed(_train_rank, world, cfg.to_dict(), timeout=None)[0]
+            summary = run_distributed(_train_rank, world, cfg.to_dict(), os.getpid(), timeout=None)[0]
     except RankFailed as e:
+        if signals and signals.received:
+            print(f"launch run: {signal.Signals(signals.received).name} received before training started: "
+                  f"nothing saved", file=sys.stderr)
+            return 128 + signals.received
         print(f"launch run: rank {e.rank} failed: {e.summary}", file=sys.stderr)
         return 1
+    if signals and signals.received and summary["status"] == "stopped":
+        saved = latest_checkpoint(Path(cfg.train.out) / "checkpoints")
+        print(f"launch run: {signal.Signals(signals.received).name} received: every rank stopped at step "
+              f"{summary['step']} and saved it to {saved}; run the same command to resume", file=sys.stderr)
+        return 128 + signals.received
     print(f"launch run: {summary['status']} at step {summary['step']}"
           + (f", val top-1 {summary['val_top1']:.4f}" if "val_top1" in summary else "")
           + f"; TensorBoard: tensorboard --logdir {Path(cfg.train.out) / 'tb'}")
     return 0
 
 
-def _train_rank(rank: int, world_size: int, cfg_dict: dict) -> dict:
+def _train(cfg) -> dict:
+    """Train in this process; a stop signal ends the run at the agreed step, with a checkpoint."""
     from vsgd_dist.train.trainer import Trainer
 
-    return Trainer(cfg_dict).run()
+    trainer = Trainer(cfg)
+    stop_on_signals(trainer.request_stop)
+    return trainer.run()
+
+
+def _train_rank(rank: int, world_size: int, cfg_dict: dict, launcher_pid: int) -> dict:
+    die_with_parent(launcher_pid)
+    return _train(cfg_dict)

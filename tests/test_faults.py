@@ -5,9 +5,12 @@ as `python -m launch ...` subprocesses, as a user types them.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -237,3 +240,58 @@ def test_overwrite_removes_the_splits_the_new_dataset_lacks(tmp_path):
     (tmp_path / "data" / "val.beton").write_bytes(old_val)  # a stray file is never read
     err = one_line_error(run_on_data(tmp_path / "data", tmp_path / "run"))
     assert f"{tmp_path / 'data'}: the dataset has no val split (manifest.json lists train)" in err, err
+
+
+# --- item 1: signals reach every rank; no rank outlives the launcher ----------------------
+def start_run(out: Path, *overrides: str) -> subprocess.Popen:
+    """`launch run` of a long demo in the background; returns once its ranks train."""
+    proc = subprocess.Popen([sys.executable, "-m", "launch", "run", *DEMO, "--nproc", "2", f"out={out}",
+                             "max_steps=100000", *overrides], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 240
+    while not list((out / "tb").glob("events.*")):  # the trainer logs from its first step on
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.5)
+    time.sleep(2)
+    return proc
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def gone(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]
+              for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_stop_signal_saves_on_every_rank_and_says_where(tmp_path, sig):
+    proc = start_run(tmp_path / "run")
+    ranks = children(proc.pid)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    saved = checkpoint_of(tmp_path / "run")
+    step = json.loads((saved / "meta.json").read_text())["step"]
+    assert err.strip().splitlines()[-1] == (f"launch run: {sig.name} received: every rank stopped at step {step} "
+                                            f"and saved it to {saved}; run the same command to resume"), err
+    assert sorted(p.name for p in saved.iterdir()) == ["meta.json", "rank0.pt", "rank1.pt"]
+    assert gone(ranks, timeout=30)
+
+
+@pytest.mark.timeout(400)
+def test_ranks_die_with_a_killed_launcher(tmp_path):
+    proc = start_run(tmp_path / "run")
+    ranks = children(proc.pid)
+    assert len(ranks) >= 2
+    proc.kill()
+    proc.wait(timeout=30)
+    assert gone(ranks, timeout=30), [Path(f"/proc/{p}/cmdline").read_text() for p in ranks]
