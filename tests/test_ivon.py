@@ -124,8 +124,9 @@ def test_matches_float64_reference_over_300_steps(path, variant):
         ref.step(zs, grad_fn)
         ivon_step(opt, params, grad_fn, zs)
     if hp["clip_radius"] != math.inf:
-        assert 0 < ref.clipped < 300 * 46  # the clip binds, but not always
-    # float64 rounding through 300 steps (same formulas, different operation order)
+        assert 0 < ref.clipped < 300 * 46  # the clip binds, but not always (measured: 6-7%)
+    # float64 rounding through 300 steps (same formulas, other operation order): measured at
+    # most 1e-13 relative on every path; 1e-10 leaves room for other CPUs and compilers
     for p, w in zip(params, ref.w):
         torch.testing.assert_close(p.detach(), w, rtol=1e-10, atol=1e-12)
     for i, p in enumerate(params):
