@@ -78,7 +78,7 @@ def describe(path: Path, meta: dict) -> str:
 def write_consolidated(meta: dict, read, out: Path) -> None:
     import torch
 
-    from vsgd_dist.train.consolidated import full_state
+    from vsgd_dist.engines import full_state
 
     full = full_state(lambda rank: read(rank)["engine"], meta)
     out.parent.mkdir(parents=True, exist_ok=True)
