@@ -58,6 +58,15 @@ def refuse_run_folder_override(overrides: list[str]) -> None:
                               f"as --out {value or 'DIR'} (training writes to its run/)")
 
 
+def check_data_workers(recipe: dict, cores: int, where: str) -> None:
+    """Refuse more decoding threads per rank (data.num_workers) than the cores a rank has:
+    the data loader (numba) cannot start them, and would fail only inside the ranks."""
+    workers = recipe.get("data", {}).get("num_workers")
+    if workers is not None and workers > cores:
+        raise RecipeError(f"data.num_workers={workers} is more than the {cores} cores {where}; "
+                          f"set data.num_workers={cores} or fewer")
+
+
 def resolve_recipe(path: str | Path, overrides: list[str], trainer: str, world_size: int) -> dict:
     """Load the recipe at `path`, apply `overrides`; raise RecipeError naming the fix."""
     refuse_run_folder_override(overrides)

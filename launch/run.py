@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from launch.resolve import RecipeError, check_data_workers
 from launch.signals import ForwardSignals, Interrupted, die_with_parent, stop_on_signals
 from vsgd_dist.config import ConfigError, load_recipe
 
@@ -47,11 +48,12 @@ def run(args, signals: ForwardSignals | None) -> int:
 
     try:
         cfg = load_recipe(args.recipe, args.overrides, world_size=world)
+        check_data_workers(cfg.to_dict(), local_cores(), "a rank gets here")
         check_run_dir(Path(cfg.train.out), cfg)
         files = resolve_dataset(cfg.data)  # writes the demo data once, before the ranks start
         for split in (files.train, files.val):
             inspect_beton(split)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, RecipeError) as e:
         print(f"launch run: {e}", file=sys.stderr)
         return 2
     from vsgd_dist.spawn import RankFailed, run_distributed
@@ -77,6 +79,11 @@ def run(args, signals: ForwardSignals | None) -> int:
           + (f", val top-1 {summary['val_top1']:.4f}" if "val_top1" in summary else "")
           + f"; TensorBoard: tensorboard --logdir {Path(cfg.train.out) / 'tb'}")
     return 0
+
+
+def local_cores() -> int:
+    """Threads one process may run here: numba's own limit (its env setting, else the CPU affinity)."""
+    return int(os.environ.get("NUMBA_NUM_THREADS", len(os.sched_getaffinity(0))))
 
 
 def _train(cfg) -> dict:

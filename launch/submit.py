@@ -13,7 +13,7 @@ import yaml
 
 from launch.clusters import load_profile
 from launch.job import TrainJob
-from launch.resolve import resolve_recipe
+from launch.resolve import check_data_workers, resolve_recipe
 from launch.slurm import (add_request_arguments, build_spec, check_factory, check_not_active, claim_run_dir,
                           describe, finish_submission, job_folder, make_executor, print_errors, render_sbatch,
                           use_cluster, write_point)
@@ -40,6 +40,7 @@ def main(args: argparse.Namespace) -> int:
     use_cluster(profile)
     spec = build_spec(profile, args, job_dir.name)
     recipe = resolve_recipe(args.recipe, args.overrides, args.trainer, spec.nodes * spec.ntasks_per_node)
+    check_data_workers(recipe, spec.cpus_per_task, f"per task of cluster profile {profile.name!r}")
     claim_run_dir(job_dir, recipe)
     if args.dry_run:
         print("# resolved recipe\n" + yaml.safe_dump(recipe, sort_keys=False))

@@ -14,7 +14,7 @@ import yaml
 
 from launch.clusters import LaunchError, load_profile
 from launch.job import TrainJob
-from launch.resolve import parse_override, resolve_recipe
+from launch.resolve import check_data_workers, parse_override, resolve_recipe
 from launch.slurm import (add_request_arguments, build_spec, check_factory, check_not_active, claim_run_dir,
                           describe, finish_submission, job_folder, make_executor, print_errors, render_sbatch,
                           use_cluster, write_point)
@@ -59,6 +59,8 @@ def main(args: argparse.Namespace) -> int:
     spec = build_spec(profile, args, sweep_dir.name)
     world_size = spec.nodes * spec.ntasks_per_node
     recipes = [resolve_recipe(args.recipe, overrides, args.trainer, world_size) for _, overrides in points]
+    for recipe in recipes:
+        check_data_workers(recipe, spec.cpus_per_task, f"per task of cluster profile {profile.name!r}")
     for (name, _), recipe in zip(points, recipes):
         claim_run_dir(sweep_dir / name, recipe)
     if args.dry_run:

@@ -295,3 +295,68 @@ def test_ranks_die_with_a_killed_launcher(tmp_path):
     proc.kill()
     proc.wait(timeout=30)
     assert gone(ranks, timeout=30), [Path(f"/proc/{p}/cmdline").read_text() for p in ranks]
+
+
+# --- items 8, 10, 11: refused in the launcher, in one line --------------------------------
+BAD_VALUES = {"tau1": ("optim.vsgd.tau1=1.5", "optim.vsgd: VSGD: invalid tau1=1.5"),
+              "ghattg": ("optim.vsgd.ghattg=-5", "optim.vsgd: VSGD: invalid ghattg=-5"),
+              "beta1": ("optimizer=adamw optim.adamw.beta1=1.5", "optim.adamw: Invalid beta parameter at index 0"),
+              "num_workers": ("data.num_workers=4096", "data.num_workers=4096 is more than the")}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+@pytest.mark.parametrize("command", ["run", "submit", "sweep"])
+def test_bad_values_fail_in_the_launcher(tmp_path, command, case):
+    overrides, message = BAD_VALUES[case]
+    slurm = {"run": [], "submit": ["--cluster", GPU_PROFILE, "--dry-run"],
+             "sweep": ["--cluster", GPU_PROFILE, "--dry-run", "seed=0,1"]}[command]
+    err = one_line_error(launch(command, "recipes/demo.yaml", *overrides.split(), *slurm,
+                                *(["out=" + str(tmp_path / "run")] if command == "run" else [])))
+    assert message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+BAD_RECIPES = {  # name -> (recipe file content, or None for a folder; the expected error)
+    "empty": ("# nothing but a comment\n", "is empty; start from a copy of recipes/demo.yaml"),
+    "binary": (bytes(range(256)), "is not a text file; give a YAML recipe"),
+    "folder": (None, "is a folder; give a YAML file"),
+    "invalid yaml": ("train: {max_steps: 3\n", "is not valid YAML: expected ',' or '}'"),
+    "base outside": ("base: /etc/passwd\n", "base '/etc/passwd' is neither in"),
+    "base secret": ("base: ../secret/s.yaml\n", "base '../secret/s.yaml' is neither in"),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", list(BAD_RECIPES))
+def test_bad_recipe_files_are_one_line_errors(tmp_path, case):
+    content, message = BAD_RECIPES[case]
+    write(tmp_path / "secret" / "s.yaml", "train:\n  seed: 1\nsecret_token_xyz: 1\n")
+    recipe = tmp_path / "mine" / "r.yaml"
+    if content is None:
+        recipe.mkdir(parents=True)
+    else:
+        write(recipe, content)
+    err = one_line_error(launch("run", recipe))
+    assert message in err and "secret_token_xyz" not in err and "root:" not in err, err
+
+
+@pytest.mark.timeout(60)
+def test_base_next_to_the_recipe_or_in_recipes_is_allowed(tmp_path):
+    write(tmp_path / "shared.yaml", "base: " + str(REPO / "recipes/demo.yaml") + "\ntrain:\n  seed: 7\n")
+    write(tmp_path / "mine.yaml", "base: shared.yaml\n")
+    res = launch("submit", tmp_path / "mine.yaml", "--cluster", GPU_PROFILE, "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert "  seed: 7\n" in res.stdout and "  name: resnet_tiny\n" in res.stdout
+
+
+@pytest.mark.timeout(60)
+def test_invalid_yaml_in_an_override_is_one_line(tmp_path):
+    err = one_line_error(launch("run", "recipes/demo.yaml", "lr=[1", f"out={tmp_path / 'run'}"))
+    assert "override 'lr=[1': the value is not valid YAML" in err, err

@@ -25,6 +25,8 @@ from vsgd_dist.registry import suggest
 from vsgd_dist.train.schedule import SCHEDULES
 
 PRECISIONS = ("fp32", "bf16")
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+"""The recipes tree: a recipe's `base:` file lives here or next to the recipe."""
 
 
 class ConfigError(ValueError):
@@ -253,7 +255,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value (example: optimizer=vsgd)")
-        parsed[resolve_key(key.strip())] = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            parsed[resolve_key(key.strip())] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); "
+                              f"quote it, e.g. {key}='\"{raw}\"'") from None
     return parsed
 
 
@@ -274,22 +280,45 @@ def load_recipe(path: str | Path, overrides: list[str] = (), world_size: int | N
 
 
 def read_recipe_file(path: Path, seen: tuple = ()) -> dict:
-    """A recipe's sections, with `base: other.yaml` (relative to the file) merged under
-    them, so per-optimizer recipes share one file of model and data settings."""
+    """A recipe's sections, with `base: other.yaml` (relative to the file, in the recipes tree
+    or next to it) merged under them, so per-optimizer recipes share one file of model and
+    data settings. Errors name the file, never its content."""
+    if path.is_dir():
+        raise ConfigError(f"recipe {str(path)!r} is a folder; give a YAML file (e.g. recipes/demo.yaml)")
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r} does not exist; recipes live in recipes/ (e.g. recipes/demo.yaml)")
     if path.resolve() in seen:
         raise ConfigError(f"recipe {path} includes itself through 'base:'")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {path} is not a text file; give a YAML recipe (e.g. recipes/demo.yaml)") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"recipe {path} is not valid YAML: {_yaml_problem(e)}") from None
+    if data is None:
+        raise ConfigError(f"recipe {path} is empty; start from a copy of recipes/demo.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of sections (model:, optim:, ...)")
     base = data.pop("base", None)
     if base is None:
         return data
-    return _deep_merge(read_recipe_file(path.parent / str(base), seen + (path.resolve(),)), data)
+    return _deep_merge(read_recipe_file(_base_path(path, base), seen + (path.resolve(),)), data)
+
+
+def _base_path(recipe: Path, base) -> Path:
+    """The file `base:` names: only in the recipes tree or in the including recipe's folder."""
+    path = (recipe.parent / str(base)).resolve()
+    if path.parent != recipe.resolve().parent and not path.is_relative_to(RECIPES_DIR):
+        raise ConfigError(f"recipe {recipe}: base {str(base)!r} is neither in {RECIPES_DIR} nor next to the "
+                          f"recipe; put the shared settings in one of those folders")
+    return path
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What is wrong and where, without quoting the text."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
