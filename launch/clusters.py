@@ -23,6 +23,7 @@ class LaunchError(ValueError):
     """A problem found before submission, worded as one line naming the fix (exit code 2)."""
 
 
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,15}$")
 _TIME_FORMATS = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
 _TIME_RE = re.compile(r"^(?:(?P<days>[0-9]+)-(?P<dh>[0-9]+)(?::(?P<dm>[0-9]+)(?::(?P<ds>[0-9]+))?)?"
                       r"|(?P<a>[0-9]+)(?::(?P<b>[0-9]+)(?::(?P<c>[0-9]+))?)?)$")
@@ -68,8 +69,9 @@ class ClusterProfile:
     description: str = ""
     """One line shown by `launch submit --help`-style listings."""
     local: bool = False
-    """The one-machine cluster of slurm/local/start.sh: SLURM_CONF is read from
-    .slurm-local/env and partitions are asked from sinfo instead of this file."""
+    """The cluster of slurm/local/start.sh: SLURM_CONF is read from its folder
+    ($VSGD_SLURM_LOCAL, default .slurm-local), partitions and the node count (max_nodes) are
+    asked from sinfo instead of this file."""
     partition: str | None = None
     """Partition used when --partition is not given (None: the cluster's default)."""
     partitions: list[str] = field(default_factory=list)
@@ -89,7 +91,7 @@ class ClusterProfile:
     mem: str | None = None
     """sbatch --mem per node (e.g. "480G", "0" for all of it); None leaves the site default."""
     max_nodes: int = 1
-    """Largest --nodes this cluster (or your allocation) allows."""
+    """Largest --nodes this cluster (or your allocation) allows (a local cluster: its node count)."""
     max_tasks_per_node: int = 1
     """Largest tasks per node; on GPU clusters one task per GPU, so normally gpus_per_node."""
     signal_delay_s: int = 120
@@ -102,6 +104,9 @@ class ClusterProfile:
     """Requeues after preemption before the job gives up (timeouts use max_timeouts)."""
     max_timeouts: int = 3
     """Requeues after hitting the time limit (submitit's max_num_timeout)."""
+    network_interface: str | None = None
+    """Interface the ranks talk over (e.g. "ib0"), exported to every task as GLOO_SOCKET_IFNAME
+    and NCCL_SOCKET_IFNAME; None lets gloo and NCCL use the address of the node's hostname."""
     setup: list[str] = field(default_factory=list)
     """Shell lines run in the sbatch script before srun (module loads, exports). They are
     shell code written by the cluster's admin or user and go into the script verbatim."""
@@ -166,4 +171,7 @@ def load_profile(name: str, directory: Path = PROFILE_DIR) -> ClusterProfile:
     for key in ("cpus_per_node", "cpus_per_task", "max_nodes", "max_tasks_per_node"):
         if getattr(profile, key) < 1:
             raise LaunchError(f"{where}: {key} must be at least 1")
+    if profile.network_interface is not None and not _IFNAME_RE.match(profile.network_interface):
+        raise LaunchError(f"{where}: network_interface {profile.network_interface!r} is not an interface "
+                          "name (1-15 of letters, digits, '.', '_', '-')")
     return profile

@@ -11,18 +11,29 @@ Ranks other than 0 wait to be killed by the requeue.
 Trainer contract: `factory(recipe: dict, run_dir: str)` returns an object with
 `run() -> dict` (at least "status": "completed" | "stopped", and "step"; resumes from the
 latest checkpoint in run_dir) and a thread-safe `request_stop()`.
+
+A task whose trainer completed ends without Python's interpreter teardown (see
+`exit_after_result`): threads still alive then can abort the process after the work is done
+("terminate called without an active exception"), and SLURM would report a finished run
+as FAILED.
 """
 from __future__ import annotations
 
+import atexit
 import importlib
+import ipaddress
 import json
+import logging
 import os
+import socket
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import submitit
+from submitit.core.utils import pickle_load
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 INTERRUPTIONS_FILE = "interruptions.json"
@@ -56,6 +67,43 @@ def record_interruption(job_dir: Path, kind: str, job_id: str, step: Any) -> lis
     tmp.write_text(json.dumps(events, indent=1))
     os.replace(tmp, path)
     return events
+
+
+def check_master_addr(master_addr: str, num_nodes: int) -> None:
+    """On a job over several nodes, exit with one line if MASTER_ADDR is a loopback address
+    here (a hosts file mapping a node's name to 127.x): the other nodes could never reach
+    rank 0, and gloo would only fail later with a connection error."""
+    if num_nodes < 2:
+        return
+    here = socket.gethostname()
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(master_addr, None)}
+    except socket.gaierror as e:
+        raise SystemExit(f"launch: error: MASTER_ADDR {master_addr} does not resolve on {here} ({e.strerror})")
+    loopback = sorted(a for a in addresses if ipaddress.ip_address(a.partition("%")[0]).is_loopback)
+    if loopback:
+        raise SystemExit(f"launch: error: MASTER_ADDR {master_addr} resolves to the loopback address "
+                         f"{loopback[0]} on {here}, but the job spans {num_nodes} nodes; map {master_addr} "
+                         "to its network address (/etc/hosts or DNS)")
+
+
+def exit_after_result(result_pickle: Path) -> None:
+    """At interpreter exit, once submitit has saved a successful result: flush the logs and
+    end the process with status 0 at once. Python 3.11's teardown kills daemon threads with
+    pthread_exit and then destroys C++ objects that threads may still use (gloo and TCPStore
+    threads of a process group that parameter hooks keep alive, the data loader's iterator
+    of the last, cut epoch, OpenMP/TBB pools); that aborts now and then, after the work is
+    done. Registered after the other atexit handlers, so it runs first, while every thread
+    is still intact."""
+    def exit_now() -> None:
+        if not result_pickle.is_file() or pickle_load(result_pickle)[0] != "success":
+            return  # submitit failed after us: keep the normal exit and its status
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    atexit.register(exit_now)
 
 
 class TrainJob(Checkpointable):
@@ -96,8 +144,10 @@ class TrainJob(Checkpointable):
         self._started = time.time()
         dist_env = submitit.helpers.TorchDistributedEnvironment().export(
             set_cuda_visible_devices=False, overwrite=True)
+        job_env = submitit.JobEnvironment()
+        check_master_addr(dist_env.master_addr, job_env.num_nodes)
         Path(self.run_dir).mkdir(parents=True, exist_ok=True)
-        print(f"launch: rank {dist_env.rank}/{dist_env.world_size} master "
+        print(f"launch: rank {dist_env.rank}/{dist_env.world_size} on {job_env.hostname} master "
               f"{dist_env.master_addr}:{dist_env.master_port} run_dir {self.run_dir}", flush=True)
         self._trainer = load_factory(self.factory)(self.recipe, self.run_dir)
         self._thread = threading.Thread(target=self._work, name="trainer", daemon=True)
@@ -108,6 +158,8 @@ class TrainJob(Checkpointable):
             raise self._outcome["error"]
         summary = self._outcome["summary"]
         print(f"launch: trainer returned {summary}", flush=True)
+        if summary.get("status") == "completed":
+            exit_after_result(job_env.paths.result_pickle)
         if summary.get("status") == "stopped" and dist_env.rank != 0:
             # Rank 0 is requeueing the job; the requeue kills this task. Waiting longer than
             # SLURM's own grace period means the requeue never came.

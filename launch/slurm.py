@@ -25,7 +25,9 @@ from launch.clusters import ClusterProfile, LaunchError, format_minutes, parse_t
 from launch.resolve import DEFAULT_TRAINER, RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
-LOCAL_ENV = REPO / ".slurm-local" / "env"
+LOCAL_DIR = Path(os.environ.get("VSGD_SLURM_LOCAL") or REPO / ".slurm-local")
+"""The local cluster's folder, the one setting shared with slurm/local/start.sh and stop.sh."""
+LOCAL_ENV = LOCAL_DIR / "env"
 JOB_FILE = "job.json"
 
 
@@ -35,7 +37,8 @@ def use_cluster(profile: ClusterProfile) -> None:
     if not profile.local:
         return
     if not LOCAL_ENV.is_file():
-        raise LaunchError("the local cluster is not running; start it with: bash slurm/local/start.sh")
+        raise LaunchError(f"the local cluster is not running (no {LOCAL_ENV}); start it with: "
+                          "bash slurm/local/start.sh")
     for line in LOCAL_ENV.read_text().splitlines():
         name, _, value = line.removeprefix("export ").partition("=")
         if name == "SLURM_CONF":
@@ -55,14 +58,27 @@ def slurm_cmd(*argv: str, check: bool = True) -> str:
     return out.stdout
 
 
+def local_sinfo(*options: str) -> list[str]:
+    """Words of `sinfo -h OPTIONS` on the local cluster."""
+    try:
+        return slurm_cmd("sinfo", "-h", *options).split()
+    except LaunchError as e:
+        raise LaunchError(f"{e}; is the local cluster running? bash slurm/local/start.sh") from None
+
+
 def cluster_partitions(profile: ClusterProfile) -> list[str]:
     """Partitions a job may use: sinfo's on the local cluster, the profile's elsewhere."""
     if profile.local:
-        try:
-            return sorted({p.rstrip("*") for p in slurm_cmd("sinfo", "-h", "-o", "%P").split()})
-        except LaunchError as e:
-            raise LaunchError(f"{e}; is the local cluster running? bash slurm/local/start.sh") from None
+        return sorted({p.rstrip("*") for p in local_sinfo("-o", "%P")})
     return profile.allowed_partitions
+
+
+def cluster_max_nodes(profile: ClusterProfile) -> int:
+    """Largest --nodes: as many as the local cluster runs (start.sh --nodes N), the profile's
+    max_nodes elsewhere."""
+    if profile.local:
+        return len(set(local_sinfo("-N", "-o", "%N")))
+    return profile.max_nodes
 
 
 # --- request -> sbatch parameters ---------------------------------------------------------
@@ -153,10 +169,13 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_spec(profile: ClusterProfile, args: argparse.Namespace, job_name: str) -> JobSpec:
-    """Check the request against the profile (and the live cluster for partitions)."""
+    """Check the request against the profile (and the live local cluster for partitions and nodes)."""
     where = f"cluster profile {profile.name!r}"
-    if not 1 <= args.nodes <= profile.max_nodes:
-        raise LaunchError(f"--nodes {args.nodes}: {where} allows 1 to {profile.max_nodes}")
+    max_nodes = cluster_max_nodes(profile)
+    if not 1 <= args.nodes <= max_nodes:
+        fix = (f"; restart it with more: bash slurm/local/stop.sh && bash slurm/local/start.sh --nodes {args.nodes}"
+               if profile.local and args.nodes > max_nodes else "")
+        raise LaunchError(f"--nodes {args.nodes}: {where} allows 1 to {max_nodes}{fix}")
     if profile.gpus_per_node:
         gpus = profile.gpus_per_node if args.gpus_per_node is None else args.gpus_per_node
         if not 1 <= gpus <= profile.gpus_per_node:
@@ -185,6 +204,9 @@ def build_spec(profile: ClusterProfile, args: argparse.Namespace, job_name: str)
             raise LaunchError(f"unknown partition {partition!r} on {where}; choose from {', '.join(known)}")
     setup = [*profile.setup,
              f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    if profile.network_interface:  # a name checked by load_profile
+        iface = profile.network_interface
+        setup.append(f"export GLOO_SOCKET_IFNAME={iface} NCCL_SOCKET_IFNAME={iface}")
     return JobSpec(job_name=job_name, partition=partition, nodes=args.nodes, ntasks_per_node=tasks,
                    gpus_per_node=gpus, cpus_per_task=profile.cpus_per_task, time=minutes,
                    signal_delay_s=profile.signal_delay_s, account=args.account or profile.account,
