@@ -222,7 +222,7 @@ def run_on_data(data_dir: Path, out: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("split,sample", [("train", 5)])
+@pytest.mark.parametrize("split,sample", [("train", 5), ("val", 3)])
 def test_corrupt_jpeg_inside_a_beton_names_the_sample_and_file(tmp_path, split, sample):
     assert write_data(image_folder(tmp_path / "src"), tmp_path / "data").returncode == 0
     zero_jpeg(tmp_path / "data" / f"{split}.beton", sample)

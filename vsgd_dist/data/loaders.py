@@ -37,9 +37,9 @@ def build_train_loader(cfg: DataConfig, device: torch.device | str, *, batch_siz
     Returns an ffcv Loader; iterate it with `train_epoch` (sets the epoch's resolution, order
     and crops, and resumes mid-epoch). distributed=True needs torch.distributed initialized.
     """
-    from ffcv.loader import Loader, OrderOption
+    from ffcv.loader import OrderOption
 
-    from .augment import SeededCropFlipDecoder
+    from .augment import CheckedLoader, SeededCropFlipDecoder
 
     cfg.check()
     if distributed and not cfg.os_cache:
@@ -57,7 +57,7 @@ def build_train_loader(cfg: DataConfig, device: torch.device | str, *, batch_siz
         _check_same_seed(seed)
     decoder = SeededCropFlipDecoder((cfg.start_res, cfg.start_res), seed=seed,
                                     scale_min=cfg.crop_scale_min, flip=cfg.flip)
-    return Loader(
+    return CheckedLoader(
         str(files.train), batch_size=batch_size, num_workers=cfg.num_workers,
         os_cache=cfg.os_cache, distributed=distributed, seed=seed, drop_last=True,
         order=OrderOption.RANDOM if cfg.os_cache else OrderOption.QUASI_RANDOM,
@@ -66,9 +66,11 @@ def build_train_loader(cfg: DataConfig, device: torch.device | str, *, batch_siz
 
 def build_val_loader(cfg: DataConfig, device: torch.device | str, *, batch_size: int, distributed: bool = False):
     """Center-crop loader in file order; with distributed=True each rank reads every
-    world_size-th image, so the ranks together see each image exactly once (no padding)."""
-    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
+    world_size-th image, so the ranks together see each image exactly once (no padding).
+    Iterating it raises DataError on a JPEG that does not decode."""
+    from ffcv.loader import OrderOption
+
+    from .augment import CenterCropDecoder, CheckedLoader
 
     cfg.check()
     device = _checked_device(device)
@@ -79,8 +81,8 @@ def build_val_loader(cfg: DataConfig, device: torch.device | str, *, batch_size:
     if info.num_samples < world:
         raise DataError(f"{files.val}: {info.num_samples} images cannot be split over {world} "
                         f"ranks; use fewer ranks or a larger val split")
-    decoder = CenterCropRGBImageDecoder((cfg.val_res, cfg.val_res), ratio=cfg.val_crop_ratio)
-    return Loader(
+    decoder = CenterCropDecoder((cfg.val_res, cfg.val_res), ratio=cfg.val_crop_ratio)
+    return CheckedLoader(
         str(files.val), batch_size=batch_size, num_workers=cfg.num_workers,
         os_cache=cfg.os_cache, order=OrderOption.SEQUENTIAL, drop_last=False,
         indices=np.arange(rank, info.num_samples, world),
