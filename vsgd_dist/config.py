@@ -21,7 +21,7 @@ from vsgd_dist.data.config import DataConfig
 from vsgd_dist.engines.registry import ENGINES
 from vsgd_dist.models import MODELS
 from vsgd_dist.optim import OPTIMIZERS
-from vsgd_dist.registry import suggest
+from vsgd_dist.registry import import_plugins, suggest
 from vsgd_dist.train.schedule import SCHEDULES
 
 PRECISIONS = ("fp32", "bf16")
@@ -66,6 +66,7 @@ class OptimSettings:
         return getattr(self, self.name)
 
 
+import_plugins()  # before the optimizer sections below are made from the registry
 OptimConfig = make_dataclass(
     "OptimConfig", [(name, entry.hparams, field(default_factory=entry.hparams)) for name, entry in OPTIMIZERS.items()],
     bases=(OptimSettings,))

@@ -7,9 +7,20 @@ suggestions and error messages read the names from here, never from a list kept 
 from __future__ import annotations
 
 import difflib
+import importlib
+import os
 from typing import Generic, Iterator, TypeVar
 
 T = TypeVar("T")
+
+PLUGINS_ENV = "VSGD_DIST_PLUGINS"
+"""Comma-separated modules to import before recipes are read: components registered outside
+this package (an optimizer or model of your own). Rank processes and SLURM jobs inherit it."""
+
+
+def import_plugins() -> None:
+    for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(","))):
+        importlib.import_module(name)
 
 
 class UnknownName(ValueError):

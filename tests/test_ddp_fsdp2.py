@@ -1,10 +1,11 @@
-"""The FSDP2 engine (DTensor parameters) with VSGD and AdamW against the unsharded run, on gloo ranks.
+"""The FSDP2 engine (DTensor parameters) and the DDP engine, with VSGD and AdamW, against the
+unsharded run, on gloo ranks. (The ZeRO engine's optimizer is tested in test_zero.py.)
 
-Tolerances: the optimizer-level check feeds each shard the exact reference gradient, so
-params must match BITWISE (elementwise update, same values). End to end, FSDP2 averages the
-per-rank gradients with a reduce-scatter, which rounds differently from one full-batch
-backward (~1e-7 relative); after 20 Adam-like steps rtol/atol 1e-4. Diagnostics are summed
-over shards in another order: rtol 1e-5.
+Tolerances: the optimizer-level check feeds each FSDP2 shard the exact reference gradient,
+so params must match BITWISE (elementwise update, same values). End to end, both engines
+average per-rank gradients (FSDP2 reduce-scatter, DDP bucketed all-reduce), which rounds
+differently from one full-batch backward (~1e-7 relative); after 20 Adam-like steps
+rtol/atol 1e-4. Diagnostics are summed over shards in another order: rtol 1e-5.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch.distributed.tensor import distribute_tensor
 
 from full_batch import train_side_by_side
 from vsgd_dist.config import RunConfig
-from vsgd_dist.engines.fsdp2 import FSDP2Engine
+from vsgd_dist.engines import engine_class
 from vsgd_dist.optim import named_param_groups
 from vsgd_dist.optim.diagnostics import reduced_diagnostics
 from vsgd_dist.optim.vsgd import diagnostic_sums
@@ -32,11 +33,11 @@ def make_model() -> torch.nn.Sequential:
                                torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
 
 
-def engine_and_reference(opt_name: str):
-    """An FSDP2Engine over one model and the same optimizer, unsharded, over an identical one."""
+def engine_and_reference(opt_name: str, engine_name: str = "fsdp2"):
+    """An engine over one model and the same optimizer, unsharded, over an identical one."""
     cfg = RunConfig()
-    cfg.optim.name, cfg.optim.weight_decay, cfg.engine.name = opt_name, WEIGHT_DECAY, "fsdp2"
-    engine = FSDP2Engine(make_model(), cfg, LR[opt_name])
+    cfg.optim.name, cfg.optim.weight_decay, cfg.engine.name = opt_name, WEIGHT_DECAY, engine_name
+    engine = engine_class(engine_name)(make_model(), cfg, LR[opt_name])
     reference = make_model()
     ref_opt = engine.optimizer_class(named_param_groups(reference, WEIGHT_DECAY), **engine.optimizer_kwargs)
     return engine, reference, ref_opt
@@ -71,23 +72,25 @@ def check_diagnostics(engine, reference, ref_opt):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
 
 
-def check_end_to_end(rank, world_size, opt_name):
+def check_end_to_end(rank, world_size, opt_name, engine_name):
     """Each rank trains on its slice of a global batch of 12; equals full-batch training."""
-    engine, reference, ref_opt = engine_and_reference(opt_name)
+    engine, reference, ref_opt = engine_and_reference(opt_name, engine_name)
     train_side_by_side(engine.wrapped, None, reference, ref_opt, rank, world_size, STEPS, engine=engine)
     for p, ref in zip(engine.model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.full_tensor(), ref, rtol=1e-4, atol=1e-4)
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        torch.testing.assert_close(full, ref, rtol=1e-4, atol=1e-4)
 
 
-def fsdp2_suite(rank, world_size):
+def engines_suite(rank, world_size):
     for opt_name in LR:
         engine, reference, ref_opt = check_optimizer_bitwise(opt_name)
         if opt_name == "vsgd":
             check_diagnostics(engine, reference, ref_opt)
-        check_end_to_end(rank, world_size, opt_name)
+        for engine_name in ("fsdp2", "ddp"):
+            check_end_to_end(rank, world_size, opt_name, engine_name)
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_fsdp2_engine_matches_unsharded(world_size):
-    run_distributed(fsdp2_suite, world_size, timeout=80)
+def test_fsdp2_and_ddp_engines_match_unsharded(world_size):
+    run_distributed(engines_suite, world_size, timeout=110)

@@ -1,0 +1,129 @@
+"""The shape of the code: modules import on their own with no cycle, collectives live in one
+place, and a component registered outside the package runs through the real launcher."""
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("vsgd_dist", "launch")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def our_modules() -> dict[str, Path]:
+    return {module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+
+
+def imports_of(name: str, path: Path, modules: set[str]) -> set[str]:
+    """Our modules that `name` imports anywhere in its body (top level or inside functions)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+        else:
+            continue
+        found |= {t for t in targets if t in modules and t != name}
+    return found
+
+
+def test_no_module_imports_a_module_that_imports_it_back():
+    modules = our_modules()
+    graph = {name: imports_of(name, path, set(modules)) for name, path in modules.items()}
+    # A package's __init__ re-exporting its own submodules is not a cycle that can bite:
+    # the submodule never needs the package's namespace to be complete.
+    graph = {name: {t for t in targets if not (path.name == "__init__.py" and t.startswith(name + "."))}
+             for (name, targets), path in zip(graph.items(), modules.values())}
+    state: dict[str, int] = {}
+
+    def visit(node, trail):
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+@pytest.mark.timeout(300)
+def test_every_module_imports_on_its_own_and_in_any_order():
+    names = sorted(our_modules())
+    alone = ["vsgd_dist.full_form", "vsgd_dist.engines.base", "vsgd_dist.config", "vsgd_dist.train.trainer",
+             "vsgd_dist.sharding.reshard"]
+    for script in [f"import {name}" for name in alone] + [
+            "import importlib\nfor n in %r: importlib.import_module(n)" % order for order in (names, names[::-1])]:
+        result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, (script[:80], result.stderr[-2000:])
+
+
+COLLECTIVE = re.compile(r"\bdist\.(all_reduce|all_gather\w*|broadcast\w*|reduce_scatter\w*|reduce|gather\w*|"
+                        r"scatter\w*|all_to_all\w*|send|recv|isend|irecv)\(")
+
+
+def test_collectives_go_through_the_helpers_or_the_engines():
+    """NCCL reduces CUDA tensors only: a host value must go through vsgd_dist.distributed,
+    which sends it to the group's CPU side. Only the engines and the sharding code, which
+    reduce device tensors they own, call torch.distributed's collectives directly."""
+    allowed = ("vsgd_dist/distributed.py", "vsgd_dist/engines/", "vsgd_dist/sharding/")
+    offenders = [f"{path.relative_to(ROOT)}:{i}" for path in our_modules().values()
+                 if not str(path.relative_to(ROOT)).startswith(allowed)
+                 for i, line in enumerate(path.read_text().splitlines(), 1) if COLLECTIVE.search(line)]
+    assert not offenders, offenders
+
+
+ENGINES = ["ddp", "zero", "fsdp2", "deepspeed"]
+
+
+def launch_run(out: Path, nproc: int, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VSGD_DIST_PLUGINS": "toy_optimizer",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "launch", "run", "recipes/demo.yaml", "--nproc", str(nproc),
+                           f"out={out}", "optimizer=toy_sign", "optim.toy_sign.beta=0.8", "lr=0.003",
+                           "train.progress=false", "train.log_every=2", *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_optimizer_registered_outside_trains_on_every_engine_and_reshards(engine, tmp_path):
+    """One registration (tests/toy_optimizer.py) is all it takes: recipe keys, validation,
+    every engine, checkpoints that reshard (2 ranks -> 1) and resume."""
+    from vsgd_dist.train.checkpoint import latest_checkpoint, open_checkpoint
+
+    out = tmp_path / "run"
+    first = launch_run(out, 2, f"engine={engine}", "max_steps=6", "train.stop_at=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    meta, _ = open_checkpoint(latest_checkpoint(out / "checkpoints"))
+    assert meta["optimizer_class"] == "toy_optimizer.SignMomentum" and (meta["world_size"], meta["step"]) == (2, 4)
+
+    resumed = launch_run(out, 1, f"engine={engine}", "max_steps=6")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "completed at step 6" in resumed.stdout
+    meta, read = open_checkpoint(latest_checkpoint(out / "checkpoints"))
+    assert meta["world_size"] == 1 and meta["step"] == 6
+
+    bad = launch_run(tmp_path / "bad", 2, f"engine={engine}", "optim.toy_sign.beta=1.5")
+    assert bad.returncode == 2 and "optim.toy_sign: SignMomentum: invalid beta=1.5" in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad").exists()
