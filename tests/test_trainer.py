@@ -48,7 +48,10 @@ def test_demo_trains_well_above_chance_and_logs_expected_tags(runs):
     for opt in ("vsgd", "adamw"):
         acc, top1 = scalars(runs / opt, "val/top1")
         assert top1[-1][0] == 150, "a run ends with a validation pass at its last step"
-        assert top1[-1][1] > 0.6, (opt, top1)  # 10 classes: chance is 0.1
+        # Measured at 150 steps: VSGD 0.980, AdamW 0.963 (of 297 val images); 0.94 leaves ~7
+        # images for CPU-dependent rounding, while a regression in the optimizer, the sharding
+        # or the data pipeline lands far below (chance is 0.1).
+        assert top1[-1][1] >= 0.94, (opt, top1)
         tags = set(acc.Tags()["scalars"])
         assert {"train/loss", "train/lr", "train/images_per_s", "train/grad_norm", "val/top1", "val/top5",
                 "time/data_wait_ms", "time/forward_backward_ms", "time/optimizer_ms",
