@@ -18,7 +18,7 @@ from vsgd_dist.config import RunConfig
 from vsgd_dist.engines import engine_class
 from vsgd_dist.optim import named_param_groups
 from vsgd_dist.optim.diagnostics import reduced_diagnostics
-from vsgd_dist.optim.vsgd import diagnostic_sums
+from vsgd_dist.optim.vsgd import DIAGNOSTICS, diagnostic_sums
 from vsgd_dist.spawn import run_distributed
 
 STEPS = 20
@@ -59,8 +59,8 @@ def check_optimizer_bitwise(opt_name):
 
 def check_diagnostics(engine, reference, ref_opt):
     layer_of = {name: name.split(".")[0] for name, _ in reference.named_parameters()}
-    sharded, _ = reduced_diagnostics(engine.vsgd_state_pieces(), layer_of.get, reduce=True,
-                                     device=torch.device("cpu"))
+    pieces = engine.state_pieces(DIAGNOSTICS.state_keys)
+    sharded, _ = reduced_diagnostics(DIAGNOSTICS, pieces, layer_of.get, reduce=True, device=torch.device("cpu"))
     hp = {"lr": LR["vsgd"], **{k: ref_opt.param_groups[0][k] for k in ("eps", "ps", "ghattg")}}
     for layer in sharded:
         row = sum(diagnostic_sums(ref_opt.state[p]["mug"], ref_opt.state[p]["bg"], ref_opt.state[p]["bhg"],

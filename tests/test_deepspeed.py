@@ -133,6 +133,7 @@ def norm_rel_diff(a, b) -> float:
 def against_unsharded(rank, world, stage, precision):
     from vsgd_dist.engines.deepspeed import DeepSpeedEngine
     from vsgd_dist.optim.diagnostics import reduced_diagnostics
+    from vsgd_dist.optim.vsgd import DIAGNOSTICS
 
     cfg = make_cfg(stage=stage, precision=precision)
     model = make_model()
@@ -147,8 +148,10 @@ def against_unsharded(rank, world, stage, precision):
         names = {p: n for n, p in ref.named_parameters()}
         ref_pieces = ((names[p], *(ref_opt.state[p][k] for k in ("mug", "bg", "bhg")), g)
                       for g in ref_opt.param_groups for p in g["params"])
-        means, _ = reduced_diagnostics(engine.vsgd_state_pieces(), lambda n: n, reduce=True, device=torch.device("cpu"))
-        ref_means, _ = reduced_diagnostics(ref_pieces, lambda n: n, reduce=False, device=torch.device("cpu"))
+        cpu = torch.device("cpu")
+        pieces = engine.state_pieces(DIAGNOSTICS.state_keys)
+        means, _ = reduced_diagnostics(DIAGNOSTICS, pieces, lambda n: n, reduce=True, device=cpu)
+        ref_means, _ = reduced_diagnostics(DIAGNOSTICS, ref_pieces, lambda n: n, reduce=False, device=cpu)
         out["diagnostics"] = (means, ref_means)
         unsharded = sum(v.nbytes for s in ref_opt.state.values() for v in s.values() if v.dim() > 0)
         out["state_bytes"] = (engine.state_bytes(), unsharded)

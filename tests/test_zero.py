@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from vsgd_dist.optim.diagnostics import reduced_diagnostics
-from vsgd_dist.optim.vsgd import VSGD, diagnostic_sums
+from vsgd_dist.optim.vsgd import DIAGNOSTICS, VSGD, diagnostic_sums
 from vsgd_dist.sharding import ZeroOptimizer, consolidate, shard_from_full
 from full_batch import train_side_by_side
 
@@ -127,7 +127,8 @@ def check_state(opt, ref_opt, ref_params, world_size):
 def check_diagnostics(opt, ref_opt, ref_params):
     """Reduced per-layer means equal the unsharded VSGD's."""
     layer_of = {name: name.split(".")[0] for name in ref_params}
-    sharded, _ = reduced_diagnostics(opt.vsgd_state_pieces(), layer_of.get, reduce=True, device=opt.device)
+    sharded, _ = reduced_diagnostics(DIAGNOSTICS, opt.state_pieces(DIAGNOSTICS.state_keys), layer_of.get, reduce=True,
+                                     device=opt.device)
     sums: dict[str, torch.Tensor] = {}
     for group in ref_opt.param_groups:
         for p in group["params"]:

@@ -129,6 +129,9 @@ class TrainConfig:
     """Steps between VSGD diagnostics (scalars and histograms per layer group)."""
     val_every_epochs: int = 1
     """Validate every this many epochs (a run always ends with a validation pass)."""
+    val_mc_samples: int = 10
+    """Optimizers that train at weight samples (IVON): validation also reports the posterior
+    predictive, the average of the softmax over this many weight samples (0: off)."""
     stop_check_every: int = 10
     """Steps between checks whether any rank was asked to stop (preemption, SIGTERM): each
     check is one small collective."""
@@ -197,13 +200,19 @@ class RunConfig:
         for name in ("log_every", "diag_every", "val_every_epochs", "keep_checkpoints", "stop_check_every"):
             if getattr(tc, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(tc, name)} must be at least 1")
+        if tc.val_mc_samples < 0:
+            raise ConfigError(f"train.val_mc_samples={tc.val_mc_samples} must be >= 0")
         self.data.check()
 
     def _check_optimizer(self) -> None:
         """The optimizer's own range checks, run here so a bad value fails in the launcher."""
         o = self.optim
+        entry = OPTIMIZERS.get(o.name)
+        if entry.engines and self.engine.name not in entry.engines:
+            raise ConfigError(f"optimizer {o.name} runs on the engines {', '.join(entry.engines)}, not "
+                              f"engine.name={self.engine.name}; pick one of those")
         try:
-            OPTIMIZERS.get(o.name).validate(o.hparams, o.lr, o.weight_decay)
+            entry.validate(o.hparams, o.lr, o.weight_decay)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"optim.{o.name}: {e}") from None
 

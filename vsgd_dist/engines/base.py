@@ -1,7 +1,16 @@
 """The engine interface: everything the training loop needs from a distribution strategy.
 
-An engine owns the wrapped model and the (possibly sharded) optimizer. The loop calls
-`wrapped(x)`, `backward(loss)`, `step()` and never branches on which engine it has.
+An engine owns the wrapped model and the (possibly sharded) optimizer. The loop calls, per step,
+
+    for k in range(engine.mc_samples):
+        engine.sample(k)                  # no-op unless the optimizer trains at weight samples
+        engine.backward(loss_fn(engine.wrapped(x)))
+        if k + 1 < engine.mc_samples:
+            engine.accumulate()
+    engine.step()
+
+and never branches on which engine or optimizer it has. `restore()` makes the model hold the
+mean weights again (before evaluating or averaging them).
 """
 from __future__ import annotations
 
@@ -28,6 +37,8 @@ class Engine(ABC):
     """Its `param_groups` are what the LR scheduler drives."""
     sharded_state: bool = True
     """Whether each rank holds only part of the optimizer state (diagnostics then reduce)."""
+    samples: bool = False
+    """Whether the optimizer trains at weight samples (`OptimizerEntry.sampling`)."""
 
     def __init__(self, model: nn.Module, cfg, lr: float):
         self.cfg = cfg
@@ -35,9 +46,35 @@ class Engine(ABC):
         self.max_norm = cfg.train.grad_clip
         entry = OPTIMIZERS.get(cfg.optim.name)
         self.optimizer_class = entry.optimizer_class
+        self.samples = entry.sampling
         self.optimizer_kwargs = entry.kwargs(cfg.optim.hparams, lr, cfg.optim.weight_decay,
-                                             cfg.optim.fused)
+                                             cfg.optim.fused, seed=cfg.train.seed)
         self.param_groups = named_param_groups(model, cfg.optim.weight_decay)
+
+    @property
+    def mc_samples(self) -> int:
+        """Forward/backward passes per step: the optimizer's weight samples, else 1."""
+        return self.optimizer.param_groups[0]["mc_samples"] if self.samples else 1
+
+    def sample(self, mc_sample: int, evaluation: bool = False) -> None:
+        """Before the forward of weight sample `mc_sample`: the model holds m_w + eps. With
+        `evaluation`, a posterior-predictive sample (its own noise; `restore()` after)."""
+        if self.samples:
+            self.optimizer.sample(mc_sample, evaluation=evaluation)
+
+    def accumulate(self) -> None:
+        """After the backward of every weight sample but the last: its gradient, clipped like
+        a step's (train.grad_clip), goes into the step's sums."""
+        if self.samples:
+            if self.max_norm > 0:
+                self.clip_grad_norm(self.max_norm)
+            self.optimizer.accumulate()
+
+    def restore(self) -> None:
+        """Make the model hold the mean weights: after evaluation samples, and before anything
+        reads the weights after a step (ZeRO defers that all-gather to the next sample)."""
+        if self.samples:
+            self.optimizer.restore()
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -59,9 +96,10 @@ class Engine(ABC):
         """Optimizer-state bytes held by this rank."""
 
     @abstractmethod
-    def vsgd_state_pieces(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, dict]]:
-        """(parameter name, mug, bg, bhg, hyperparameters) for the VSGD state this rank
-        holds: whole tensors, flat slices or local shards; empty before the first step."""
+    def state_pieces(self, keys: tuple[str, ...]) -> Iterator[tuple]:
+        """(parameter name, *state tensors `keys`, hyperparameters) for the optimizer state
+        this rank holds: whole tensors, flat slices or local shards; empty before the first
+        step (the input of `vsgd_dist.optim.diagnostics.reduced_diagnostics`)."""
 
     @abstractmethod
     def checkpoint_state(self) -> dict:
@@ -135,13 +173,13 @@ class Engine(ABC):
                 b.copy_(flat[offset:offset + b.numel()].view_as(b))
                 offset += b.numel()
 
-    def _vsgd_pieces_of(self, optimizer: torch.optim.Optimizer) -> Iterator:
+    def _state_pieces_of(self, optimizer: torch.optim.Optimizer, keys: tuple[str, ...]) -> Iterator:
         """Pieces of an optimizer built directly on the named `param_groups` (DDP, FSDP2)."""
         for group in optimizer.param_groups:
             for name, param in zip(group["param_names"], group["params"]):
                 state = optimizer.state.get(param)
-                if state and "mug" in state and int(state["step"]) > 0:
-                    yield name, *(local_tensor(state[k]) for k in ("mug", "bg", "bhg")), group
+                if state and keys[0] in state and int(state["step"]) > 0:
+                    yield name, *(local_tensor(state[k]) for k in keys), group
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

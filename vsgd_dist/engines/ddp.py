@@ -29,8 +29,8 @@ class DDPEngine(Engine):
         return sum(v.nbytes for s in self.optimizer.state.values() for v in s.values()
                    if torch.is_tensor(v) and v.dim() > 0)
 
-    def vsgd_state_pieces(self):
-        return self._vsgd_pieces_of(self.optimizer)
+    def state_pieces(self, keys):
+        return self._state_pieces_of(self.optimizer, keys)
 
     def checkpoint_state(self):
         # Replicated: rank 0's file holds everything; the other ranks' files stay small.

@@ -104,7 +104,7 @@ class DeepSpeedEngine(Engine):
         return sum(v.nbytes for s in self.optimizer.state.values() for v in s.values()
                    if torch.is_tensor(v) and v.dim() > 0)
 
-    def vsgd_state_pieces(self):
+    def state_pieces(self, keys):
         """Each parameter's slice of this rank's flat partition, found through the mapping
         ZeRO keeps on every parameter (`_hp_mapping`: group index, start and length)."""
         for name, param in self._named:
@@ -113,11 +113,11 @@ class DeepSpeedEngine(Engine):
                 continue
             flat_group = self.optimizer.param_groups[mapping.param_group_index]
             state = self.optimizer.state.get(flat_group["params"][0], {})
-            if "mug" not in state or int(state["step"]) == 0:
+            if keys[0] not in state or int(state["step"]) == 0:
                 continue
             address = mapping.get_hp_fragment_address()
             part = slice(address.start, address.start + address.numel)
-            yield name, state["mug"][part], state["bg"][part], state["bhg"][part], flat_group
+            yield name, *(state[k][part] for k in keys), flat_group
 
     def checkpoint_state(self):
         """This rank's fp32 partitions and optimizer state (plain tensors, for weights_only

@@ -30,19 +30,45 @@ def model_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def shard_model(model: torch.nn.Module, blocks: list[torch.nn.Module], policy: MixedPrecisionPolicy) -> None:
-    """`fully_shard` each block, then the root (which takes the parameters left over)."""
+    """`fully_shard` each block, then the root (which takes the parameters left over).
+
+    Parameters are made contiguous first: `fully_shard` refuses the NHWC strides of a
+    channels_last model's conv weights. Convolutions still run NHWC, because torch picks
+    channels_last when the input is (the loaders deliver channels_last images). With a
+    low-precision `policy.param_dtype`, each BatchNorm is a unit of its own whose parameters
+    stay fp32: its running statistics are fp32 buffers, and batch_norm takes bf16 inputs
+    with fp32 parameters but not bf16 parameters with fp32 statistics (FSDP1's
+    MixedPrecision leaves BatchNorm in fp32 for the same reason)."""
+    model.to(memory_format=torch.contiguous_format)  # a no-op on already-contiguous parameters
     mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+    norms = []
+    if policy.param_dtype not in (None, torch.float32):
+        fp32 = MixedPrecisionPolicy(reduce_dtype=policy.reduce_dtype)
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                 and any(True for _ in m.parameters())]
+        for norm in norms:
+            fully_shard(norm, mesh=mesh, mp_policy=fp32, reshard_after_forward=False)
     for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
+        if not any(block is norm for norm in norms):
+            fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
+    """train.precision=bf16: parameters all-gathered (and the forward/backward run) in bf16,
+    gradients reduce-scattered in fp32 into the fp32 shards the optimizer steps; fp32:
+    everything fp32."""
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(reduce_dtype=torch.float32)
 
 
 class FSDP2Engine(Engine):
     name = "fsdp2"
 
     def __init__(self, model, cfg, lr):
-        # Parameters stay fp32: bf16 comes from autocast, as with the other engines.
-        shard_model(model, model_blocks(model), MixedPrecisionPolicy(reduce_dtype=torch.float32))
+        # The shards (master weights) and the optimizer state stay fp32 at any precision.
+        shard_model(model, model_blocks(model), mixed_precision_policy(cfg.train.precision))
         super().__init__(model, cfg, lr)  # param groups over the DTensor parameters
         self.wrapped = model
         self.optimizer = self.optimizer_class(self.param_groups, **self.optimizer_kwargs)
@@ -55,8 +81,8 @@ class FSDP2Engine(Engine):
         return sum(local_tensor(v).nbytes for s in self.optimizer.state.values() for v in s.values()
                    if torch.is_tensor(v) and v.dim() > 0)
 
-    def vsgd_state_pieces(self):
-        return self._vsgd_pieces_of(self.optimizer)
+    def state_pieces(self, keys):
+        return self._state_pieces_of(self.optimizer, keys)
 
     def checkpoint_state(self):
         """This rank's rows of every sharded tensor (weights and optimizer state), with

@@ -28,10 +28,11 @@ class ZeroEngine(Engine):
     def state_bytes(self):
         return self.optimizer.state_bytes()
 
-    def vsgd_state_pieces(self):
-        return self.optimizer.vsgd_state_pieces()
+    def state_pieces(self, keys):
+        return self.optimizer.state_pieces(keys)
 
     def checkpoint_state(self):
+        self.restore()  # the weights rank 0 saves are the mean (a sampling step defers its gather)
         rank = dist.get_rank() if dist.is_initialized() else 0
         state = {"optimizer": self.optimizer.state_dict()}  # this rank's shard + its layout
         if rank == 0:

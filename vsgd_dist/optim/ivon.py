@@ -43,14 +43,21 @@ from typing import Iterable, Sequence
 import torch
 from torch.optim import Optimizer
 
-from vsgd_dist.optim.noise import normal_from_index, standard_normal
+from vsgd_dist.optim.noise import _check_counter, normal_from_index, standard_normal
+from vsgd_dist.optim.registry import OPTIMIZERS, Diagnostics, OptimizerEntry
 from vsgd_dist.optim.vsgd import _local
 from vsgd_dist.sharding.layout import memory_dim_order, to_memory_flat
 
-__all__ = ["IVON"]
+__all__ = ["IVON", "IVONHparams", "evaluation_seed"]
 
 _STATE_KEYS = ("m", "h")
 _HESS_APPROX = ("price", "gradsq")
+
+
+def evaluation_seed(seed: int) -> int:
+    """The noise seed of posterior-predictive samples for training seed `seed`: seed + 2**62
+    (mod 2**63), so evaluation draws never repeat a training draw of small seeds."""
+    return (seed + 2 ** 62) % 2 ** 63
 
 
 def _check_range(name: str, value, interval: str) -> None:
@@ -211,13 +218,14 @@ class IVON(Optimizer):
     # ------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(self, mc_sample: int = 0, *, z: Sequence[torch.Tensor] | None = None,
-               seed: int | None = None) -> None:
+               seed: int | None = None, evaluation: bool = False) -> None:
         """Write a weight sample m_w + eps into the parameters, eps = z * sigma.
 
         z: standard-normal draws, one tensor per parameter (param_groups order, local shape);
             default: the counter-based draw for (seed, the parameter's step + 1, mc_sample, index).
-        seed: instead of the group's, e.g. for posterior-predictive samples at evaluation that
-            should not repeat the next training step's noise.
+        seed: instead of the group's.
+        evaluation: a posterior-predictive sample, drawn with `evaluation_seed(group seed)`, so
+            it never repeats a training step's noise (restore() afterwards, no step).
         """
         params = [p for group in self.param_groups for p in group["params"]]
         if z is not None and len(z) != len(params):
@@ -231,16 +239,15 @@ class IVON(Optimizer):
                     self._stash[p] = (_local(p).detach().clone(memory_format=torch.preserve_format),
                                       torch.empty_like(_local(state["h"]), memory_format=torch.preserve_format))
                 mean, eps = self._stash[p]
-                counter = (group["seed"] if seed is None else seed, int(state["step"]) + 1, mc_sample)
+                key = group["seed"] if seed is None else seed
+                counter = (evaluation_seed(key) if evaluation else key, int(state["step"]) + 1, mc_sample)
                 views = [_flat(t) for t in (p, state["h"], mean, eps)]
                 if z is not None:
                     _sample_eager(*views, _flat(z[index], _local(p)).to(eps.dtype), group)
                 elif group["fused"]:
                     _sample_fused(*views, runs[p], counter, group)
                 else:
-                    zs = [standard_normal(*counter, start, n, device=eps.device, dtype=eps.dtype)
-                          for start, n in runs[p]]
-                    _sample_eager(*views, zs[0] if len(zs) == 1 else torch.cat(zs), group)
+                    _sample_eager(*views, _standard_normal_runs(counter, runs[p], eps.device, eps.dtype), group)
                 index += 1
         self._drawn += 1
         self._pending = True
@@ -369,6 +376,17 @@ def _dtensor_local_start(param: torch.Tensor) -> int:
 
 
 # ============================================================================== sampling
+def _standard_normal_runs(counter: tuple, runs: list[tuple[int, int]], device, dtype) -> torch.Tensor:
+    """z for the elements of `runs`, in one pass over all of them (a ZeRO shard has a run
+    per parameter piece): the numbers of one `standard_normal` per run, concatenated."""
+    if len(runs) == 1:
+        return standard_normal(*counter, *runs[0], device=device, dtype=dtype)
+    for start, n in runs:
+        _check_counter(*counter, start, n)
+    index = torch.cat([torch.arange(start, start + n, dtype=torch.int64, device=device) for start, n in runs])
+    return normal_from_index(index, *counter).to(dtype)
+
+
 def _sample_eager(param, h, mean, eps, z, group: dict) -> None:
     sigma = (h + group["weight_decay"]).mul_(group["ess"]).sqrt_().reciprocal_()
     torch.mul(z, sigma, out=eps)
@@ -499,3 +517,45 @@ def _fused_update(params, means, grads, stats, ms, hs, s: _StepScalars) -> None:
     scalars = torch.tensor(values, dtype=ms[0].dtype, device=ms[0].device)
     for tensors in zip(params, means, grads, stats, ms, hs):
         _compiled_update(*tensors, scalars)
+
+
+# ======================================================================= registration
+@dataclass
+class IVONHparams:
+    """The recipe's `optim.ivon` section; lr and weight_decay (delta, also the prior
+    precision) are the shared `optim.lr` and `optim.weight_decay`, the seed is train.seed."""
+
+    ess: float = 0.0
+    """Effective sample size lambda (sigma^2 = 1 / (ess * (h + weight_decay))); 0: the number
+    of training images, filled in by the trainer from the dataset."""
+    hess_init: float = 1.0
+    """Initial Hessian estimate h0: sets the first sigma and, with rescale_lr, the LR scale."""
+    beta1: float = 0.9
+    """Gradient momentum."""
+    beta2: float = 0.99999
+    """Hessian averaging."""
+    mc_samples: int = 1
+    """Weight samples per step, each a forward and backward of the same batch."""
+    hess_approx: str = "price"
+    """'price' (h_hat = ess * (h + delta) * g * eps, the authors' default) or 'gradsq' (ess * g^2)."""
+    clip_radius: float = math.inf
+    """Elementwise clip of the preconditioned step (inf: no clip)."""
+    rescale_lr: bool = True
+    """Use lr * (hess_init + weight_decay) as the step size, so lr has an SGD-like scale."""
+    debias: bool = True
+    """Divide the momentum by 1 - beta1^t."""
+
+
+def _diagnostic_fields(m, h, hp: dict) -> dict:
+    h = h.to(torch.promote_types(h.dtype, torch.float32))
+    return {"posterior_std": ((h + hp["weight_decay"]) * hp["ess"]).rsqrt(), "hessian": h}
+
+
+DIAGNOSTICS = Diagnostics(_STATE_KEYS, _diagnostic_fields, {
+    "posterior_std": ("log10", -8.0, 2.0),
+    "hessian": ("log10", -8.0, 6.0),
+})
+"""Per layer: the posterior std sigma and the Hessian estimate h."""
+
+OPTIMIZERS.register("ivon", OptimizerEntry(IVON, IVONHparams, diagnostics=DIAGNOSTICS, sampling=True,
+                                           engines=("ddp", "zero", "fsdp2"), train_size_field="ess"))

@@ -18,6 +18,21 @@ from vsgd_dist.registry import Registry
 
 
 @dataclass(frozen=True)
+class Diagnostics:
+    """Per-layer diagnostics of an optimizer's state, logged to TensorBoard as
+    `<optimizer>/<stat>/<layer group>` means and `<optimizer>_hist/<stat>` histograms."""
+
+    state_keys: tuple[str, ...]
+    """The per-element state tensors the statistics are computed from."""
+    fields: Callable[..., dict[str, torch.Tensor]]
+    """(state tensors in `state_keys` order, hyperparameters of their group) -> {stat: one
+    value per element}: elementwise, so flat slices and shards add up to the whole."""
+    histograms: dict[str, tuple[str, float, float]]
+    """stat -> (transform, low, high) of its fixed-bin histogram; transform "log10" for
+    quantities spanning decades, else "linear". These are the stats logged."""
+
+
+@dataclass(frozen=True)
 class OptimizerEntry:
     optimizer_class: type[torch.optim.Optimizer]
     hparams: type
@@ -27,17 +42,35 @@ class OptimizerEntry:
     deepspeed_optimizer: Callable[[Any, float, float, bool], dict] | None = None
     """(hparams, lr, weight_decay, fused) -> DeepSpeed's own `optimizer` config section;
     None: DeepSpeed steps this class as a client optimizer."""
-    diagnostics: bool = False
-    """Whether the trainer logs per-layer diagnostics of this optimizer's state."""
+    diagnostics: Diagnostics | None = None
+    """What the trainer logs per layer about this optimizer's state (None: nothing)."""
+    sampling: bool = False
+    """The optimizer trains at weight samples: it has sample(k, evaluation=)/accumulate()/
+    restore() (see `vsgd_dist.optim.ivon`), `mc_samples` in its param groups, and takes the
+    run's `seed` (train.seed) for its noise. Engines then call it around each forward, and
+    validation adds the posterior predictive."""
+    engines: tuple[str, ...] = ()
+    """The engines that can run it (empty: all); the recipe check refuses the others."""
+    train_size_field: str = ""
+    """A hyperparameter whose 0 means "the number of training images": the trainer fills it
+    in from the dataset (`with_train_size`)."""
 
-    def kwargs(self, hparams, lr: float, weight_decay: float, fused: bool) -> dict:
-        return dict(lr=lr, weight_decay=weight_decay, fused=fused or None, **self.constructor_kwargs(hparams))
+    def kwargs(self, hparams, lr: float, weight_decay: float, fused: bool, seed: int = 0) -> dict:
+        seeded = dict(seed=seed) if self.sampling else {}
+        return dict(lr=lr, weight_decay=weight_decay, fused=fused or None, **seeded,
+                    **self.constructor_kwargs(hparams))
+
+    def with_train_size(self, hparams, train_size: int):
+        """`hparams` with `train_size_field` set to `train_size` where it is 0."""
+        if not self.train_size_field or getattr(hparams, self.train_size_field):
+            return hparams
+        return dataclasses.replace(hparams, **{self.train_size_field: train_size})
 
     def validate(self, hparams, lr: float = 0.0, weight_decay: float = 0.0) -> None:
         """Raise ValueError for values the optimizer refuses, by building it on one scalar
         parameter: its own checks are the single source of allowed ranges."""
         self.optimizer_class([torch.zeros(1, requires_grad=True)],
-                             **self.kwargs(hparams, lr, weight_decay, fused=False))
+                             **self.kwargs(self.with_train_size(hparams, 1), lr, weight_decay, fused=False))
 
 
 OPTIMIZERS: Registry[OptimizerEntry] = Registry("optimizer")

@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import torch
 from torch.optim import Optimizer
 
-from vsgd_dist.optim.registry import OPTIMIZERS, OptimizerEntry
+from vsgd_dist.optim.registry import OPTIMIZERS, Diagnostics, OptimizerEntry
 
 __all__ = ["VSGD", "diagnostic_fields", "diagnostic_sums", "DIAGNOSTIC_NAMES"]
 
@@ -411,4 +411,16 @@ class VSGDHparams:
     """Added to the denominator."""
 
 
-OPTIMIZERS.register("vsgd", OptimizerEntry(VSGD, VSGDHparams, diagnostics=True))
+def _diagnostic_fields(mug, bg, bhg, hp: dict) -> dict:
+    return diagnostic_fields(mug, bg, bhg, lr=hp["lr"], eps=hp["eps"], ps=hp["ps"], ghattg=hp["ghattg"])
+
+
+DIAGNOSTICS = Diagnostics(_STATE_KEYS, _diagnostic_fields, {
+    "snr": ("log10", -8.0, 4.0),
+    "posterior_std": ("log10", -12.0, 2.0),
+    "implied_beta1": ("linear", 0.0, 1.0),
+    "effective_step": ("log10", -8.0, 2.0),
+})
+"""Gradient SNR, posterior std, implied Adam beta1 and effective step size, per layer."""
+
+OPTIMIZERS.register("vsgd", OptimizerEntry(VSGD, VSGDHparams, diagnostics=DIAGNOSTICS))

@@ -22,6 +22,7 @@ parameters that got none).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Iterable
 
 import torch
@@ -257,14 +258,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._finish_grad_sync()
-        for group, inner_group in zip(self.param_groups, self.inner.param_groups):
-            inner_group.update(self._hyperparameters(group))
+        self._copy_hyperparameters()
         self.inner.step()
-        self._gather_parameters()
+        self._publish_step()
         for master in self.masters:
             master.grad = None
         self._reset_grad_sync()
         return loss
+
+    def _copy_hyperparameters(self) -> None:
+        for group, inner_group in zip(self.param_groups, self.inner.param_groups):
+            inner_group.update(self._hyperparameters(group))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -290,6 +294,74 @@ class ZeroOptimizer(torch.optim.Optimizer):
         torch._foreach_mul_(self._grad_shards, coefficient)
         return total
 
+    # ---- weight samples -------------------------------------------------------------------
+    # An inner optimizer that trains at weight samples (IVON's sample/accumulate/restore, see
+    # vsgd_dist.optim.ivon) perturbs this rank's masters, and the all-gather writes m + eps
+    # into every rank's parameters. Its step leaves the parameters as they were (the last
+    # sample): the next sample's all-gather replaces the one of the mean, so a step moves the
+    # same bytes as an AdamW step, and restore() gathers the mean when something reads it.
+
+    _params_hold_mean = True
+    """False while the parameters hold a weight sample, or the weights before a deferred gather."""
+
+    @functools.cached_property
+    def noise_runs(self) -> list[list[tuple[int, int]]]:
+        """Per group, where this rank's master elements lie among the unsharded optimizer's
+        elements (its parameters end to end in group order, each in memory order): runs
+        (start, length) in master order, for `IVON.set_global_offset`. Bucket padding takes
+        indices past every parameter (its noise is never used)."""
+        base, total = [], 0
+        for param in self._params:
+            base.append(total)
+            total += param.numel()
+        runs: list[list[tuple[int, int]]] = [[] for _ in self.masters]
+        for bucket in self.buckets:
+            lo, hi = bucket.owned(self.rank)
+            for index in bucket.slots:
+                first, last, _ = owned_part(self.slots[index], bucket, self.rank)
+                if first < last:
+                    runs[bucket.group].append((base[index] + first, last - first))
+            if hi > max(lo, bucket.numel):
+                runs[bucket.group].append((total, hi - max(lo, bucket.numel)))
+        return runs
+
+    @torch.no_grad()
+    def sample(self, mc_sample: int = 0, **kwargs: Any) -> None:
+        """The inner optimizer's `sample(mc_sample, **kwargs)` on this rank's masters (every
+        element draws the noise the unsharded optimizer draws for it), then one all-gather
+        of m + eps into the parameters."""
+        for master, runs in zip(self.masters, self.noise_runs):
+            self.inner.set_global_offset(master, runs)
+        self._copy_hyperparameters()
+        self.inner.sample(mc_sample, **kwargs)
+        self._gather_parameters()
+        self._params_hold_mean = False
+
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        """After the backward of a weight sample that another follows: the averaged gradient
+        shard goes into the inner optimizer's sums, and the gradients are cleared."""
+        self._finish_grad_sync()
+        self.inner.accumulate()
+        self.zero_grad()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Make the parameters the mean weights again (after samples, or after a step)."""
+        if self._params_hold_mean:
+            return
+        self.inner.restore()
+        self._gather_parameters()
+        self._params_hold_mean = True
+
+    def _publish_step(self) -> None:
+        """After the update, all-gather the new weights; an inner optimizer that samples
+        leaves that to its next sample() (or to restore())."""
+        if callable(getattr(self.inner, "sample", None)):
+            self._params_hold_mean = False
+        else:
+            self._gather_parameters()
+
     # ---- memory and diagnostics -----------------------------------------------------------
 
     def state_bytes(self) -> int:
@@ -297,20 +369,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return sum(v.nbytes for m in self.masters for v in self.inner.state.get(m, {}).values()
                    if is_per_element(v, m.shape))
 
-    def vsgd_state_pieces(self):
-        """(parameter name, mug, bg, bhg, hyperparameters) for the part of each parameter
-        this rank owns: the input of `vsgd_dist.optim.diagnostics.reduced_diagnostics`."""
+    def state_pieces(self, keys: tuple[str, ...]):
+        """(parameter name, *state tensors `keys`, hyperparameters) for the part of each
+        parameter this rank owns: the input of `vsgd_dist.optim.diagnostics.reduced_diagnostics`."""
         for slot in self.slots:
             first, last, offset = owned_part(slot, self.buckets[slot.bucket], self.rank)
             state = self.inner.state.get(self.masters[slot.group], {})
             if first == last or not state or int(state["step"]) == 0:
                 continue
-            if not {"mug", "bg", "bhg"} <= state.keys():
-                raise ValueError(f"diagnostics need VSGD state (mug, bg, bhg), {type(self.inner).__name__} "
+            if not set(keys) <= state.keys():
+                raise ValueError(f"diagnostics need the state {', '.join(keys)}, {type(self.inner).__name__} "
                                  "keeps " + ", ".join(sorted(state)))
             part = slice(offset, offset + last - first)
-            yield (slot.name, state["mug"][part], state["bg"][part], state["bhg"][part],
-                   self.param_groups[slot.group])
+            yield slot.name, *(state[k][part] for k in keys), self.param_groups[slot.group]
 
     # ---- checkpoints --------------------------------------------------------------------
 

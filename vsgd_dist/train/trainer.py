@@ -7,6 +7,8 @@ on them. `_train` is the loop; each named piece below it does one job.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import threading
 import time
 from pathlib import Path
@@ -23,9 +25,10 @@ from vsgd_dist.engines import build_engine
 from vsgd_dist.metrics import RunLogger, StepTimer, memory_stats
 from vsgd_dist.models import build_model, layer_group
 from vsgd_dist.optim import OPTIMIZERS
-from vsgd_dist.optim.diagnostics import HISTOGRAM_RANGES, STATS, reduced_diagnostics
+from vsgd_dist.optim.diagnostics import reduced_diagnostics
 from vsgd_dist.train.checkpoint import Checkpointer, open_run_dir
 from vsgd_dist.train.ema import WeightEMA
+from vsgd_dist.train.predictions import SUMS_SIZE, metrics_from_sums, prediction_sums
 from vsgd_dist.train.schedule import lr_lambda
 from vsgd_dist.train.state import capture_rng, restore_rng
 
@@ -90,7 +93,8 @@ class Trainer:
 
         # Each rank reads global_batch / world_size images per step.
         self.batch_per_rank = tc.global_batch // self.world
-        self.classes = resolve_dataset(cfg.data).manifest.classes
+        manifest = resolve_dataset(cfg.data).manifest
+        self.classes = manifest.classes
         self.train_loader = build_train_loader(cfg.data, self.device, batch_size=self.batch_per_rank,
                                                seed=tc.seed, distributed=self.world > 1)
         self.val_loader = build_val_loader(cfg.data, self.device, batch_size=self.batch_per_rank,
@@ -103,14 +107,19 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         scale = tc.global_batch / cfg.optim.lr_base_batch if cfg.optim.lr_base_batch else 1.0
         self.peak_lr = cfg.optim.lr * scale
-        self.engine = build_engine(model, cfg, self.peak_lr)
+        entry = OPTIMIZERS.get(cfg.optim.name)
+        # A hyperparameter 0 that means "the training set size" (IVON's ess): the engine gets
+        # the number, the recipe keeps the 0.
+        hparams = entry.with_train_size(cfg.optim.hparams, manifest.counts["train"])
+        self.engine = build_engine(model, dataclasses.replace(
+            cfg, optim=dataclasses.replace(cfg.optim, **{cfg.optim.name: hparams})), self.peak_lr)
         self.forward = torch.compile(self.engine.wrapped) if cfg.model.compile else self.engine.wrapped
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.engine.optimizer, lr_lambda(cfg.schedule, self.total_steps, self.steps_per_epoch))
         self.ema = WeightEMA(self.engine.model, tc.ema_decay) if tc.ema_decay else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
-        self.log_diagnostics = OPTIMIZERS.get(cfg.optim.name).diagnostics
+        self.log_diagnostics = entry.diagnostics
 
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=tc.keep_checkpoints)
         self.logger = RunLogger(str(self.run_dir / "tb"), enabled=self.rank == 0)
@@ -143,17 +152,27 @@ class Trainer:
             yield batch
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        with self.timer.phase("forward_backward"):
-            with self.autocast:
-                loss = self.criterion(self.forward(images), labels)
-            self.engine.backward(loss)
+        """One optimizer step: a forward/backward of the batch per weight sample (one for
+        optimizers that train at the mean), then the update. The logged loss is their mean."""
+        losses, samples = [], self.engine.mc_samples
+        for k in range(samples):
+            with self.timer.phase("optimizer"):
+                self.engine.sample(k)
+            with self.timer.phase("forward_backward"):
+                with self.autocast:
+                    loss = self.criterion(self.forward(images), labels)
+                self.engine.backward(loss)
+                if k + 1 < samples:
+                    self.engine.accumulate()
+            losses.append(loss.detach())
         with self.timer.phase("optimizer"):
             self.grad_norm = self.engine.step()
             if self.ema is not None:
+                self.engine.restore()  # the mean weights (ZeRO defers their all-gather after a sampling step)
                 self.ema.update()
         self.scheduler.step()
         self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
-        self.window_losses.append(loss.detach())
+        self.window_losses.append(sum(losses) / samples)
         self.progress.update(1)
 
     def _end_epoch(self) -> dict | None:
@@ -195,13 +214,16 @@ class Trainer:
         self.window_losses, self.window_start = [], time.perf_counter()
 
     def _log_diagnostics(self) -> None:
-        means, histograms = reduced_diagnostics(self.engine.vsgd_state_pieces(), layer_group,
-                                                reduce=self.engine.sharded_state, device=self.device)
-        self.logger.scalars({f"vsgd/{stat}/{group}": stats[stat] for group, stats in means.items()
-                             for stat in STATS}, self.step)
+        """The optimizer's own per-layer statistics (`OptimizerEntry.diagnostics`), as
+        `<optimizer>/<stat>/<layer group>` means and `<optimizer>_hist/<stat>` histograms."""
+        diagnostics, name = self.log_diagnostics, self.cfg.optim.name
+        means, histograms = reduced_diagnostics(diagnostics, self.engine.state_pieces(diagnostics.state_keys),
+                                                layer_group, reduce=self.engine.sharded_state, device=self.device)
+        self.logger.scalars({f"{name}/{stat}/{group}": stats[stat] for group, stats in means.items()
+                             for stat in diagnostics.histograms}, self.step)
         for stat, counts in histograms.items():
-            _, low, high = HISTOGRAM_RANGES[stat]
-            self.logger.histogram(f"vsgd_hist/{stat}", counts, low, high, self.step)
+            _, low, high = diagnostics.histograms[stat]
+            self.logger.histogram(f"{name}_hist/{stat}", counts, low, high, self.step)
 
     def _stop_agreed(self) -> bool:
         """Every rank stops at the same step if any rank was asked to: checked every
@@ -220,40 +242,53 @@ class Trainer:
 
     @torch.no_grad()
     def _validate(self) -> dict:
-        """Top-1/top-5 over the whole val set: exact counts summed over ranks (each rank
-        reads a disjoint part, no padding). With EMA, the EMA weights are evaluated too."""
+        """Top-1/top-5, NLL and ECE over the whole val set: exact sums over ranks (each rank
+        reads a disjoint part, no padding). An optimizer that trains at weight samples adds
+        the posterior predictive over train.val_mc_samples samples; with EMA, the EMA
+        weights are evaluated too (at the EMA only: the samples spread around the mean)."""
         self.engine.sync_buffers()
-        results = self._evaluate("val")
+        self.engine.restore()
+        results = self._evaluate("val", self.cfg.train.val_mc_samples if self.engine.samples else 0)
         if self.ema is not None:
             with self.ema.swapped_in():
                 results.update(self._evaluate("val_ema"))
         self.logger.flush()
         return results
 
-    def _evaluate(self, prefix: str) -> dict:
+    def _evaluate(self, prefix: str, samples: int = 0) -> dict:
+        """Metrics of the model as it is and, with `samples`, of the posterior predictive:
+        the softmax averaged over that many weight samples (the optimizer's evaluation noise,
+        BatchNorm with its running statistics), `predictive_*`. One host sync at the end."""
         model = self.engine.model
         model.eval()
-        counts = torch.zeros(4, dtype=torch.float64, device=self.device)  # top1, top5, loss sum, images
+        sums = torch.zeros(2 if samples else 1, SUMS_SIZE, dtype=torch.float64, device=self.device)
         for images, labels in self.val_loader:
-            with self.autocast:
-                logits = self.forward(images).float()
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hits = top5 == labels[:, None]
-            counts[0] += hits[:, 0].sum()
-            counts[1] += hits.any(1).sum()
-            counts[2] += nn.functional.cross_entropy(logits, labels, reduction="sum")
-            counts[3] += len(labels)
+            sums[0] += prediction_sums(self._log_probs(images), labels)
+            if samples:
+                log_probs = []
+                for k in range(samples):
+                    self.engine.sample(k, evaluation=True)
+                    log_probs.append(self._log_probs(images))
+                self.engine.restore()
+                sums[1] += prediction_sums(torch.logsumexp(torch.stack(log_probs), 0) - math.log(samples), labels)
         model.train()
-        top1, top5, loss_sum, n = all_reduce(counts).tolist()
-        metrics = {"top1": top1 / n, "top5": top5 / n, "loss": loss_sum / n}
+        sums = all_reduce(sums).cpu()
+        metrics = metrics_from_sums(sums[0])
+        if samples:
+            metrics.update({f"predictive_{k}": v for k, v in metrics_from_sums(sums[1]).items()})
         self.logger.scalars({f"{prefix}/{k}": v for k, v in metrics.items()}, self.step)
         return {f"{prefix}_{k}": v for k, v in metrics.items()}
+
+    def _log_probs(self, images: torch.Tensor) -> torch.Tensor:
+        with self.autocast:
+            return self.forward(images).float().log_softmax(1)
 
     def _log_hparams(self, result: dict) -> None:
         cfg = self.cfg
         self.logger.hparams({"optimizer": cfg.optim.name, "engine": cfg.engine.name, "model": cfg.model.name,
                              "lr": self.peak_lr, "global_batch": cfg.train.global_batch, "world_size": self.world,
-                             "seed": cfg.train.seed}, {"hparam/val_top1": result["val_top1"]})
+                             "seed": cfg.train.seed},
+                            {f"hparam/val_{k}": result[f"val_{k}"] for k in ("top1", "nll", "ece")})
 
 
 def make_progress(total: int, initial: int, enabled: bool):
