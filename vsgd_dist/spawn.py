@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from vsgd_dist.allocator import for_cpu_children
 from vsgd_dist.distributed import close_process_group, free_port, init_process_group_from_env
 
 
@@ -51,8 +52,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
              for r in range(world_size)]
-    for p in procs:
-        p.start()
+    with for_cpu_children():  # a caching allocator for CPU ranks, read when each starts
+        for p in procs:
+            p.start()
     results: dict[int, Any] = {}
     deadline = None if timeout is None else time.monotonic() + timeout
     try:

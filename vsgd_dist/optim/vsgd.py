@@ -13,13 +13,22 @@ Three code paths compute the same update:
 - per-tensor (`foreach=False`): plain torch ops, one tensor at a time;
 - multi-tensor (`foreach=True`): the same ops as `torch._foreach_*` over all tensors that
   share device, dtype and step. On CPU torch runs foreach ops tensor by tensor, so the two
-  paths agree bit for bit; on CUDA they agree to float rounding (~1e-7 relative);
-- fused (`fused=True`): one `torch.compile`d elementwise kernel per tensor that reads
-  param, grad and state once and writes them once (36 bytes per fp32 element). Inductor
-  may contract multiply-adds, so it agrees with the others to ~1e-6 relative per step.
+  paths agree bit for bit; on CUDA they agree to float rounding (~1e-7 relative).
+  On CPU both run on pieces of at most 64K elements (bit for bit the same result), so their
+  ~8 temporaries stay in cache instead of being allocated (and page-faulted) per tensor;
+- fused (`fused=True`): one pass over memory that reads param, grad and state once and
+  writes them once (36 bytes per fp32 element). On CPU a small C++ kernel walks the whole
+  list of tensors in one call (built once per machine, ~2 s, see `cpp_kernel`); on CUDA a
+  `torch.compile`d (Triton) kernel per tensor, its scalars passed as Python floats (no
+  host-to-device copy, no recompilation when lr or t change). It shares one division
+  between mu and sigma2, so it agrees with the others to ~1e-7 relative per step. Where it
+  cannot be built (no compiler) the unfused path runs instead, after one warning.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -27,7 +36,9 @@ from typing import Any, Iterable
 import torch
 from torch.optim import Optimizer
 
+from vsgd_dist.optim import cpp_kernel
 from vsgd_dist.optim.registry import OPTIMIZERS, Diagnostics, OptimizerEntry
+from vsgd_dist.sharding.layout import memory_dim_order, to_memory_flat
 
 __all__ = ["VSGD", "diagnostic_fields", "diagnostic_sums", "DIAGNOSTIC_NAMES"]
 
@@ -102,6 +113,11 @@ class _StepScalars:
                             bh0=c.bh0, rho1=t ** -group["tau1"], rho2=t ** -group["tau2"],
                             eps=group["eps"], first=t == 1, bg_first=c.bg_first, bh_first=c.bh_first)
 
+    def fused_values(self, maximize: bool) -> tuple[float, ...]:
+        """The fused kernels' scalars, in double precision, in their order."""
+        return (self.lr, self.decay, self.inv_a, self.bg0, self.bh0, self.rho1, 1.0 - self.rho1, self.rho2,
+                1.0 - self.rho2, self.eps, self.bg_first, self.bh_first, -1.0 if maximize else 1.0)
+
 
 class VSGD(Optimizer):
     """Variational SGD with the hyperparameter names of the authors' code.
@@ -118,7 +134,8 @@ class VSGD(Optimizer):
         state_dtype: dtype of mug/bg/bhg; None keeps fp32/fp64 params' dtype and uses fp32
             for bf16/fp16 params. The update is computed in the state dtype.
         foreach: multi-tensor path; None picks it when the parameters are on CUDA.
-        fused: one compiled elementwise kernel per tensor (fastest; compiles on first step).
+        fused: one elementwise pass over memory (fastest; builds its kernel on the first step
+            and falls back to the unfused path, with one warning, where it cannot).
     """
 
     elementwise = True  # every state element depends only on the same gradient element
@@ -196,16 +213,11 @@ class VSGD(Optimizer):
 
         for (device, _, _, t), params in buckets.items():
             scalars = _StepScalars.of(group, t)
-            grads = [p.grad for p in params]
-            states = [[self.state[p][k] for p in params] for k in _STATE_KEYS]
-            if group["fused"]:
-                _fused_update(params, grads, *states, scalars, group["maximize"])
-            elif group["foreach"] or (group["foreach"] is None and device.type == "cuda"):
-                _foreach_update(params, grads, *states, scalars, group["maximize"])
-            else:
-                for i, p in enumerate(params):
-                    _single_tensor_update(p, grads[i], states[0][i], states[1][i], states[2][i],
-                                          scalars, group["maximize"])
+            columns = [params, [p.grad for p in params], *([self.state[p][k] for p in params] for k in _STATE_KEYS)]
+            done = _fused_update(*columns, scalars, group["maximize"]) if group["fused"] else 0
+            if done < len(params):
+                foreach = group["foreach"] or (group["foreach"] is None and device.type == "cuda")
+                _unfused_update(*(c[done:] for c in columns), scalars, group["maximize"], foreach)
 
     # ---------------------------------------------------------------------- diagnostics
     @torch.no_grad()
@@ -306,25 +318,205 @@ def _copy_each(dst: list, src: list) -> None:
         d.copy_(s)
 
 
-def _vsgd_kernel(param, grad, mug, bg, bhg, scalars):
-    """One pass over memory: reads param, grad, mug, bg, bhg; writes param, mug, bg, bhg.
+_CHUNK = 1 << 16
+"""Elements per piece of the unfused CPU path: its ~8 temporaries (2 MiB in fp32) stay in
+cache and below glibc's mmap threshold instead of being mapped and page-faulted per tensor."""
 
-    `scalars` is a small tensor (not Python floats) so a new lr or rho each step does not
-    trigger a recompile. Inputs are 1-D views, compiled once with a dynamic length.
+
+def _unfused_update(params, grads, mugs, bgs, bhgs, s: _StepScalars, maximize: bool, foreach: bool) -> None:
+    """Per-tensor or foreach ops; on CPU over pieces of at most `_CHUNK` elements (elementwise
+    ops: the same bits as on whole tensors)."""
+    pieces = [piece for tensors in zip(params, grads, mugs, bgs, bhgs) for piece in _pieces(tensors)]
+    if not foreach:
+        for piece in pieces:
+            _single_tensor_update(*piece, s, maximize)
+    elif params[0].device.type != "cpu":
+        _foreach_update(params, grads, mugs, bgs, bhgs, s, maximize)
+    else:
+        batch, size = [], 0
+        for piece in pieces:
+            if batch and size + piece[0].numel() > _CHUNK:
+                _foreach_update(*map(list, zip(*batch)), s, maximize)
+                batch, size = [], 0
+            batch.append(piece)
+            size += piece[0].numel()
+        _foreach_update(*map(list, zip(*batch)), s, maximize)
+
+
+def _pieces(tensors: tuple) -> list[tuple]:
+    """(param, grad, mug, bg, bhg) cut into 1-D pieces of at most `_CHUNK` elements on CPU; as
+    they are when small, on another device, or laid out differently from each other."""
+    if tensors[0].device.type != "cpu" or tensors[0].numel() <= _CHUNK:
+        return [tensors]
+    flat = _flat_views(tensors)
+    if flat is None:
+        return [tensors]
+    return [tuple(f[i:i + _CHUNK] for f in flat) for i in range(0, flat[0].numel(), _CHUNK)]
+
+
+def _flat_views(tensors) -> list[torch.Tensor] | None:
+    """1-D views of the (local) tensors' memory in which element i is the same element of
+    each, or None when shapes, strides or DTensor placements differ or memory has gaps."""
+    local = [_local(t) for t in tensors]
+    first = local[0]
+    if any(t.stride() != first.stride() or t.shape != first.shape for t in local[1:]):
+        return None
+    if local[0] is not tensors[0] and len({str(t.placements) for t in tensors}) > 1:
+        return None
+    if first.is_contiguous():
+        return [t.view(-1) for t in local]
+    try:
+        order = memory_dim_order(first, "param")
+    except ValueError:
+        return None
+    return [to_memory_flat(t, order) for t in local]
+
+
+def _kernel_operands(tensors, dtype: torch.dtype | None) -> tuple[list[torch.Tensor], list[tuple]]:
+    """1-D operands for a fused kernel, and the (destination, copy) pairs to write back: when
+    the layouts differ, or param/grad are not of `dtype` (None: any), contiguous copies."""
+    flat = _flat_views(tensors)
+    if flat is not None and (dtype is None or all(t.dtype == dtype for t in flat)):
+        return flat, []
+    staged = [_local(t).to(dtype=dtype or t.dtype, memory_format=torch.contiguous_format) for t in tensors]
+    back = [(_local(tensors[i]), staged[i]) for i in (0, 2, 3, 4) if staged[i] is not _local(tensors[i])]
+    return [t.view(-1) for t in staged], back
+
+
+logger = logging.getLogger(__name__)
+_fused_unavailable = ""
+"""Why the fused kernel cannot run in this process (empty: it can); warned about once."""
+
+
+def _fused_update(params, grads, mugs, bgs, bhgs, s: _StepScalars, maximize: bool) -> int:
+    """Update with the fused kernel; return how many of the tensors it updated: all of them,
+    or, when the kernel cannot be built, those before (the caller runs the rest unfused)."""
+    global _fused_unavailable
+    if _fused_unavailable:
+        return 0
+    done = 0
+    try:
+        if params[0].device.type == "cpu":
+            _cpu_fused_update(params, grads, mugs, bgs, bhgs, s, maximize)
+            return len(params)
+        for done, tensors in enumerate(zip(params, grads, mugs, bgs, bhgs)):
+            _compiled_update(tensors, s, maximize)
+        return len(params)
+    except Exception as e:  # noqa: BLE001 - any build failure: the unfused path computes the same
+        _fused_unavailable = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        logger.warning("VSGD: fused kernel unavailable (%s); using the unfused path", _fused_unavailable)
+        return done
+
+
+# Scalars (double): lr, decay, inv_a, bg0, bh0, rho1, 1 - rho1, rho2, 1 - rho2, eps, bg_first,
+# bh_first, sign; converted once to the state type, as torch converts Python scalars.
+_CPU_SOURCE = r"""
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+constexpr int64_t kPiece = 1 << 16;  // elements per work item shared among threads
+
+template <typename T, bool First>
+void update(T* __restrict__ param, const T* __restrict__ grad, T* __restrict__ mug, T* __restrict__ bg,
+            T* __restrict__ bhg, int64_t n, const T* s) {
+  const T lr = s[0], decay = s[1], inv_a = s[2], bg0 = s[3], bh0 = s[4], rho1 = s[5], keep1 = s[6],
+          rho2 = s[7], keep2 = s[8], eps = s[9], bg_first = s[10], bh_first = s[11], sign = s[12];
+  for (int64_t i = 0; i < n; ++i) {
+    const T p = param[i] * decay;
+    const T g = grad[i] * sign;
+    const T m = mug[i];
+    const T b = First ? bg_first : bg[i];
+    const T h = First ? bh_first : bhg[i];
+    const T inv_bsum = T(1) / (b + h);
+    const T mu = (g * b + m * h) * inv_bsum;
+    const T sigma2 = b * h * inv_bsum * inv_a;
+    bg[i] = bg[i] * keep1 + rho1 * ((mu - m) * (mu - m) + sigma2 + bg0);
+    bhg[i] = bhg[i] * keep2 + rho2 * ((mu - g) * (mu - g) + sigma2 + bh0);
+    mug[i] = mu;
+    param[i] = p - lr * mu / (std::sqrt(mu * mu + sigma2) + eps);
+  }
+}
+
+template <typename T>
+void step(int64_t count, void* const* tensors, const int64_t* numels, const double* scalars, bool first,
+          int threads) {
+  T s[13];
+  for (int k = 0; k < 13; ++k) s[k] = static_cast<T>(scalars[k]);
+  std::vector<int64_t> starts(count + 1, 0);  // first work item of each tensor
+  for (int64_t t = 0; t < count; ++t) starts[t + 1] = starts[t] + (numels[t] + kPiece - 1) / kPiece;
+  const int64_t items = starts[count];
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t t = std::upper_bound(starts.begin(), starts.end(), item) - starts.begin() - 1;
+    const int64_t lo = (item - starts[t]) * kPiece, n = std::min(kPiece, numels[t] - lo);
+    T* const* p = reinterpret_cast<T* const*>(tensors + 5 * t);
+    (first ? update<T, true> : update<T, false>)(p[0] + lo, p[1] + lo, p[2] + lo, p[3] + lo, p[4] + lo, n, s);
+  }
+}
+}  // namespace
+
+extern "C" void vsgd_step_float(int64_t count, void* const* tensors, const int64_t* numels,
+                                const double* scalars, bool first, int threads) {
+  step<float>(count, tensors, numels, scalars, first, threads);
+}
+
+extern "C" void vsgd_step_double(int64_t count, void* const* tensors, const int64_t* numels,
+                                 const double* scalars, bool first, int threads) {
+  step<double>(count, tensors, numels, scalars, first, threads);
+}
+"""
+
+
+@functools.cache
+def _cpu_library() -> ctypes.CDLL:
+    library = cpp_kernel.load("vsgd", _CPU_SOURCE)
+    for fn in (library.vsgd_step_float, library.vsgd_step_double):
+        fn.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
+                       ctypes.POINTER(ctypes.c_double), ctypes.c_bool, ctypes.c_int]
+        fn.restype = None
+    return library
+
+
+def _cpu_fused_update(params, grads, mugs, bgs, bhgs, s: _StepScalars, maximize: bool) -> None:
+    """The whole list in one call of the C++ kernel (threads: torch's)."""
+    dtype = mugs[0].dtype
+    library = _cpu_library()
+    kernel = library.vsgd_step_float if dtype == torch.float32 else library.vsgd_step_double
+    operands, back = [], []
+    for tensors in zip(params, grads, mugs, bgs, bhgs):
+        views, staged = _kernel_operands(tensors, dtype)
+        operands.append(views)
+        back += staged
+    pointers = [t.data_ptr() for views in operands for t in views]
+    kernel(len(operands), (ctypes.c_void_p * len(pointers))(*pointers),
+           (ctypes.c_int64 * len(operands))(*(views[0].numel() for views in operands)),
+           (ctypes.c_double * 13)(*s.fused_values(maximize)), s.first, torch.get_num_threads())
+    for destination, copy in back:
+        destination.copy_(copy)
+
+
+def _vsgd_kernel(param, grad, mug, bg, bhg, lr, decay, inv_a, bg0, bh0, rho1, keep1, rho2, keep2, eps,
+                 bg_first, bh_first, sign, first):
+    """The C++ kernel's update for torch.compile (Triton on CUDA), on 1-D tensors.
+
+    Scalars are Python floats: Dynamo passes them as kernel arguments, so a new lr or t
+    neither recompiles nor copies anything to the device. `first` is 0.0 or 1.0 (a float,
+    not a bool, so t = 1 and t > 1 share one compiled kernel).
     """
-    lr, decay, inv_a, bg0, bh0, rho1, rho2, eps, first, bg_first, bh_first, sign = scalars.unbind()
     dtype = mug.dtype
     p = param.to(dtype) * decay
     g = grad.to(dtype) * sign
-    is_first = first > 0
-    # v = B / A; A cancels in mu and appears once in sigma2, saving two multiplies.
-    bg_now = torch.where(is_first, bg_first, bg)
-    bh_now = torch.where(is_first, bh_first, bhg)
-    inv_bsum = 1.0 / (bg_now + bh_now)  # one division shared by mu and sigma2
-    mu = (g * bg_now + mug * bh_now) * inv_bsum
-    sigma2 = bg_now * bh_now * inv_bsum * inv_a
-    bg_new = bg * (1.0 - rho1) + rho1 * ((mu - mug) * (mu - mug) + sigma2 + bg0)
-    bh_new = bhg * (1.0 - rho2) + rho2 * ((mu - g) * (mu - g) + sigma2 + bh0)
+    # B = bg_first at t = 1 (exactly: bg is 0 then), else bg.
+    b = bg * (1.0 - first) + first * bg_first
+    h = bhg * (1.0 - first) + first * bh_first
+    inv_bsum = 1.0 / (b + h)  # v = B / A; A cancels in mu and appears once in sigma2
+    mu = (g * b + mug * h) * inv_bsum
+    sigma2 = b * h * inv_bsum * inv_a
+    bg_new = bg * keep1 + rho1 * ((mu - mug) * (mu - mug) + sigma2 + bg0)
+    bh_new = bhg * keep2 + rho2 * ((mu - g) * (mu - g) + sigma2 + bh0)
     p = p - lr * mu / (torch.sqrt(mu * mu + sigma2) + eps)
     param.copy_(p.to(param.dtype))
     mug.copy_(mu)
@@ -332,21 +524,20 @@ def _vsgd_kernel(param, grad, mug, bg, bhg, scalars):
     bhg.copy_(bh_new)
 
 
-_compiled_kernel = None
+@functools.cache
+def _compiled_kernel():
+    # dynamic_threads: the first tensor traced may be tiny; without it Inductor sizes the
+    # parallel loop from that hint and emits a single-threaded kernel for every size.
+    return torch.compile(_vsgd_kernel, dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True})
 
 
-def _fused_update(params, grads, mugs, bgs, bhgs, s: _StepScalars, maximize: bool) -> None:
-    global _compiled_kernel
-    if _compiled_kernel is None:
-        # dynamic_threads: the first tensor traced may be tiny; without it Inductor sizes the
-        # parallel loop from that hint and emits a single-threaded kernel for every size.
-        _compiled_kernel = torch.compile(_vsgd_kernel, dynamic=True, fullgraph=True,
-                                         options={"cpp.dynamic_threads": True})
-    values = (s.lr, s.decay, s.inv_a, s.bg0, s.bh0, s.rho1, s.rho2, s.eps, float(s.first),
-              s.bg_first, s.bh_first, -1.0 if maximize else 1.0)
-    scalars = torch.tensor(values, dtype=mugs[0].dtype, device=mugs[0].device)
-    for tensors in zip(params, grads, mugs, bgs, bhgs):
-        _compiled_kernel(*(_local(t).view(-1) for t in tensors), scalars)
+def _compiled_update(tensors, s: _StepScalars, maximize: bool) -> None:
+    """One tensor through the compiled kernel (compiled on the first call)."""
+    views, back = _kernel_operands(tensors, None)
+    # Detached: Dynamo guards on a view's base, so bases of another rank would recompile.
+    _compiled_kernel()(*(v.detach() for v in views), *s.fused_values(maximize), float(s.first))
+    for destination, copy in back:
+        destination.copy_(copy)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

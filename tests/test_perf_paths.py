@@ -1,0 +1,173 @@
+"""The fast paths keep the numbers: VSGD's fused kernels and its fallback, the chunked unfused
+path, the rank processes' allocator settings.
+
+Tolerances: the C++ kernel and the compiled (Triton/Inductor) kernel are the same sequence of
+operations; Inductor may contract a multiply-add, so they agree to 1e-6 relative per step
+(measured: a few ulp). Chunking the unfused path cuts elementwise ops at other places: bitwise.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from vsgd_dist import VSGD, allocator
+from vsgd_dist.optim import vsgd as vsgd_module
+from vsgd_dist.spawn import run_distributed
+
+BIG_SHAPES = [(300, 301), (200_001,), (5,), (64, 40, 7, 7)]  # all but one larger than a chunk
+
+
+def make_params(shapes, dtype=torch.float32, channels_last=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    if channels_last:
+        params = [p.to(memory_format=torch.channels_last) if p.dim() == 4 else p for p in params]
+    return [p.requires_grad_() for p in params]
+
+
+def run(opt_kwargs, steps=6, dtype=torch.float32, channels_last=False, contiguous_grads=False,
+        shapes=BIG_SHAPES, lrs=None):
+    params = make_params(shapes, dtype, channels_last)
+    opt = VSGD(params, lr=0.05, weight_decay=0.01, **opt_kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        if lrs:
+            opt.param_groups[0]["lr"] = lrs[step]
+        for p in params:
+            g = (torch.randn(p.shape, generator=gen) * 0.1 + 0.02).to(dtype)
+            p.grad = g if contiguous_grads else torch.empty_like(p).copy_(g)
+        opt.step()
+    return params, opt
+
+
+def assert_same(a, b, opt_a, opt_b, **tolerance):
+    for x, y in zip(a, b):
+        if tolerance:
+            torch.testing.assert_close(x, y, **tolerance)
+        else:
+            assert torch.equal(x, y)
+        for key in ("mug", "bg", "bhg"):
+            if tolerance:
+                torch.testing.assert_close(opt_a.state[x][key], opt_b.state[y][key], **tolerance)
+            else:
+                assert torch.equal(opt_a.state[x][key], opt_b.state[y][key]), key
+
+
+# ------------------------------------------------------------------------- unfused, chunked
+@pytest.mark.parametrize("path", [dict(foreach=False), dict(foreach=True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_unfused_path_equals_whole_tensors_bitwise(monkeypatch, path, dtype):
+    a, opt_a = run(path, dtype=dtype, channels_last=True)
+    monkeypatch.setattr(vsgd_module, "_CHUNK", 2**40)  # one piece per tensor: the plain ops
+    b, opt_b = run(path, dtype=dtype, channels_last=True)
+    assert_same(a, b, opt_a, opt_b)
+
+
+def test_pieces_are_cache_sized_views():
+    params = make_params([(300, 301)])
+    params[0].grad = torch.zeros_like(params[0])
+    state = [torch.zeros_like(params[0]) for _ in range(3)]
+    pieces = vsgd_module._pieces((params[0], params[0].grad, *state))
+    assert [p[0].numel() for p in pieces] == [65536, 24764]
+    assert all(p[0].data_ptr() == params[0].data_ptr() + 4 * 65536 * i for i, p in enumerate(pieces))
+
+
+# ---------------------------------------------------------------------------------- fused
+def test_cpu_kernel_handles_layouts_and_dtypes_like_contiguous_tensors():
+    """channels_last parameters with contiguous gradients (staged copies) and bf16
+    parameters (fp32 state) give what plain contiguous fp32 tensors give."""
+    plain, opt_plain = run(dict(fused=True), shapes=[(64, 40, 7, 7), (1000,)])
+    mixed, opt_mixed = run(dict(fused=True), shapes=[(64, 40, 7, 7), (1000,)], channels_last=True,
+                           contiguous_grads=True)
+    assert mixed[0].is_contiguous(memory_format=torch.channels_last)
+    assert_same(plain, mixed, opt_plain, opt_mixed)
+    bf16, opt_bf16 = run(dict(fused=True), dtype=torch.bfloat16)
+    ref, opt_ref = run(dict(foreach=False), dtype=torch.bfloat16)
+    assert opt_bf16.state[bf16[0]]["mug"].dtype == torch.float32
+    for x, y in zip(bf16, ref):  # one bf16 rounding apart at most
+        torch.testing.assert_close(x.float(), y.float(), rtol=2**-7, atol=1e-6)
+
+
+@pytest.fixture
+def fresh_fused_state(monkeypatch, tmp_path):
+    """No fallback recorded and no library loaded, with an empty kernel cache."""
+    monkeypatch.setattr(vsgd_module, "_fused_unavailable", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    vsgd_module._cpu_library.cache_clear()
+    yield
+    vsgd_module._cpu_library.cache_clear()
+
+
+def test_fallback_without_compiler_warns_once_and_steps_unfused(fresh_fused_state, monkeypatch, caplog):
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails, as a missing one would
+    with caplog.at_level(logging.WARNING, logger="vsgd_dist.optim.vsgd"):
+        fused, opt_fused = run(dict(fused=True))
+        run(dict(fused=True))
+    warnings = [r for r in caplog.records if r.name == "vsgd_dist.optim.vsgd"]
+    assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
+    assert "fused kernel unavailable (RuntimeError: false failed" in warnings[0].getMessage()
+    unfused, opt_unfused = run(dict(foreach=False))
+    assert_same(fused, unfused, opt_fused, opt_unfused)
+
+
+def test_cpu_kernel_builds_once_per_machine(fresh_fused_state, tmp_path):
+    vsgd_module._cpu_library()
+    built = list((tmp_path / "vsgd_dist").glob("vsgd-*.so"))
+    assert len(built) == 1
+    vsgd_module._cpu_library.cache_clear()
+    stamp = built[0].stat().st_mtime_ns
+    vsgd_module._cpu_library()
+    assert built[0].stat().st_mtime_ns == stamp and len(list((tmp_path / "vsgd_dist").iterdir())) == 1
+
+
+@pytest.mark.timeout(600)
+def test_compiled_kernel_compiles_once_across_lr_and_steps_and_matches_cpu_kernel(monkeypatch):
+    """The torch.compile path (Triton on CUDA; Inductor C++ here): one graph for every lr,
+    t = 1 and t > 1, and sizes; the same numbers as the C++ kernel."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    lrs = [0.05, 0.04, 0.03, 0.02, 0.01, 0.005]
+    cpu, opt_cpu = run(dict(fused=True), lrs=lrs, shapes=[(33, 7), (5,), (1000,)])
+
+    def compiled_path(params, grads, mugs, bgs, bhgs, s, maximize):
+        for tensors in zip(params, grads, mugs, bgs, bhgs):
+            vsgd_module._compiled_update(tensors, s, maximize)
+
+    monkeypatch.setattr(vsgd_module, "_cpu_fused_update", compiled_path)
+    compiled, opt_compiled = run(dict(fused=True), lrs=lrs, shapes=[(33, 7), (5,), (1000,)])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert_same(cpu, compiled, opt_cpu, opt_compiled, rtol=1e-6, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------ allocator
+def _rank_env(rank, world_size):
+    return {k: os.environ.get(k) for k in ("LD_PRELOAD", "MALLOC_CONF", "MALLOC_MMAP_MAX_",
+                                           "MALLOC_TRIM_THRESHOLD_")}
+
+
+@pytest.mark.timeout(120)
+def test_ranks_start_with_the_caching_allocator_env(monkeypatch):
+    for key in ("LD_PRELOAD", "MALLOC_CONF", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(key, raising=False)
+    expected = allocator.allocator_env()
+    assert expected  # a preload library or the glibc settings
+    before = dict(os.environ)
+    envs = run_distributed(_rank_env, 2, timeout=100)
+    assert dict(os.environ) == before  # the launcher's own environment is left alone
+    for env in envs:
+        assert {k: v for k, v in env.items() if v is not None} == expected
+
+
+def test_allocator_env_prefers_a_preload_and_respects_the_user(tmp_path, monkeypatch):
+    monkeypatch.setattr(allocator, "library_dirs", lambda environ: [str(tmp_path)])
+    assert allocator.allocator_env({}) == allocator.GLIBC
+    assert allocator.allocator_env({"MALLOC_MMAP_MAX_": "4"}) == {"MALLOC_TRIM_THRESHOLD_": str(2**40)}
+    (tmp_path / "libjemalloc.so.2").touch()
+    assert allocator.allocator_env({"LD_PRELOAD": "/x/libfoo.so"}) == {
+        "LD_PRELOAD": f"{tmp_path}/libjemalloc.so.2:/x/libfoo.so", "MALLOC_CONF": allocator.JEMALLOC_CONF}
+    assert allocator.allocator_env({"LD_PRELOAD": "/opt/libtcmalloc.so.4"}) == {}
