@@ -44,6 +44,11 @@ class DataConfig:
     """Validation output size (ffcv-imagenet evaluates ResNet-50 at 256)."""
     val_crop_ratio: float = 224 / 256
     """Validation center crop side / shorter image side, before resizing to val_res."""
+    minival: int = 0
+    """Images held out of the TRAINING set as a tuning split, evaluated like val (`minival/top1`,
+    ...): choose hyperparameters on it, report val. 0: off, all train images are trained on."""
+    minival_seed: int = 0
+    """Seed of the minival split (not train.seed: every seed of a sweep holds out the same images)."""
 
     def __post_init__(self):
         self.check()
@@ -68,6 +73,8 @@ class DataConfig:
             problems.append(f"val_crop_ratio {self.val_crop_ratio} must be in (0, 1]")
         if not 0.0 < self.crop_scale_min <= 1.0:
             problems.append(f"crop_scale_min {self.crop_scale_min} must be in (0, 1]")
+        if self.minival < 0:
+            problems.append(f"minival {self.minival} must be 0 (off) or a number of train images")
         if not isinstance(self.flip, bool):
             problems.append(f"flip {self.flip!r} must be true or false")
         if problems:
