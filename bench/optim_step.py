@@ -4,7 +4,9 @@ All variants run side by side in one process on the same machine state, so the r
 comparable. Bandwidth = bytes the step must move / time: VSGD reads param, grad and 3
 state tensors and writes param + state (36 B per fp32 element), AdamW 28 B.
 
-    python bench/optim_step.py [--models resnet50 vit_b16] [--steps 5] [--threads N]
+    python bench/optim_step.py [--models resnet50 vit_b16] [--steps 5] [--threads N] [--device cuda]
+
+On CUDA each step is timed between two synchronizations (the GPU's time for the step).
 """
 from __future__ import annotations
 
@@ -29,18 +31,21 @@ VARIANTS = {
 }
 
 
-def time_steps(make, shapes, steps: int, warmup: int) -> float:
+def time_steps(make, shapes, steps: int, warmup: int, device: str = "cpu") -> float:
     gen = torch.Generator().manual_seed(0)
-    params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    params = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in shapes]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(device)
     opt = make(params)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for _ in range(warmup):  # state allocation and, for fused VSGD, compilation
         opt.step()
+    sync()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         opt.step()
+        sync()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]  # median
 
@@ -51,15 +56,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.steps} steps\n")
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{args.threads} threads"
+    print(f"torch {torch.__version__}, {where}, median of {args.steps} steps\n")
     print("| model | params | optimizer | step ms | GB/s | vs AdamW fused |")
     print("|---|---|---|---|---|---|")
     for model in args.models:
         shapes = MODELS[model]()
         n = numel(shapes)
-        results = {name: time_steps(make, shapes, args.steps, args.warmup) for name, (make, _) in VARIANTS.items()}
+        results = {name: time_steps(make, shapes, args.steps, args.warmup, args.device)
+                   for name, (make, _) in VARIANTS.items()}
         base = results["AdamW fused"]
         for name, seconds in results.items():
             gbps = VARIANTS[name][1] * n / seconds / 1e9

@@ -47,6 +47,65 @@ def pick_device() -> torch.device:
     return device
 
 
+def set_kernel_options(fast: bool) -> None:
+    """CUDA kernel choices for training (train.fast_kernels). fast: cudnn.benchmark (each
+    convolution shape autotuned on its first call) and TF32 for fp32 matmuls and
+    convolutions. Not fast: no autotuning, IEEE fp32, and deterministic algorithms, so a run
+    repeats and resumes bit for bit on the same GPU and software. Sets process-wide flags;
+    call it once, before the first CUDA kernel, and only on CUDA runs."""
+    torch.backends.cudnn.benchmark = fast
+    torch.backends.cudnn.deterministic = not fast
+    precision = "tf32" if fast else "ieee"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9; never mix with the old flags
+        torch.backends.cuda.matmul.fp32_precision = precision
+        torch.backends.cudnn.conv.fp32_precision = precision
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = fast
+    if not fast:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic workspace
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def cpus_per_rank() -> int:
+    """Cores this rank may use: SLURM's cpus per task (the cluster profile's `cpus_per_task`,
+    which the job requests as --cpus-per-task), else this process's CPU affinity shared by
+    the ranks of this node (LOCAL_WORLD_SIZE, SLURM's tasks per node, or, for `launch run`
+    and lone processes, which run on one node, the world size)."""
+    if os.environ.get("SLURM_CPUS_PER_TASK"):
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    local = (os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE")
+             or (os.environ.get("WORLD_SIZE", "1") if "SLURM_JOB_ID" not in os.environ else "1"))
+    return max(1, len(os.sched_getaffinity(0)) // max(1, int(local.split("(")[0])))
+
+
+def thread_budget(device: torch.device, num_workers: int, cores: int | None = None) -> tuple[int, int]:
+    """(data loader threads, torch intra-op threads) for this rank out of its `cores`
+    (`cpus_per_rank()`): the loader gets data.num_workers, at most all of them (decoding is
+    a pure function of the sample, so the thread count never changes the data). On CUDA
+    torch gets the cores the loader leaves (at least 1, at most OMP_NUM_THREADS when set),
+    so decoding and torch's CPU threads do not fight; on the CPU, where the ranks compute on
+    their cores, torch keeps OMP_NUM_THREADS (default 1, `init_process_group_from_env`)."""
+    cores = cores or cpus_per_rank()
+    workers = max(1, min(num_workers, cores))
+    if device.type != "cuda":
+        return workers, torch.get_num_threads()
+    threads = max(1, cores - workers)
+    if os.environ.get("OMP_NUM_THREADS"):
+        threads = min(threads, int(os.environ["OMP_NUM_THREADS"]))
+    return workers, threads
+
+
+def configure_device(device: torch.device, fast_kernels: bool, num_workers: int) -> int:
+    """This rank's setup-time settings: CUDA kernel options (`set_kernel_options`) and the
+    CPU thread budget (`thread_budget`; torch's share is applied here). Returns the data
+    loader's thread count."""
+    if device.type == "cuda":
+        set_kernel_options(fast_kernels)
+    workers, threads = thread_budget(device, num_workers)
+    torch.set_num_threads(threads)
+    return workers
+
+
 def backend_for(device: torch.device) -> str:
     return "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
 
