@@ -17,6 +17,7 @@ from .config import MAX_RES, MIN_RES, DataConfig
 from .demo import ensure_demo_data
 from .errors import DataError
 from .manifest import DatasetFiles, open_dataset_dir
+from .minival import minival_split
 from .validate import BetonInfo, inspect_beton
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
@@ -49,24 +50,27 @@ def build_train_loader(cfg: DataConfig, device: torch.device | str, *, batch_siz
     world = _world_size(distributed)
     files = resolve_dataset(cfg)
     info = _checked_file(files.train, len(files.manifest.classes))
-    if not 1 <= batch_size <= info.num_samples // world:
+    indices, _ = minival_split(info.num_samples, cfg.minival, cfg.minival_seed)
+    if not 1 <= batch_size <= len(indices) // world:
         raise DataError(f"{files.train}: batch_size {batch_size} is outside [1, this rank's "
-                        f"shard ({info.num_samples} images / {world} ranks = "
-                        f"{info.num_samples // world}]); lower the batch")
+                        f"shard ({len(indices)} images / {world} ranks = "
+                        f"{len(indices) // world}]); lower the batch")
     if distributed:
         _check_same_seed(seed)
     decoder = SeededCropFlipDecoder((cfg.start_res, cfg.start_res), seed=seed,
                                     scale_min=cfg.crop_scale_min, flip=cfg.flip)
     return CheckedLoader(
         str(files.train), batch_size=batch_size, num_workers=cfg.num_workers,
-        os_cache=cfg.os_cache, distributed=distributed, seed=seed, drop_last=True,
+        os_cache=cfg.os_cache, distributed=distributed, seed=seed, drop_last=True, indices=indices,
         order=OrderOption.RANDOM if cfg.os_cache else OrderOption.QUASI_RANDOM,
         pipelines=_pipelines(info, [decoder], cfg, device))
 
 
-def build_val_loader(cfg: DataConfig, device: torch.device | str, *, batch_size: int, distributed: bool = False):
+def build_val_loader(cfg: DataConfig, device: torch.device | str, *, batch_size: int, distributed: bool = False,
+                     minival: bool = False):
     """Center-crop loader in file order; with distributed=True each rank reads every
     world_size-th image, so the ranks together see each image exactly once (no padding).
+    minival=True: the same over the images data.minival holds out of the train file.
     Iterating it raises DataError on a JPEG that does not decode."""
     from ffcv.loader import OrderOption
 
@@ -77,15 +81,18 @@ def build_val_loader(cfg: DataConfig, device: torch.device | str, *, batch_size:
     world = _world_size(distributed)
     rank = dist.get_rank() if distributed else 0
     files = resolve_dataset(cfg)
-    info = _checked_file(files.val, len(files.manifest.classes))
-    if info.num_samples < world:
-        raise DataError(f"{files.val}: {info.num_samples} images cannot be split over {world} "
-                        f"ranks; use fewer ranks or a larger val split")
+    path = files.train if minival else files.val
+    info = _checked_file(path, len(files.manifest.classes))
+    images = (minival_split(info.num_samples, cfg.minival, cfg.minival_seed)[1] if minival
+              else np.arange(info.num_samples))
+    if len(images) < world:
+        raise DataError(f"{path}: {len(images)} {'minival ' if minival else ''}images cannot be split over "
+                        f"{world} ranks; use fewer ranks or a larger split")
     decoder = CenterCropDecoder((cfg.val_res, cfg.val_res), ratio=cfg.val_crop_ratio)
     return CheckedLoader(
-        str(files.val), batch_size=batch_size, num_workers=cfg.num_workers,
+        str(path), batch_size=batch_size, num_workers=cfg.num_workers,
         os_cache=cfg.os_cache, order=OrderOption.SEQUENTIAL, drop_last=False,
-        indices=np.arange(rank, info.num_samples, world),
+        indices=images[rank::world],
         pipelines=_pipelines(info, [decoder], cfg, device))
 
 
