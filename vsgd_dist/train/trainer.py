@@ -99,6 +99,9 @@ class Trainer:
                                                seed=tc.seed, distributed=self.world > 1)
         self.val_loader = build_val_loader(cfg.data, self.device, batch_size=self.batch_per_rank,
                                            distributed=self.world > 1)
+        # data.minival: train images held out for tuning, evaluated next to val
+        self.minival_loader = build_val_loader(cfg.data, self.device, batch_size=self.batch_per_rank,
+                                               distributed=self.world > 1, minival=True) if cfg.data.minival else None
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = tc.max_steps or tc.epochs * self.steps_per_epoch
 
@@ -110,7 +113,7 @@ class Trainer:
         entry = OPTIMIZERS.get(cfg.optim.name)
         # A hyperparameter 0 that means "the training set size" (IVON's ess): the engine gets
         # the number, the recipe keeps the 0.
-        hparams = entry.with_train_size(cfg.optim.hparams, manifest.counts["train"])
+        hparams = entry.with_train_size(cfg.optim.hparams, manifest.counts["train"] - cfg.data.minival)
         self.engine = build_engine(model, dataclasses.replace(
             cfg, optim=dataclasses.replace(cfg.optim, **{cfg.optim.name: hparams})), self.peak_lr)
         self.forward = torch.compile(self.engine.wrapped) if cfg.model.compile else self.engine.wrapped
@@ -242,27 +245,32 @@ class Trainer:
 
     @torch.no_grad()
     def _validate(self) -> dict:
-        """Top-1/top-5, NLL and ECE over the whole val set: exact sums over ranks (each rank
+        """Top-1/top-5, NLL and ECE over the whole val set, and the minival split alike
+        (data.minival, the tuning split): exact sums over ranks (each rank
         reads a disjoint part, no padding). An optimizer that trains at weight samples adds
         the posterior predictive over train.val_mc_samples samples; with EMA, the EMA
         weights are evaluated too (at the EMA only: the samples spread around the mean)."""
         self.engine.sync_buffers()
         self.engine.restore()
-        results = self._evaluate("val", self.cfg.train.val_mc_samples if self.engine.samples else 0)
+        samples = self.cfg.train.val_mc_samples if self.engine.samples else 0
+        results = self._evaluate("val", samples)
+        if self.minival_loader is not None:
+            results.update(self._evaluate("minival", samples, self.minival_loader))
         if self.ema is not None:
             with self.ema.swapped_in():
                 results.update(self._evaluate("val_ema"))
         self.logger.flush()
         return results
 
-    def _evaluate(self, prefix: str, samples: int = 0) -> dict:
+    def _evaluate(self, prefix: str, samples: int = 0, loader=None) -> dict:
         """Metrics of the model as it is and, with `samples`, of the posterior predictive:
         the softmax averaged over that many weight samples (the optimizer's evaluation noise,
-        BatchNorm with its running statistics), `predictive_*`. One host sync at the end."""
+        BatchNorm with its running statistics), `predictive_*`. One host sync at the end.
+        `loader`: another split than val (minival)."""
         model = self.engine.model
         model.eval()
         sums = torch.zeros(2 if samples else 1, SUMS_SIZE, dtype=torch.float64, device=self.device)
-        for images, labels in self.val_loader:
+        for images, labels in self.val_loader if loader is None else loader:
             sums[0] += prediction_sums(self._log_probs(images), labels)
             if samples:
                 log_probs = []
