@@ -1,9 +1,12 @@
 """FFCV train and val loaders, checked before they are built.
 
-Pipeline order matters on CPU: NormalizeImage must come before ToTensor (the usual
-ffcv-imagenet order, normalizing on the device after ToTorchImage, hangs inside Loader() on
-CPU and needs cupy on GPU). So images are normalized to the output dtype by the decoding
-threads and copied to the device already normalized.
+Where images are normalized depends on the device. On CUDA they leave the host as uint8
+(a quarter of fp32's bytes) and are normalized on the GPU: ToDevice(non_blocking),
+ToTorchImage, then `normalize.normalize_on_device`, a few torch kernels that ffcv's loading
+thread runs on its CUDA stream (ffcv's own NormalizeImage needs cupy on GPU). On the CPU,
+NormalizeImage runs in the decoding threads before ToTensor: the usual order, normalizing
+after ToTorchImage, hangs inside Loader() on CPU. Both give the same values bit for bit
+(normalize.py looks up NormalizeImage's table).
 """
 from __future__ import annotations
 
@@ -18,10 +21,8 @@ from .demo import ensure_demo_data
 from .errors import DataError
 from .manifest import DatasetFiles, open_dataset_dir
 from .minival import minival_split
+from .normalize import IMAGENET_MEAN, IMAGENET_STD, TORCH_DTYPES, normalize_on_device
 from .validate import BetonInfo, inspect_beton
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406]) * 255
-IMAGENET_STD = np.array([0.229, 0.224, 0.225]) * 255
 
 
 def resolve_dataset(cfg: DataConfig) -> DatasetFiles:
@@ -104,17 +105,27 @@ def set_train_resolution(loader, res: int) -> None:
     loader.pipeline_specs["image"].decoder.output_size = (res, res)
 
 
+def normalizes_on_device(device: torch.device) -> bool:
+    """Whether images travel as uint8 and are normalized on `device` (CUDA) rather than by
+    the decoding threads (CPU)."""
+    return device.type == "cuda"
+
+
 def _pipelines(info: BetonInfo, image_ops: list, cfg: DataConfig, device: torch.device) -> dict:
     from ffcv.fields.basics import IntDecoder
     from ffcv.transforms import Convert, NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
-    # fp16 is normalized straight to fp16 (ToTorchImage views ffcv's int16 carrier as fp16);
-    # numpy has no bf16, so bf16 is normalized to fp32 and converted at the end.
-    np_dtype = np.float16 if cfg.dtype == "fp16" else np.float32
-    image = [*image_ops, NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np_dtype), ToTensor(),
-             ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
-    if cfg.dtype == "bf16":
-        image.append(Convert(torch.bfloat16))
+    if normalizes_on_device(device):
+        image = [*image_ops, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True),
+                 normalize_on_device(TORCH_DTYPES[cfg.dtype])]
+    else:
+        # fp16 is normalized straight to fp16 (ToTorchImage views ffcv's int16 carrier as fp16);
+        # numpy has no bf16, so bf16 is normalized to fp32 and converted at the end.
+        np_dtype = np.float16 if cfg.dtype == "fp16" else np.float32
+        image = [*image_ops, NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np_dtype), ToTensor(),
+                 ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
+        if cfg.dtype == "bf16":
+            image.append(Convert(torch.bfloat16))
     label = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
     unused = {name: None for name in info.field_names if name not in ("image", "label")}
     return {"image": image, "label": label, **unused}
