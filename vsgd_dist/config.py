@@ -42,6 +42,9 @@ class ModelConfig:
     """Run convolutions in NHWC memory format (faster on tensor cores and oneDNN)."""
     compile: bool = False
     """Wrap the model in torch.compile (first steps pay the compilation)."""
+    blurpool: bool = False
+    """Blur ([1,2,1] x [1,2,1] / 16) before every strided convolution with >= 16 input channels,
+    as ffcv-imagenet's ResNets do (`vsgd_dist.models.blurpool`); no effect on ViTs."""
 
 
 @dataclass
@@ -56,7 +59,10 @@ class OptimSettings:
     lr_base_batch: int = 0
     """Linear scaling rule: lr_used = lr * global_batch / lr_base_batch; 0 turns scaling off."""
     weight_decay: float = 0.0
-    """Decoupled weight decay; never applied to norms and biases (1-D parameters)."""
+    """Weight decay, as the optimizer applies it (decoupled for AdamW and VSGD, L2 for SGD)."""
+    wd_exclude_1d: bool = True
+    """No weight decay on 1-D parameters (norm weights and biases), as ffcv-imagenet, DeiT and
+    torchvision's recipes do; false: every parameter decays (torch's default)."""
     fused: bool = False
     """Use the fused kernel (VSGD: torch.compile'd; AdamW: torch's fused implementation)."""
 
@@ -77,14 +83,15 @@ OptimConfig.__doc__ = "Shared optimizer settings plus one section of hyperparame
 @dataclass
 class ScheduleConfig:
     name: str = "cosine"
-    """LR shape after warmup, a name in `vsgd_dist.train.schedule.SCHEDULES` (cosine, step,
-    constant); stepped every iteration."""
+    """LR shape after warmup, a name in `vsgd_dist.train.schedule.SCHEDULES` (cosine, linear,
+    step, constant); stepped every iteration. linear after a linear warmup is ffcv-imagenet's
+    triangular schedule."""
     warmup_steps: int = 0
     """Linear warmup from 0 over this many steps."""
     warmup_epochs: float = 0.0
     """Warmup in epochs (converted with the steps per epoch); adds to warmup_steps."""
     min_lr_ratio: float = 0.0
-    """Cosine floor as a fraction of the peak LR."""
+    """Floor of the cosine and linear shapes as a fraction of the peak LR."""
     step_epochs: list[int] = field(default_factory=lambda: [30, 60, 80])
     """Step schedule: epochs at which the LR is multiplied by step_gamma."""
     step_gamma: float = 0.1
@@ -106,7 +113,11 @@ class EngineConfig:
 @dataclass
 class TrainConfig:
     global_batch: int = 256
-    """Images per optimizer step over all ranks; each rank gets global_batch / world_size."""
+    """Images per optimizer step over all ranks; each rank reads global_batch / (world_size *
+    accum_steps) per micro-batch."""
+    accum_steps: int = 1
+    """Gradient accumulation: micro-batches per optimizer step (gradients synchronized on the
+    last only, losses scaled by 1 / accum_steps), so a recipe's global batch runs on fewer GPUs."""
     epochs: int = 10
     """Epochs to train (ignored when max_steps > 0)."""
     max_steps: int = 0
@@ -129,6 +140,8 @@ class TrainConfig:
     """Steps between VSGD diagnostics (scalars and histograms per layer group)."""
     val_every_epochs: int = 1
     """Validate every this many epochs (a run always ends with a validation pass)."""
+    val_flip: bool = False
+    """Test-time flip: validation averages the logits of each image and its mirror image."""
     val_mc_samples: int = 10
     """Optimizers that train at weight samples (IVON): validation also reports the posterior
     predictive, the average of the softmax over this many weight samples (0: off)."""
@@ -182,9 +195,15 @@ class RunConfig:
         tc = self.train
         if tc.global_batch < 1:
             raise ConfigError(f"train.global_batch={tc.global_batch} must be at least 1")
-        if world_size is not None and tc.global_batch % world_size:
+        if tc.accum_steps < 1:
+            raise ConfigError(f"train.accum_steps={tc.accum_steps} must be at least 1")
+        if world_size is not None and tc.global_batch % (world_size * tc.accum_steps):
             raise ConfigError(f"train.global_batch={tc.global_batch} is not divisible by the world size "
-                              f"{world_size}; use a multiple of {world_size} or another process count")
+                              f"{world_size} x train.accum_steps={tc.accum_steps}; use a multiple of "
+                              f"{world_size * tc.accum_steps} or another process count")
+        if tc.precision == "fp32" and self.data.dtype != "fp32":
+            raise ConfigError(f"train.precision=fp32 runs the model in fp32 but data.dtype={self.data.dtype} "
+                              f"delivers {self.data.dtype} images; add data.dtype=fp32")
         if tc.max_steps < 0 or tc.epochs < 1 and tc.max_steps == 0:
             raise ConfigError("set train.max_steps > 0 or train.epochs >= 1")
         if tc.stop_at < 0 or (tc.max_steps and tc.stop_at > tc.max_steps):

@@ -4,7 +4,10 @@ An engine owns the wrapped model and the (possibly sharded) optimizer. The loop 
 
     for k in range(engine.mc_samples):
         engine.sample(k)                  # no-op unless the optimizer trains at weight samples
-        engine.backward(loss_fn(engine.wrapped(x)))
+        for x in micro_batches[:-1]:      # train.accum_steps micro-batches
+            with engine.no_sync():
+                engine.backward(loss_fn(engine.wrapped(x)) / accum_steps)
+        engine.backward(loss_fn(engine.wrapped(micro_batches[-1])) / accum_steps)
         if k + 1 < engine.mc_samples:
             engine.accumulate()
     engine.step()
@@ -14,8 +17,9 @@ mean weights again (before evaluating or averaging them).
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
@@ -49,7 +53,7 @@ class Engine(ABC):
         self.samples = entry.sampling
         self.optimizer_kwargs = entry.kwargs(cfg.optim.hparams, lr, cfg.optim.weight_decay,
                                              cfg.optim.fused, seed=cfg.train.seed)
-        self.param_groups = named_param_groups(model, cfg.optim.weight_decay)
+        self.param_groups = named_param_groups(model, cfg.optim.weight_decay, cfg.optim.wd_exclude_1d)
 
     @property
     def mc_samples(self) -> int:
@@ -78,6 +82,13 @@ class Engine(ABC):
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    def no_sync(self) -> ContextManager:
+        """Around the backward of every accumulation micro-batch but the last: gradients add
+        up locally in `.grad`, and the last backward (outside) synchronizes their sum. Here:
+        the wrapper's own `no_sync` (DDP), or nothing to skip (one process)."""
+        no_sync = getattr(self.wrapped, "no_sync", None)
+        return no_sync() if no_sync is not None else contextlib.nullcontext()
 
     def step(self) -> torch.Tensor:
         """Clip (when train.grad_clip > 0), step, zero the gradients; return the global

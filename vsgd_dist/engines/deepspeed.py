@@ -14,6 +14,7 @@ DeepSpeed is imported only when the engine is built (it takes seconds).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -32,8 +33,8 @@ def deepspeed_config(cfg, world_size: int, lr: float) -> dict:
     bucket_elements = int(cfg.engine.bucket_mb * 2**20) // (2 if bf16 else 4)
     config = {
         "train_batch_size": tc.global_batch,
-        "train_micro_batch_size_per_gpu": tc.global_batch // world_size,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": tc.global_batch // (world_size * tc.accum_steps),
+        "gradient_accumulation_steps": tc.accum_steps,
         "gradient_clipping": tc.grad_clip,
         "bf16": {"enabled": bf16},
         "zero_optimization": {"stage": cfg.engine.zero_stage, "reduce_bucket_size": bucket_elements,
@@ -89,7 +90,18 @@ class DeepSpeedEngine(Engine):
         self.optimizer = zero.optimizer  # the torch optimizer on the flat partitions
 
     def backward(self, loss):
-        self.ds.backward(loss)
+        self.ds.backward(loss, scale_wrt_gas=False)  # the trainer already divides by accum_steps
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Not the accumulation boundary: ZeRO accumulates this backward's gradients into its
+        partitions and the step waits (DeepSpeed's own `no_sync` refuses stage 2). The trainer
+        steps once per optimizer step, so the boundary is set by hand rather than counted."""
+        self.ds.set_gradient_accumulation_boundary(False)
+        try:
+            yield
+        finally:
+            self.ds.set_gradient_accumulation_boundary(True)
 
     def step(self):
         """DeepSpeed clips (gradient_clipping) and zeroes the gradients inside its step."""

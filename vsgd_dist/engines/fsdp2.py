@@ -3,6 +3,8 @@ optimizer built on them holds 1/N of its state for free, and gradients are reduc
 by FSDP itself."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import torch.distributed as dist
@@ -72,6 +74,15 @@ class FSDP2Engine(Engine):
         super().__init__(model, cfg, lr)  # param groups over the DTensor parameters
         self.wrapped = model
         self.optimizer = self.optimizer_class(self.param_groups, **self.optimizer_kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """FSDP2 keeps the unsharded gradients and skips the reduce-scatter until sync is back on."""
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
 
     def clip_grad_norm(self, max_norm):
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)

@@ -2,6 +2,8 @@
 and gradients (stage 2, hooks reduce-scatter gradients during backward)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
@@ -24,6 +26,12 @@ class ZeroEngine(Engine):
 
     def clip_grad_norm(self, max_norm):
         return self.optimizer.clip_grad_norm_(max_norm)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Stage 1: DDP's no_sync; stage 2: the ZeroOptimizer's hooks skip the reduce-scatter."""
+        with super().no_sync(), self.optimizer.no_sync():
+            yield
 
     def state_bytes(self):
         return self.optimizer.state_bytes()

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from vsgd_dist.models.blurpool import apply_blurpool
 from vsgd_dist.models.torchvision_import import import_torchvision
 from vsgd_dist.registry import Registry
 
@@ -24,8 +25,11 @@ class ModelEntry:
 MODELS: Registry[ModelEntry] = Registry("model")
 
 
-def build_model(name: str, num_classes: int, image_size: int = 224) -> nn.Module:
-    return MODELS.get(name).build(num_classes, image_size)
+def build_model(name: str, num_classes: int, image_size: int = 224, blurpool: bool = False) -> nn.Module:
+    """The registered model; `blurpool`: with a blur before each strided convolution (ffcv-imagenet's
+    ResNets, see `blurpool.py`)."""
+    model = MODELS.get(name).build(num_classes, image_size)
+    return apply_blurpool(model) if blurpool else model
 
 
 def _vit(num_heads: int, hidden_dim: int) -> Callable[[int, int], nn.Module]:

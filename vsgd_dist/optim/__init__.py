@@ -1,5 +1,5 @@
 """Optimizers and their registry. Each module below registers itself in `OPTIMIZERS`."""
-from vsgd_dist.optim import adamw, ivon, vsgd  # noqa: F401 - registration
+from vsgd_dist.optim import adamw, ivon, sgd, vsgd  # noqa: F401 - registration
 from vsgd_dist.optim.param_groups import named_param_groups
 from vsgd_dist.optim.registry import OPTIMIZERS, OptimizerEntry
 from vsgd_dist.optim.ivon import IVON

@@ -16,6 +16,13 @@ def _cosine(cfg, step: int, span: int, steps_per_epoch: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _linear(cfg, step: int, span: int, steps_per_epoch: int) -> float:
+    """Straight down to min_lr_ratio at the last step: after a linear warmup, the triangular
+    ("cyclic") schedule of ffcv-imagenet's ResNet runs."""
+    progress = min(step / max(1, span), 1.0)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * (1 - progress)
+
+
 def _step(cfg, step: int, span: int, steps_per_epoch: int) -> float:
     """Milestones count from the start of training, warmup included (as epochs do)."""
     warmup_done = cfg.warmup_steps + round(cfg.warmup_epochs * steps_per_epoch)
@@ -23,6 +30,7 @@ def _step(cfg, step: int, span: int, steps_per_epoch: int) -> float:
 
 
 SCHEDULES.register("cosine", _cosine)
+SCHEDULES.register("linear", _linear)
 SCHEDULES.register("step", _step)
 SCHEDULES.register("constant", lambda cfg, step, span, steps_per_epoch: 1.0)
 

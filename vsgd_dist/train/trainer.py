@@ -7,7 +7,9 @@ on them. `_train` is the loop; each named piece below it does one job.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import math
 import threading
 import time
@@ -60,8 +62,8 @@ class Trainer:
         self._resume()
         status, result = "completed", {}
         while status == "completed" and self.step < self.total_steps:
-            for images, labels in self._batches_of_epoch():
-                self._train_step(images, labels)
+            for micro_batches in self._batches_of_epoch():
+                self._train_step(micro_batches)
                 if self.step % tc.log_every == 0 or self.step == self.total_steps:
                     self._log_train()
                 if self.log_diagnostics and (self.step % tc.diag_every == 0 or self.step == self.total_steps):
@@ -91,8 +93,8 @@ class Trainer:
         open_run_dir(self.run_dir, cfg, self.rank)
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
 
-        # Each rank reads global_batch / world_size images per step.
-        self.batch_per_rank = tc.global_batch // self.world
+        # Each rank reads global_batch / world_size images per step, in accum_steps micro-batches.
+        self.batch_per_rank = tc.global_batch // (self.world * tc.accum_steps)
         manifest = resolve_dataset(cfg.data).manifest
         self.classes = manifest.classes
         self.train_loader = build_train_loader(cfg.data, self.device, batch_size=self.batch_per_rank,
@@ -102,10 +104,11 @@ class Trainer:
         # data.minival: train images held out for tuning, evaluated next to val
         self.minival_loader = build_val_loader(cfg.data, self.device, batch_size=self.batch_per_rank,
                                                distributed=self.world > 1, minival=True) if cfg.data.minival else None
-        self.steps_per_epoch = len(self.train_loader)
+        self.steps_per_epoch = len(self.train_loader) // tc.accum_steps
         self.total_steps = tc.max_steps or tc.epochs * self.steps_per_epoch
 
-        model = build_model(cfg.model.name, len(self.classes), image_size=cfg.data.end_res).to(self.device)
+        model = build_model(cfg.model.name, len(self.classes), image_size=cfg.data.end_res,
+                            blurpool=cfg.model.blurpool).to(self.device)
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         scale = tc.global_batch / cfg.optim.lr_base_batch if cfg.optim.lr_base_batch else 1.0
@@ -144,30 +147,38 @@ class Trainer:
                                       enabled=self.rank == 0 and self.cfg.train.progress)
 
     def _batches_of_epoch(self):
-        """The rest of the current epoch's batches, stopping at the last step."""
+        """The rest of the current epoch's steps, each a list of train.accum_steps (images,
+        labels) micro-batches, stopping at the last step (an incomplete step at the epoch's
+        end is dropped). Held micro-batches are copied: ffcv reuses its batch buffers."""
         self.engine.model.train()
-        batches = iter(train_epoch(self.train_loader, self.cfg.data, self.epoch, self.batch_in_epoch))
+        accum = self.cfg.train.accum_steps
+        batches = iter(train_epoch(self.train_loader, self.cfg.data, self.epoch, self.batch_in_epoch * accum))
         while self.step < self.total_steps:
             with self.timer.phase("data_wait"):
-                batch = next(batches, None)
-            if batch is None:
+                micro_batches = [[t.clone() if accum > 1 else t for t in batch]
+                                 for batch in itertools.islice(batches, accum)]
+            if len(micro_batches) < accum:
                 return
-            yield batch
+            yield micro_batches
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """One optimizer step: a forward/backward of the batch per weight sample (one for
-        optimizers that train at the mean), then the update. The logged loss is their mean."""
-        losses, samples = [], self.engine.mc_samples
+    def _train_step(self, micro_batches: list) -> None:
+        """One optimizer step: per weight sample (one for optimizers that train at the mean) a
+        forward/backward of every micro-batch, each loss divided by their number so the
+        gradients add up to the batch mean, synchronized by the last backward only; then the
+        update. The logged loss is the mean over samples and micro-batches."""
+        losses, samples, accum = [], self.engine.mc_samples, len(micro_batches)
         for k in range(samples):
             with self.timer.phase("optimizer"):
                 self.engine.sample(k)
             with self.timer.phase("forward_backward"):
-                with self.autocast:
-                    loss = self.criterion(self.forward(images), labels)
-                self.engine.backward(loss)
+                for i, (images, labels) in enumerate(micro_batches):
+                    with self.engine.no_sync() if i + 1 < accum else contextlib.nullcontext():
+                        with self.autocast:
+                            loss = self.criterion(self.forward(images), labels)
+                        self.engine.backward(loss / accum)
+                    losses.append(loss.detach())
                 if k + 1 < samples:
                     self.engine.accumulate()
-            losses.append(loss.detach())
         with self.timer.phase("optimizer"):
             self.grad_norm = self.engine.step()
             if self.ema is not None:
@@ -175,7 +186,7 @@ class Trainer:
                 self.ema.update()
         self.scheduler.step()
         self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
-        self.window_losses.append(sum(losses) / samples)
+        self.window_losses.append(sum(losses) / len(losses))
         self.progress.update(1)
 
     def _end_epoch(self) -> dict | None:
@@ -288,8 +299,12 @@ class Trainer:
         return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
     def _log_probs(self, images: torch.Tensor) -> torch.Tensor:
+        """With train.val_flip, of the logits averaged over the image and its mirror image."""
         with self.autocast:
-            return self.forward(images).float().log_softmax(1)
+            logits = self.forward(images).float()
+            if self.cfg.train.val_flip:
+                logits = (logits + self.forward(images.flip(3)).float()) / 2
+            return logits.log_softmax(1)
 
     def _log_hparams(self, result: dict) -> None:
         cfg = self.cfg
