@@ -1,18 +1,18 @@
 """`python -m launch checkpoint inspect|convert RUN_OR_CKPT_DIR`: checkpoints, offline.
 
 inspect: what the latest checkpoint holds (step, world size, engine, optimizer, model, per-rank
-file and optimizer-state sizes). convert: consolidate it in this one process (no
-torch.distributed) into one file that `torch.load(FILE, weights_only=True)` reads as
-{"step", "model": {name: tensor}, "optimizer": {param name: {state key: tensor or number}},
-"param_groups", "optimizer_class", "master" (fp32 masters of bf16 weights, else empty),
-"source" (the checkpoint's meta.json)}.
+file and optimizer-state sizes), every file checked against its checksum. convert:
+consolidate it in this one process (no torch.distributed) into one file that
+`torch.load(FILE, weights_only=True)` reads as {"step", "model": {name: tensor},
+"optimizer": {param name: {state key: tensor or number}}, "param_groups", "optimizer_class",
+"master" (fp32 masters of bf16 weights, else empty), "source" (the checkpoint's meta.json)}.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from vsgd_dist.train.checkpoint import CheckpointError, latest_checkpoint, open_checkpoint
+from vsgd_dist.train.checkpoint import CheckpointError, latest_checkpoint, open_checkpoint, verify_file
 
 
 def add_arguments(parser, name):
@@ -70,7 +70,7 @@ def describe(path: Path, meta: dict) -> str:
              f"model       {meta['model']}", "", "rank  file MiB  optimizer state MiB"]
     state_bytes = meta["state_bytes_per_rank"]
     for rank in range(meta["world_size"]):
-        size = (path / f"rank{rank}.pt").stat().st_size
+        size = verify_file(path, meta, rank).stat().st_size
         lines.append(f"{rank:>4}  {size / 2**20:>8.2f}  {state_bytes[rank] / 2**20:>19.2f}")
     return "\n".join(lines)
 

@@ -20,6 +20,7 @@ as FAILED.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import ipaddress
 import json
@@ -149,11 +150,15 @@ class TrainJob(Checkpointable):
         Path(self.run_dir).mkdir(parents=True, exist_ok=True)
         print(f"launch: rank {dist_env.rank}/{dist_env.world_size} on {job_env.hostname} master "
               f"{dist_env.master_addr}:{dist_env.master_port} run_dir {self.run_dir}", flush=True)
-        self._trainer = load_factory(self.factory)(self.recipe, self.run_dir)
-        self._thread = threading.Thread(target=self._work, name="trainer", daemon=True)
-        self._thread.start()
-        while self._thread.is_alive():
-            self._thread.join(timeout=1)  # short waits: signal handlers run between them
+        from vsgd_dist.train.run_lock import RunLock
+
+        # global rank 0 holds the run folder's lock (a requeued attempt of this job takes it over)
+        with RunLock(self.run_dir) if dist_env.rank == 0 else contextlib.nullcontext():
+            self._trainer = load_factory(self.factory)(self.recipe, self.run_dir)
+            self._thread = threading.Thread(target=self._work, name="trainer", daemon=True)
+            self._thread.start()
+            while self._thread.is_alive():
+                self._thread.join(timeout=1)  # short waits: signal handlers run between them
         if "error" in self._outcome:
             raise self._outcome["error"]
         summary = self._outcome["summary"]

@@ -1,12 +1,14 @@
 """`python -m launch run RECIPE [key=value ...] [--nproc N]`: train on N local processes.
 
-The recipe and the run folder are checked before any process starts. SIGTERM, SIGINT and
+The recipe and the run folder are checked before any process starts, and the run folder is
+locked for the whole run (vsgd_dist/train/run_lock.py). SIGTERM, SIGINT and
 SIGHUP stop every rank at one step with a checkpoint (launch/signals.py). Under srun (the
 plain sbatch template) pass --from-env: the process then joins the group that RANK,
 WORLD_SIZE, MASTER_ADDR and MASTER_PORT describe instead of starting ranks itself.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -57,12 +59,19 @@ def run(args, signals: ForwardSignals | None) -> int:
         print(f"launch run: {e}", file=sys.stderr)
         return 2
     from vsgd_dist.spawn import RankFailed, run_distributed
+    from vsgd_dist.train.run_lock import RunLock, RunLocked
 
+    # the run folder is locked by this launcher, or under srun by rank 0, for the whole run
+    holds_lock = not args.from_env or os.environ.get("RANK") == "0"
     try:
-        if args.from_env:
-            summary = _train(cfg)
-        else:
-            summary = run_distributed(_train_rank, world, cfg.to_dict(), os.getpid(), timeout=None)[0]
+        with RunLock(cfg.train.out) if holds_lock else contextlib.nullcontext():
+            if args.from_env:
+                summary = _train(cfg)
+            else:
+                summary = run_distributed(_train_rank, world, cfg.to_dict(), os.getpid(), timeout=None)[0]
+    except RunLocked as e:
+        print(f"launch run: {e}", file=sys.stderr)
+        return 2
     except RankFailed as e:
         if signals and signals.received:
             print(f"launch run: {signal.Signals(signals.received).name} received before training started: "

@@ -232,8 +232,18 @@ def check_factory(path: str) -> None:
 
 
 # --- job folders --------------------------------------------------------------------------
-def claim_run_dir(point_dir: Path, recipe: dict) -> None:
-    """Refuse a folder that holds another recipe; the same recipe resumes there."""
+def claim_run_dir(point_dir: Path, recipe: dict, trainer: str) -> None:
+    """Refuse a folder whose run this recipe cannot continue: for the real trainer, its own
+    rule on point_dir/run (what a checkpoint fixes); for another trainer, any other recipe."""
+    if trainer == DEFAULT_TRAINER:
+        from vsgd_dist.config import ConfigError, config_from_dict
+        from vsgd_dist.train.checkpoint import check_run_dir
+
+        try:
+            check_run_dir(point_dir / "run", config_from_dict(recipe))
+        except ConfigError as e:
+            raise LaunchError(str(e)) from None
+        return
     path = point_dir / "recipe.yaml"
     if path.exists() and yaml.safe_load(path.read_text()) != recipe:
         raise LaunchError(f"{point_dir} already holds a different recipe; pick another --out "

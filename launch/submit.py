@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
     spec = build_spec(profile, args, job_dir.name)
     recipe = resolve_recipe(args.recipe, args.overrides, args.trainer, spec.nodes * spec.ntasks_per_node)
     check_data_workers(recipe, spec.cpus_per_task, f"per task of cluster profile {profile.name!r}")
-    claim_run_dir(job_dir, recipe)
+    claim_run_dir(job_dir, recipe, args.trainer)
     if args.dry_run:
         print("# resolved recipe\n" + yaml.safe_dump(recipe, sort_keys=False))
         print("# sbatch script\n" + render_sbatch(spec, job_dir))

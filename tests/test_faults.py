@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -157,7 +160,10 @@ def demo_run(tmp_path_factory) -> Path:
 
 
 def checkpoint_of(run_dir: Path) -> Path:
-    return sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    """The latest published checkpoint folder."""
+    from vsgd_dist.train.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(run_dir / "checkpoints")
 
 
 # --- item 10: one line instead of a traceback or a misleading message ---------------------
@@ -360,3 +366,186 @@ def test_base_next_to_the_recipe_or_in_recipes_is_allowed(tmp_path):
 def test_invalid_yaml_in_an_override_is_one_line(tmp_path):
     err = one_line_error(launch("run", "recipes/demo.yaml", "lr=[1", f"out={tmp_path / 'run'}"))
     assert "override 'lr=[1': the value is not valid YAML" in err, err
+
+
+# --- items 3 and 10: damaged checkpoints and full disks are named -------------------------
+def copy_run(demo_run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(demo_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def checkpoint_command(action: str, run_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    if action == "run":  # resume it
+        return run(run_dir, "max_steps=6")
+    return launch("checkpoint", action, run_dir, *(["--out", tmp_path / "c.pt"] if action == "convert" else []))
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("action", ["inspect", "convert", "run"])
+def test_flipped_bytes_in_a_checkpoint_file_are_named(demo_run, tmp_path, action):
+    run_dir = copy_run(demo_run, tmp_path)
+    file = checkpoint_of(run_dir) / "rank1.pt"
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x10  # inside a tensor
+    file.write_bytes(data)
+    res = checkpoint_command(action, run_dir, tmp_path)
+    err = last_line_error(res, 1) if action == "run" else one_line_error(res)
+    assert f"{file} does not match the checksum meta.json recorded at save" in err, err
+    assert not (tmp_path / "c.pt").exists()
+
+
+def damage_data_pkl(file: Path) -> None:
+    """Cut the pickle inside a torch zip file in half (the tensors stay intact)."""
+    import zipfile
+
+    with zipfile.ZipFile(file) as old, zipfile.ZipFile(file.with_suffix(".new"), "w") as new:
+        for info in old.infolist():
+            data = old.read(info.filename)
+            new.writestr(info, data[:len(data) // 2] if info.filename.endswith("data.pkl") else data)
+    file.with_suffix(".new").replace(file)
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("part,action", [("meta.json", "inspect"), ("meta.json", "convert"), ("meta.json", "run"),
+                                         ("data.pkl", "convert"), ("data.pkl", "run")])  # inspect reads no pickle
+def test_unreadable_meta_or_pickle_names_the_file(demo_run, tmp_path, part, action):
+    run_dir = copy_run(demo_run, tmp_path)
+    folder = checkpoint_of(run_dir)
+    meta = json.loads((folder / "meta.json").read_text())
+    if part == "meta.json":
+        (folder / "meta.json").write_text('{"step": 4, "world_')
+        expected = f"{folder / 'meta.json'} is unreadable (JSONDecodeError"
+    else:  # as a checkpoint written before checksums, which only the unpickler can judge
+        damage_data_pkl(folder / "rank0.pt")
+        (folder / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))
+        expected = f"{folder / 'rank0.pt'} is not a readable checkpoint file"
+    res = checkpoint_command(action, run_dir, tmp_path)
+    err = last_line_error(res, 1) if action == "run" else one_line_error(res)
+    assert expected in err, err
+
+
+def limited_file_size(limit: int):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an over-long write then fails with EFBIG
+    return apply
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A tmpfs folder (root only); yields (folder, mount) or skips."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.timeout(400)
+def test_file_size_limit_while_saving_names_the_step_and_what_is_kept(demo_run, tmp_path):
+    run_dir = copy_run(demo_run, tmp_path)
+    res = subprocess.run([sys.executable, "-m", "launch", "run", *DEMO, "--nproc", "2", f"out={run_dir}",
+                          "max_steps=6"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         preexec_fn=limited_file_size(300_000), env={**os.environ, "PYTHONPATH": str(REPO)})
+    err = last_line_error(res, 1)
+    assert err.endswith(f"file too large writing step 6 to {run_dir / 'checkpoints' / 'step_00000006.tmp'}; "
+                        f"step 4 kept"), err
+    assert checkpoint_of(run_dir).name == "step_00000004"
+
+
+@pytest.mark.timeout(400)
+def test_full_disk_while_saving_names_the_step_and_what_is_kept(demo_run, small_tmpfs):
+    run_dir = small_tmpfs / "run"
+    shutil.copytree(demo_run, run_dir)
+    ballast = shutil.disk_usage(small_tmpfs).free - 1_200_000  # the next checkpoint needs ~1.6 MB
+    (small_tmpfs / "ballast").write_bytes(bytes(ballast))
+    err = last_line_error(run(run_dir, "max_steps=6"), 1)
+    assert err.endswith(f"no space left on device writing step 6 to {run_dir / 'checkpoints' / 'step_00000006.tmp'}"
+                        f"; step 4 kept"), err
+    assert checkpoint_of(run_dir).name == "step_00000004"
+
+
+# --- items 13 and 9: what a resumed run may change ----------------------------------------
+@pytest.mark.timeout(400)
+def test_resume_may_change_engine_steps_workers_and_cadence(demo_run, tmp_path):
+    run_dir = copy_run(demo_run, tmp_path)
+    res = run(run_dir, "engine=ddp", "max_steps=6", "data.num_workers=2", "train.log_every=2", "train.ckpt_every=5",
+              "train.keep_checkpoints=3")
+    assert res.returncode == 0, res.stderr
+    assert "completed at step 6" in res.stdout
+    meta = json.loads((checkpoint_of(run_dir) / "meta.json").read_text())
+    assert (meta["step"], meta["engine"]) == (6, "ddp")
+    assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["train"]["max_steps"] == 6
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("override,key", [("seed=3", "train.seed"), ("optimizer=adamw", "optim.name"),
+                                          ("train.global_batch=32", "train.global_batch")])
+def test_resume_refuses_only_what_the_checkpoint_cannot_hold(demo_run, tmp_path, override, key):
+    run_dir = copy_run(demo_run, tmp_path)
+    err = one_line_error(run(run_dir, "max_steps=4", override))
+    assert f"holds a different run ({key}: " in err and f"resume it with {key}=" in err, err
+
+
+@pytest.mark.timeout(600)
+def test_a_run_that_never_saved_does_not_claim_its_folder(tmp_path):
+    assert write_data(image_folder(tmp_path / "src"), tmp_path / "bad").returncode == 0
+    zero_jpeg(tmp_path / "bad" / "train.beton", 0)
+    run_dir = tmp_path / "run"
+    assert run_on_data(tmp_path / "bad", run_dir).returncode == 1  # fails at its first batch
+    assert (run_dir / "recipe.yaml").exists() and not (run_dir / "checkpoints").exists()
+    assert write_data(image_folder(tmp_path / "src2"), tmp_path / "good").returncode == 0
+    res = run_on_data(tmp_path / "good", run_dir)  # the corrected command
+    assert res.returncode == 0 and "completed at step 4" in res.stdout, res.stderr
+    assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["data"]["data_dir"] == str(tmp_path / "good")
+
+
+# --- item 2: one run per folder -----------------------------------------------------------
+@pytest.mark.timeout(600)
+def test_second_run_into_a_busy_folder_is_refused_naming_the_holder(tmp_path):
+    proc = start_run(tmp_path / "run")
+    try:
+        err = one_line_error(run(tmp_path / "run", "max_steps=4"))
+        assert f"run folder {tmp_path / 'run'} is in use by pid {proc.pid} on {socket.gethostname()}" in err, err
+    finally:
+        proc.kill()
+        proc.communicate()
+    res = run(tmp_path / "run", "max_steps=2")  # the killed holder's lock is stale
+    assert res.returncode == 0, res.stderr
+    assert not (tmp_path / "run" / "run.lock").exists()
+
+
+def write_lock(run_dir: Path, age_s: float, **holder) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / "run.lock"
+    lock.write_text(json.dumps({"host": "node7", "pid": 1, "job_id": None, "started": "earlier", "token": "t",
+                                **holder}))
+    os.utime(lock, (time.time() - age_s,) * 2)
+
+
+def test_lock_of_another_host_holds_until_its_heartbeat_stops(tmp_path, monkeypatch):
+    from vsgd_dist.train.run_lock import STALE_S, RunLock, RunLocked
+
+    write_lock(tmp_path, age_s=5)
+    with pytest.raises(RunLocked, match="is in use by pid 1 on node7 "):
+        RunLock(tmp_path).__enter__()
+    write_lock(tmp_path, age_s=STALE_S + 1)  # its holder stopped touching it: gone
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+    assert not (tmp_path / "run.lock").exists()
+    write_lock(tmp_path, age_s=5, job_id="4242")  # the same SLURM job, requeued on another node
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / "run.lock").read_text())["job_id"] == "4242"
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("override,accepted", [("max_steps=6", True), ("seed=3", False)])
+def test_submit_into_a_job_folder_follows_the_resume_rule(demo_run, tmp_path, override, accepted):
+    shutil.copytree(demo_run, tmp_path / "job" / "run")
+    res = launch("submit", *DEMO, "--cluster", GPU_PROFILE, "--dry-run", "--out", tmp_path / "job", override)
+    if accepted:
+        assert res.returncode == 0 and "dry run: nothing submitted" in res.stdout, res.stderr
+    else:
+        assert "holds a different run (train.seed: 0 there, 3 here" in one_line_error(res)

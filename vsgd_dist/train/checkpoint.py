@@ -1,6 +1,7 @@
 """Checkpoints: one folder per step, one file per rank, published atomically.
 
-    checkpoints/step_00000120/meta.json      step, world size, engine, optimizer, model
+    checkpoints/step_00000120/meta.json      step, world size, engine, optimizer, model,
+                                             the SHA-256 of every rank file
     checkpoints/step_00000120/rank0.pt ...   what that rank holds (engine.checkpoint_state)
 
 Every rank writes its own file into `step_X.tmp`; after a barrier rank 0 writes meta.json
@@ -9,10 +10,14 @@ never picked up as the latest and is removed by the next save. Files are plain t
 containers, read back with `torch.load(weights_only=True)`, so a tampered file cannot run
 code. Any engine loads a checkpoint of any engine at any world size (see
 `vsgd_dist.full_form`); the model and optimizer must be the same. A checkpoint whose
-weights or optimizer state hold NaN or inf is never published.
+weights or optimizer state hold NaN or inf is never published. Every read checks the file
+against its checksum, so a file damaged on disk or in a copy is named instead of loaded, and
+a full disk while saving is one line naming the step, the folder and the step kept.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import pickle
 import shutil
@@ -22,13 +27,22 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from vsgd_dist.config import ConfigError, RunConfig, config_from_dict, save_config
-from vsgd_dist.distributed import gather_host_values, reduce_host_values
+from vsgd_dist.config import ConfigError, RunConfig, save_config
+from vsgd_dist.distributed import gather_host_objects, reduce_host_values
 from vsgd_dist.sharding.zero import class_path
+from vsgd_dist.train.run_lock import is_lock_file
 
 RECIPE_FILE = "recipe.yaml"
-# Keys that may differ between the runs that share a folder (a resumed run).
-RESUMABLE_DIFFERENCES = {"train.out", "train.stop_at", "train.progress"}
+# What a run resuming from a checkpoint must keep, and why; everything else (engine, world
+# size, max_steps, cadences, data workers, hyperparameters) may change between the runs that
+# share a folder.
+FIXED_ON_RESUME = {
+    "model.name": "the checkpoint holds this model's weights",
+    "optim.name": "the checkpoint holds this optimizer's state",
+    "train.global_batch": "the checkpoint's data position counts batches of this size",
+    "train.seed": "the data order and crops follow this seed",
+    "data.data_dir": "the checkpoint's data position is in this dataset",
+}
 
 
 class CheckpointError(RuntimeError):
@@ -62,19 +76,41 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        torch.save(payload, tmp / f"rank{rank}.pt")
-        state_bytes = gather_host_values(engine.state_bytes())  # also: every file is complete
+        file = tmp / f"rank{rank}.pt"
+        with self._writing(step, file), open(file, "wb") as f:  # a Python file: a full disk raises OSError
+            torch.save(payload, f)
+        # also: every file is complete
+        state_bytes, digests = zip(*gather_host_objects((engine.state_bytes(), file_digest(file))))
         if rank == 0:
             meta = {"step": step, "world_size": world, "engine": cfg.engine.name, "zero_stage": cfg.engine.zero_stage,
                     "optimizer": cfg.optim.name, "optimizer_class": class_path(engine.optimizer_class),
-                    "model": cfg.model.name, "state_bytes_per_rank": [int(b) for b in state_bytes]}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+                    "model": cfg.model.name, "state_bytes_per_rank": [int(b) for b in state_bytes],
+                    "sha256": {f"rank{r}.pt": digest for r, digest in enumerate(digests)}}
+            with self._writing(step, tmp / "meta.json"):
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             if final.exists():  # the same step saved again (e.g. stop at the last step)
                 shutil.rmtree(final)
             tmp.rename(final)
             self._prune()
         dist.barrier()
         return final
+
+    @contextlib.contextmanager
+    def _writing(self, step: int, file: Path):
+        """Turn a failed write of `file` (disk full, file size limit, quota) into one line
+        naming the step, the folder and the checkpoint kept (torch's own error only says
+        "enforce fail"); the partial file is deleted to give the space back."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            cause = e if isinstance(e, OSError) else e.__context__
+            if not isinstance(cause, OSError):
+                raise
+            file.unlink(missing_ok=True)
+            latest = self.latest()
+            kept = f"step {_step_of(latest)} kept" if latest else "no checkpoint to resume from"
+            raise CheckpointError(f"{(cause.strerror or str(cause)).lower()} writing step {step} to {file.parent}; "
+                                  f"{kept}") from None
 
     def _prune(self) -> None:
         for stale in self.folder.glob("step_*.tmp"):
@@ -117,73 +153,101 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def open_checkpoint(path: Path) -> tuple[dict, Callable[[int], dict]]:
-    """(meta.json, read) for a published checkpoint folder; `read(rank)` loads that rank's
-    file memory-mapped with weights_only=True and refuses anything but tensors and containers."""
+    """(meta.json, read) for a published checkpoint folder; `read(rank)` checks that rank's
+    file against its checksum, then loads it memory-mapped with weights_only=True, which
+    refuses anything but tensors and containers."""
     path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_meta(path)
     missing = [f"rank{r}.pt" for r in range(meta["world_size"]) if not (path / f"rank{r}.pt").is_file()]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)} of its {meta['world_size']} rank files; "
                               f"it was copied incompletely: copy it again or delete it to resume from an older one")
 
     def read(rank: int) -> dict:
-        file = path / f"rank{rank}.pt"
+        file = verify_file(path, meta, rank)
         try:
             return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"{file} holds objects other than tensors and containers "
                                   f"({str(e).splitlines()[-1].strip()}); it was not written by this trainer or "
                                   f"was tampered with: delete that checkpoint folder") from None
-        except RuntimeError as e:
-            raise CheckpointError(f"{file} is not a readable checkpoint file ({str(e).splitlines()[0]}); "
-                                  f"delete that checkpoint folder") from None
+        except Exception as e:  # noqa: BLE001 - whatever the unpickler trips on, the file is damaged
+            raise CheckpointError(f"{file} is not a readable checkpoint file ({type(e).__name__}: "
+                                  f"{(str(e).splitlines() or [''])[0]}); delete that checkpoint folder") from None
 
     return meta, read
 
 
+def read_meta(path: Path) -> dict:
+    """A checkpoint folder's meta.json, or CheckpointError naming it."""
+    file = Path(path) / "meta.json"
+    try:
+        meta = json.loads(file.read_text())
+        int(meta["world_size"]), int(meta["step"])
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{file} is unreadable ({type(e).__name__}: {e}); the checkpoint is damaged: "
+                              f"delete {path} to resume from an older one") from None
+    return meta
+
+
+def verify_file(path: Path, meta: dict, rank: int) -> Path:
+    """rank`rank`.pt of the checkpoint at `path`, after checking it against the checksum in
+    meta.json (checkpoints written before checksums are taken as they are)."""
+    file = Path(path) / f"rank{rank}.pt"
+    expected = meta.get("sha256", {}).get(file.name)
+    if expected is not None and file_digest(file) != expected:
+        raise CheckpointError(f"{file} does not match the checksum meta.json recorded at save (it changed on "
+                              f"disk or in a copy); delete {path} to resume from an older checkpoint")
+    return file
+
+
+def file_digest(file: Path) -> str:
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("step_"))
+
+
 def open_run_dir(run_dir: Path, cfg: RunConfig, rank: int) -> None:
-    """Use `run_dir` for this run: new, or holding the same recipe (then the run resumes).
-    A folder holding a different run is never touched."""
+    """Use `run_dir` for this run: new, without a checkpoint (then it starts over, its old
+    TensorBoard events cleared), or holding a checkpoint this recipe can continue. A folder
+    holding another run is never touched; recipe.yaml records the recipe last run."""
     if rank == 0:
         check_run_dir(run_dir, cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / RECIPE_FILE).exists():
-            tmp = run_dir / (RECIPE_FILE + ".tmp")
-            save_config(cfg, tmp)
-            tmp.rename(run_dir / RECIPE_FILE)  # other ranks never see a half-written recipe
+        if latest_checkpoint(run_dir / "checkpoints") is None:
+            shutil.rmtree(run_dir / "tb", ignore_errors=True)
+        tmp = run_dir / (RECIPE_FILE + ".tmp")
+        save_config(cfg, tmp)
+        tmp.replace(run_dir / RECIPE_FILE)  # other ranks never see a half-written recipe
     dist.barrier()
     if rank != 0:
         check_run_dir(run_dir, cfg)
 
 
 def check_run_dir(run_dir: Path, cfg: RunConfig) -> None:
-    """Raise ConfigError when `run_dir` holds another run (compared key by key)."""
-    recipe = Path(run_dir) / RECIPE_FILE
+    """Raise ConfigError when `run_dir` holds a run this recipe cannot continue: another
+    program's files, or a checkpoint that differs in a FIXED_ON_RESUME key. A folder whose run
+    never saved a checkpoint takes any recipe."""
+    run_dir = Path(run_dir)
+    recipe = run_dir / RECIPE_FILE
     if not recipe.exists():
-        if Path(run_dir).exists() and any(Path(run_dir).iterdir()):
+        if run_dir.exists() and any(not is_lock_file(p.name) for p in run_dir.iterdir()):
             raise ConfigError(f"run folder {run_dir} is not empty and holds no {RECIPE_FILE}; "
                               f"pick another out= folder")
         return
+    if latest_checkpoint(run_dir / "checkpoints") is None:
+        return
     import yaml
 
-    saved = config_from_dict(yaml.safe_load(recipe.read_text())).to_dict()
-    differences = [k for k in _diff(saved, cfg.to_dict()) if k not in RESUMABLE_DIFFERENCES]
-    if differences:
-        key = differences[0]
-        raise ConfigError(f"run folder {run_dir} holds a different run ({key}: {_get(saved, key)!r} there, "
-                          f"{_get(cfg.to_dict(), key)!r} here{' and more' if len(differences) > 1 else ''}); "
-                          f"resume it with the same recipe or pick another out= folder")
-
-
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            keys += _diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            keys.append(prefix + k)
-    return keys
+    saved, mine = yaml.safe_load(recipe.read_text()), cfg.to_dict()
+    for key, why in FIXED_ON_RESUME.items():
+        if _get(saved, key) != _get(mine, key):
+            raise ConfigError(f"run folder {run_dir} holds a different run ({key}: {_get(saved, key)!r} there, "
+                              f"{_get(mine, key)!r} here; {why}); resume it with {key}={_get(saved, key)} "
+                              f"or pick another out= folder")
 
 
 def _get(d: dict, dotted: str):
