@@ -7,6 +7,7 @@ batch, data) are never averaged together: their rows name the keys that tell the
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -67,7 +68,7 @@ def load_run(path: Path) -> Run:
     walls = []
     for tag in acc.Tags()["scalars"]:
         events = acc.Scalars(tag)
-        if tag in SCALARS:
+        if tag in SCALARS + MINIVAL_SCALARS:
             run.curves[tag] = [(e.step, e.value) for e in events]
         walls += [e.wall_time for e in events]
     run.wall_s = max(walls) - min(walls) if walls else 0.0
@@ -181,3 +182,161 @@ def _plot(groups: dict[str, list[Run]], out: Path) -> list[str]:
         plt.close(fig)
         names.append(name)
     return names
+
+
+# --- the tuned comparison: each optimizer's point chosen on minival, reported on val ---------
+MINIVAL_SCALARS = ("minival/top1", "minival/nll")
+SELECT_TAG, REPORT_TAG = "minival/top1", "val/top1"
+
+
+@dataclass
+class Selected:
+    """One optimizer's point chosen on minival, and every point it was chosen from."""
+    optimizer: str
+    point: str
+    """The chosen values of the keys its points differ in, e.g. "lr=0.01"."""
+    runs: list[Run]
+    """The chosen point's seeds."""
+    points: dict[str, list[Run]]
+    """Every point of this optimizer: name -> its seeds."""
+
+
+def select_on_minival(groups: dict[str, list[Run]]) -> dict[str, Selected]:
+    """Per optimizer, the point (a group of seeds) with the best mean final minival top-1.
+    Reads SELECT_TAG only: the val set never decides, so its numbers at the chosen point are
+    an unbiased report."""
+    by_optimizer: dict[str, list[list[Run]]] = {}
+    for members in groups.values():
+        by_optimizer.setdefault(members[0].setting["optim.name"], []).append(members)
+    selected = {}
+    for name, points in by_optimizer.items():
+        untuned = [str(r.path) for members in points for r in members if not r.curves.get(SELECT_TAG)]
+        if untuned:
+            raise ValueError(f"{', '.join(untuned)}: no {SELECT_TAG} logged; train with data.minival=N "
+                             f"(a tuning split held out of train) to select on it")
+        first = points[0][0].setting
+        varying = sorted({k for m in points for k in m[0].setting.keys() | first.keys()
+                          if m[0].setting.get(k) != first.get(k)})
+        named = {",".join(f"{k.rsplit('.', 1)[-1]}={m[0].setting.get(k)}" for k in varying) or "one point": m
+                 for m in points}
+        best = max(named, key=lambda point: statistics.fmean(r.final(SELECT_TAG) for r in named[point]))
+        selected[name] = Selected(name, best, named[best], named)
+    return selected
+
+
+def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, sample std, half-width of the Student-t interval of the mean); nan spread for one value."""
+    from scipy.stats import t
+
+    mean, n = statistics.fmean(values), len(values)
+    if n < 2:
+        return mean, float("nan"), float("nan")
+    std = statistics.stdev(values)
+    return mean, std, t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
+
+
+def paired_difference(runs: list[Run], baseline: list[Run], tag: str = REPORT_TAG) -> tuple[float, float, list[int]]:
+    """(mean, 95% half-width, seeds) of run - baseline over the seeds both have: pairing by
+    seed removes what a seed does to both (initialization, data order)."""
+    mine, theirs = ({r.seed: r.final(tag) for r in rs} for rs in (runs, baseline))
+    seeds = sorted(mine.keys() & theirs.keys())
+    if not seeds:
+        return float("nan"), float("nan"), []
+    mean, _, half = t_interval([mine[s] - theirs[s] for s in seeds])
+    return mean, half, seeds
+
+
+def tuned_comparison(paths: list[str], out: str | Path, baseline: str = "adamw") -> str:
+    """The Markdown section choosing each optimizer's point on minival and reporting val there
+    (mean, std, 95% interval over seeds, paired difference to `baseline`), with its PNGs
+    written to `out`; "" when no run logged minival metrics."""
+    groups = group_runs([load_run(p) for p in find_runs(paths)])
+    if not any(r.curves.get(SELECT_TAG) for members in groups.values() for r in members):
+        return ""
+    selected = select_on_minival(groups)
+    base = selected.get(baseline)
+    lines = ["## Tuned on minival, reported on val", "",
+             f"Per optimizer, the point with the best mean final minival top-1 over its seeds; val is "
+             f"read only at that point. {_split_sizes(next(iter(selected.values())).runs[0])}", "",
+             f"| optimizer | selected on minival (of {max(len(s.points) for s in selected.values())}) | seeds | "
+             f"minival top-1 | val top-1 | 95% interval | val top-1 - {baseline} (paired seeds) | 95% interval |",
+             "|" + "---|" * 8]
+    for name, sel in selected.items():
+        mean, _, half = t_interval([r.final(REPORT_TAG) * 100 for r in sel.runs])
+        diff = "n/a", "n/a"
+        if base is not None and name != baseline:
+            d, d_half, seeds = paired_difference(sel.runs, base.runs)
+            diff = f"{d * 100:+.2f} ({len(seeds)} seeds)", _interval(d * 100, d_half * 100, "+.2f")
+        lines.append(f"| {name} | {sel.point} | {len(sel.runs)} | "
+                     f"{_mean_spread([r.final(SELECT_TAG) * 100 for r in sel.runs], '.2f')} | "
+                     f"{_mean_spread([r.final(REPORT_TAG) * 100 for r in sel.runs], '.2f')} | "
+                     f"{_interval(mean, half, '.2f')} | {diff[0]} | {diff[1]} |")
+    lines += ["", *(f"![{name}]({name}.png)" for name in _plot_tuned(selected, Path(out)))]
+    return "\n".join(lines) + "\n"
+
+
+def _interval(mean: float, half: float, fmt: str) -> str:
+    return "n/a (one seed)" if half != half else f"[{format(mean - half, fmt)}, {format(mean + half, fmt)}]"
+
+
+def _split_sizes(run: Run) -> str:
+    """The val and minival sizes, and what one val image is worth in top-1 points."""
+    from vsgd_dist.data.demo import default_cache_dir
+    from vsgd_dist.data.manifest import read_manifest
+
+    manifest = read_manifest(run.setting.get("data.data_dir") or default_cache_dir())
+    if manifest is None:
+        return "Val size unknown (no manifest.json)."
+    val = manifest.counts["val"]
+    return (f"Val: {val} images (one image is {100 / val:.2f} points of top-1); minival: "
+            f"{run.setting['data.minival']} images held out of train (seed {run.setting['data.minival_seed']}).")
+
+
+def _plot_tuned(selected: dict[str, Selected], out: Path) -> list[str]:
+    """lr_sensitivity: minival and val top-1 against the LR, mean and std over seeds, the other
+    swept keys at the selected point's values; train_loss_selected: the selected points' curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, sel in enumerate(selected.values()):
+        chosen = {k: v for k, v in sel.runs[0].setting.items() if k != "optim.lr"}
+        points = sorted((ms for ms in sel.points.values()
+                         if {k: v for k, v in ms[0].setting.items() if k != "optim.lr"} == chosen),
+                        key=lambda ms: ms[0].setting["optim.lr"])
+        lrs = [ms[0].setting["optim.lr"] for ms in points]
+        for tag, style, split in ((SELECT_TAG, "--", "minival"), (REPORT_TAG, "-", "val")):
+            values = [[r.final(tag) * 100 for r in ms] for ms in points]
+            ax.errorbar(lrs, [statistics.fmean(v) for v in values],
+                        yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values],
+                        color=f"C{i}", linestyle=style, marker="o", capsize=3, label=f"{sel.optimizer} {split}")
+        ax.plot([sel.runs[0].setting["optim.lr"]], [statistics.fmean(r.final(REPORT_TAG) * 100 for r in sel.runs)],
+                marker="*", markersize=14, color=f"C{i}", linestyle="none")
+    ax.set_xscale("log")
+    ax.set_xlabel("peak LR (optim.lr)")
+    ax.set_ylabel("top-1 (%), mean ± std over seeds")
+    ax.set_title("LR sensitivity (star: selected on minival)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "lr_sensitivity.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, sel in enumerate(selected.values()):
+        for j, run in enumerate(sel.runs):
+            if run.curves.get("train/loss"):
+                ax.plot(*zip(*run.curves["train/loss"]), color=f"C{i}", alpha=0.7,
+                        label=f"{sel.optimizer} {sel.point}" if j == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (one line per seed)")
+    ax.set_title("train loss at the selected points")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "train_loss_selected.png", dpi=100)
+    plt.close(fig)
+    return ["lr_sensitivity", "train_loss_selected"]
