@@ -70,6 +70,15 @@ def test_submit_runs_two_ranks_to_completion(cluster, completed_run):
     assert status.returncode == 0 and re.search(rf"^{jid}\s.*COMPLETED.*\s0\s*$", status.stdout, re.M)
 
 
+@pytest.mark.timeout(120)
+def test_a_completed_task_exits_cleanly_whatever_its_teardown_would_do(cluster, tmp_path):
+    out = tmp_path / "job"
+    submit(cluster, write_recipe(tmp_path / "toy.yaml", max_steps=5, abort_at_exit=True), out)
+    jid = job_id(out)
+    assert cluster.wait_done(jid, timeout=90) == {jid: "COMPLETED"}
+    assert cluster.slurm("sacct", "-n", "-X", "-j", jid, "-o", "ExitCode").split() == ["0:0"]
+
+
 @pytest.mark.timeout(150)
 def test_usr2_requeues_and_resumes_bitwise(cluster, completed_run, tmp_path):
     import torch

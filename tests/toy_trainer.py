@@ -6,10 +6,12 @@ synthetic data (each rank its own shard, gradients all-reduced) for `max_steps` 
 least `step_sleep_s` seconds, and returns {"status", "step", "loss"}; `request_stop()` makes it
 checkpoint at the next step boundary and return "stopped". Everything is fp32 on CPU and
 free of randomness after initialisation, so a resumed run ends bitwise equal to an
-uninterrupted one.
+uninterrupted one. `abort_at_exit: true` makes a completed process abort during interpreter
+teardown, as a library's leftover threads sometimes do.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import time
@@ -25,6 +27,7 @@ class ToyTrainer:
         self.step_sleep_s = float(recipe.get("step_sleep_s", 0.0))
         self.seed = int(recipe.get("seed", 0))
         self.lr = float(recipe.get("lr", 0.05))
+        self.abort_at_exit = bool(recipe.get("abort_at_exit", False))
         self.run_dir = Path(run_dir)
         self._stop = threading.Event()
 
@@ -88,4 +91,6 @@ class ToyTrainer:
         self._save(rank, model, opt, step)
         if rank == 0:
             torch.save(model.state_dict(), self.run_dir / "final.pt")
+        if self.abort_at_exit:
+            atexit.register(os.abort)
         return {"status": "completed", "step": step, "loss": loss.item()}
