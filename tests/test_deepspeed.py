@@ -280,12 +280,14 @@ def test_deepspeed_config():
     cfg = make_cfg("vsgd", stage=1, precision="fp32", clip=2.5)
     cfg.engine.bucket_mb = 25.0
     cfg.train.global_batch = 512
-    config = deepspeed_config(cfg, 4, lr=0.3)
+    config = deepspeed_config(cfg, 4, lr=0.3, cuda=False)
     assert config["train_batch_size"] == 512 and config["train_micro_batch_size_per_gpu"] == 128
     assert config["gradient_accumulation_steps"] == 1 and config["gradient_clipping"] == 2.5
     assert config["bf16"] == {"enabled": False}
     assert config["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 25 * 2**18,
-                                           "allgather_bucket_size": 25 * 2**18}
+                                           "allgather_bucket_size": 25 * 2**18, "contiguous_gradients": True,
+                                           "overlap_comm": False}
+    assert deepspeed_config(cfg, 4, lr=0.3, cuda=True)["zero_optimization"]["overlap_comm"] is True
     assert config["zero_allow_untested_optimizer"] is True and "optimizer" not in config
 
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, name="adamw",
@@ -297,7 +299,7 @@ def test_deepspeed_config():
     assert config["zero_optimization"]["reduce_bucket_size"] == 25 * 2**19  # bf16 elements
     assert "zero_allow_untested_optimizer" not in config
     assert config["optimizer"] == {"type": "AdamW", "params": {
-        "lr": 0.3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "torch_adam": True, "fused": None}}
+        "lr": 0.3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "torch_adam": True, "fused": True}}  # AdamW is fused by default
 
 
 @pytest.mark.timeout(300)

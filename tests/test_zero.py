@@ -5,7 +5,8 @@ Tolerances (and why):
   2**-6, so the cross-rank sum is exact in any order; the reference sums the same values and
   divides by W the same way, and the update is elementwise, so nothing may differ. Covers
   stage 1 and 2, VSGD and AdamW, fp32 and bf16 parameters, weight-decay groups, a LambdaLR
-  warm-up, no_sync() accumulation, the consolidated state and a same-world-size resume.
+  warm-up, no_sync() accumulation, the consolidated state and a same-world-size resume; with
+  fp32 parameters the masters are the parameter buckets' own slices (no copy).
 - clipping, rtol 1e-5: the global norm is summed per shard then across ranks, torch sums
   per parameter; the squares are rounded in another order (~1e-7 relative in fp32).
 - end to end (real model, each rank a slice of the global batch), rtol/atol 1e-4: the
@@ -73,6 +74,7 @@ def check_optimizer_bitwise(rank, world_size, opt_name, stage, dtype):
     ref_params, ref_opt, ref_sched = reference_optimizer(model, optimizer_class, kwargs)
     opt = ZeroOptimizer(param_groups(model.named_parameters()), optimizer_class, stage=stage,
                         bucket_cap_mb=BUCKET_CAP_MB, **kwargs)
+    check_masters_alias_fp32_buckets(opt, dtype)
     sched = warmup(opt)
     names, params = zip(*model.named_parameters())
     shapes = [p.shape for p in params]
@@ -102,6 +104,15 @@ def check_optimizer_bitwise(rank, world_size, opt_name, stage, dtype):
         assert torch.equal(p, ref_params[name].to(dtype)), f"{opt_name} stage {stage} {dtype}: {name}"
     check_state(opt, ref_opt, ref_params, world_size)
     return opt, ref_opt, ref_params
+
+
+def check_masters_alias_fp32_buckets(opt, dtype):
+    """fp32 buckets: each master is this rank's slice of the bucket itself (no copy); others
+    keep an fp32 copy."""
+    for bucket, master, buffer in zip(opt.buckets, opt.masters, opt._param_buffers):
+        lo, hi = bucket.owned(opt.rank)
+        assert master.dtype == torch.float32 and master.numel() == hi - lo
+        assert (master.data_ptr() == buffer[lo:hi].data_ptr()) == (dtype == torch.float32)
 
 
 def check_state(opt, ref_opt, ref_params, world_size):

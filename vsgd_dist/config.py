@@ -63,8 +63,11 @@ class OptimSettings:
     wd_exclude_1d: bool = True
     """No weight decay on 1-D parameters (norm weights and biases), as ffcv-imagenet, DeiT and
     torchvision's recipes do; false: every parameter decays (torch's default)."""
-    fused: bool = False
-    """Use the fused kernel (VSGD: torch.compile'd; AdamW: torch's fused implementation)."""
+    fused: bool | None = None
+    """One pass over memory per step. Default (null): on for VSGD (its C++ kernel on CPU,
+    Triton on CUDA; where it cannot be built, the unfused path after one warning) and AdamW
+    (torch's fused implementation), off for optimizers whose fused path compiles per process
+    (`OptimizerEntry.fused_by_default`); true/false: for any optimizer."""
 
     @property
     def hparams(self):

@@ -25,10 +25,22 @@ from vsgd_dist.optim import OPTIMIZERS
 from vsgd_dist.full_form import assemble, groups_in_order, hyperparameters
 
 
-def deepspeed_config(cfg, world_size: int, lr: float) -> dict:
-    """The DeepSpeed config for a RunConfig at `world_size` ranks (`lr`: the peak LR)."""
+def deepspeed_config(cfg, world_size: int, lr: float, cuda: bool | None = None) -> dict:
+    """The DeepSpeed config for a RunConfig at `world_size` ranks (`lr`: the peak LR; `cuda`:
+    whether the ranks train on GPUs, default: whether this machine has one).
+
+    ZeRO settings, chosen (bench/deepspeed_step.py measures them):
+    - bucket sizes: engine.bucket_mb, as the native engines use (DeepSpeed's default, 5e8
+      elements, is a 2 GB fp32 buffer per bucket);
+    - contiguous_gradients: gradients are copied into one flat buffer as they arrive (no
+      fragmentation, and the partition is read from it without another gather);
+    - overlap_comm on GPUs only: there the reduction runs on a side stream while backward
+      continues, at the cost of a second bucket buffer; DeepSpeed's CPU accelerator has no
+      streams, so on CPU it would only add that buffer.
+    """
     tc, o = cfg.train, cfg.optim
     bf16 = tc.precision == "bf16"
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     # DeepSpeed counts buckets in elements of the gradient dtype.
     bucket_elements = int(cfg.engine.bucket_mb * 2**20) // (2 if bf16 else 4)
     config = {
@@ -38,14 +50,15 @@ def deepspeed_config(cfg, world_size: int, lr: float) -> dict:
         "gradient_clipping": tc.grad_clip,
         "bf16": {"enabled": bf16},
         "zero_optimization": {"stage": cfg.engine.zero_stage, "reduce_bucket_size": bucket_elements,
-                              "allgather_bucket_size": bucket_elements},
+                              "allgather_bucket_size": bucket_elements, "contiguous_gradients": True,
+                              "overlap_comm": cuda},
         "steps_per_print": 2**31 - 1,  # the trainer logs; DeepSpeed stays quiet
     }
-    own_optimizer = OPTIMIZERS.get(o.name).deepspeed_optimizer
-    if own_optimizer is None:
+    entry = OPTIMIZERS.get(o.name)
+    if entry.deepspeed_optimizer is None:
         config["zero_allow_untested_optimizer"] = True  # ours: a client optimizer
     else:
-        config["optimizer"] = own_optimizer(o.hparams, lr, o.weight_decay, o.fused)
+        config["optimizer"] = entry.deepspeed_optimizer(o.hparams, lr, o.weight_decay, entry.use_fused(o.fused))
     return config
 
 
@@ -104,9 +117,11 @@ class DeepSpeedEngine(Engine):
             self.ds.set_gradient_accumulation_boundary(True)
 
     def step(self):
-        """DeepSpeed clips (gradient_clipping) and zeroes the gradients inside its step."""
+        """DeepSpeed clips (gradient_clipping) and zeroes the gradients inside its step. Its
+        norm is a tensor on the device: returned as it is, without a host sync."""
         self.ds.step()
-        return torch.tensor(float(self.ds.get_global_grad_norm()))
+        norm = self.ds.get_global_grad_norm()
+        return norm.detach() if torch.is_tensor(norm) else torch.tensor(float(norm))
 
     def clip_grad_norm(self, max_norm):
         raise NotImplementedError("DeepSpeed clips inside step() (gradient_clipping = train.grad_clip); "

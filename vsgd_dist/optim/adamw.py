@@ -29,4 +29,4 @@ def _deepspeed_optimizer(h: AdamWHparams, lr: float, weight_decay: float, fused:
 
 
 OPTIMIZERS.register("adamw", OptimizerEntry(torch.optim.AdamW, AdamWHparams, _constructor_kwargs,
-                                            deepspeed_optimizer=_deepspeed_optimizer))
+                                            deepspeed_optimizer=_deepspeed_optimizer, fused_by_default=True))

@@ -55,9 +55,17 @@ class OptimizerEntry:
     """A hyperparameter whose 0 means "the number of training images": the trainer fills it
     in from the dataset (`with_train_size`)."""
 
-    def kwargs(self, hparams, lr: float, weight_decay: float, fused: bool, seed: int = 0) -> dict:
+    fused_by_default: bool = False
+    """Recipes run its fused path unless `optim.fused: false` (it needs no per-process
+    compilation); otherwise only with `optim.fused: true`."""
+
+    def use_fused(self, fused: bool | None) -> bool:
+        """The recipe's `optim.fused` for this optimizer (None: `fused_by_default`)."""
+        return self.fused_by_default if fused is None else fused
+
+    def kwargs(self, hparams, lr: float, weight_decay: float, fused: bool | None, seed: int = 0) -> dict:
         seeded = dict(seed=seed) if self.sampling else {}
-        return dict(lr=lr, weight_decay=weight_decay, fused=fused or None, **seeded,
+        return dict(lr=lr, weight_decay=weight_decay, fused=self.use_fused(fused) or None, **seeded,
                     **self.constructor_kwargs(hparams))
 
     def with_train_size(self, hparams, train_size: int):

@@ -614,4 +614,4 @@ DIAGNOSTICS = Diagnostics(_STATE_KEYS, _diagnostic_fields, {
 })
 """Gradient SNR, posterior std, implied Adam beta1 and effective step size, per layer."""
 
-OPTIMIZERS.register("vsgd", OptimizerEntry(VSGD, VSGDHparams, diagnostics=DIAGNOSTICS))
+OPTIMIZERS.register("vsgd", OptimizerEntry(VSGD, VSGDHparams, diagnostics=DIAGNOSTICS, fused_by_default=True))

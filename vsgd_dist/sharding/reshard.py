@@ -56,7 +56,8 @@ def shard_from_full(full: dict[str, dict[str, Any]], optimizer: ZeroOptimizer,
         state_dict["param_groups"] = [{**saved, "param_names": mine["param_names"]}
                                       for saved, mine in zip(param_groups, state_dict["param_groups"])]
     shards = []
-    for group_index, master in enumerate(optimizer.masters):
+    for group_index, current in enumerate(state_dict["state"]):
+        master = current["master"]
         slots = [(i, s) for i, s in enumerate(optimizer.slots) if s.group == group_index and s.name in full]
         shard: dict[str, Any] = {"master": master.clone()}
         for _, slot in slots:

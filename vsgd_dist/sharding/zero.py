@@ -2,9 +2,12 @@
 
 Every rank keeps the full parameters (as views into flat per-bucket buffers, see `layout`)
 but optimizer state for only 1/W of the elements: its inner optimizer (an instance of
-`optimizer_class`) owns ONE flat fp32 "master" slice per param group. Elementwise optimizers
-(VSGD, Adam, AdamW, SGD) give the same result on a flat slice as on the whole tensors, so
-sharded training equals unsharded training given the same averaged gradient.
+`optimizer_class`) owns one flat fp32 "master" slice per bucket, this rank's part of it. For
+fp32 parameters the master IS that part of the bucket (no copy: the optimizer updates the
+parameters in place and the all-gather sends the slice from where it lies); for bf16/fp16
+parameters it is an fp32 copy. Elementwise optimizers (VSGD, Adam, AdamW, SGD) give the same
+result on flat slices as on the whole tensors, so sharded training equals unsharded training
+given the same averaged gradient.
 
 - stage 1: the model is DDP-wrapped, so `.grad` already holds the average; each rank copies
   its slice, steps, and all-gathers the parameters.
@@ -14,6 +17,8 @@ sharded training equals unsharded training given the same averaged gradient.
 
 Gradients are reduced in `reduce_dtype` (fp32 by default, also for bf16 models) and the
 masters are fp32; the all-gather writes them back in the parameters' own dtype.
+An inner optimizer that trains at weight samples (IVON) is driven through `sample`,
+`accumulate` and `restore` (section "weight samples" below).
 Gradient accumulation: run all micro-batches but the last inside `no_sync()`. As with DDP,
 every rank must produce gradients for the same parameters in each backward (a bucket is
 reduced when all its gradients arrived; the rest are reduced in `step()`, with zeros for
@@ -29,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from vsgd_dist.full_form import is_per_element
-from vsgd_dist.sharding.layout import Bucket, from_memory_flat, owned_part, plan, to_memory_flat
+from vsgd_dist.sharding.layout import Slot, from_memory_flat, owned_part, plan, to_memory_flat
 
 STATE_DICT_FORMAT = "vsgd_dist.zero/1"
 ELEMENTWISE_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
@@ -86,7 +91,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.masters = self._build_masters()
         self._grad_shards = [torch.zeros_like(m) for m in self.masters]
         self.inner = optimizer_class(
-            [{**self._hyperparameters(g), "params": [m]} for g, m in zip(self.param_groups, self.masters)],
+            [{**self._hyperparameters(g), "params": self._group_masters(i)} for i, g in enumerate(self.param_groups)],
             **optimizer_kwargs)
         self.defaults = dict(self.inner.defaults)
         for group, inner_group in zip(self.param_groups, self.inner.param_groups):
@@ -136,15 +141,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return buffers
 
     def _build_masters(self) -> list[torch.Tensor]:
-        """Per group: the fp32 copy of this rank's slice of the group's buckets."""
-        pieces: list[list[torch.Tensor]] = [[] for _ in self.param_groups]
+        """Per bucket: this rank's slice of it, in fp32 (the slice itself for fp32 buckets)."""
+        masters = []
         for bucket, buffer in zip(self.buckets, self._param_buffers):
             lo, hi = bucket.owned(self.rank)
-            pieces[bucket.group].append(buffer[lo:hi].float())
-        return [torch.cat(p) if p else torch.zeros(0, device=self.device) for p in pieces]
+            masters.append(buffer[lo:hi] if bucket.dtype == torch.float32 else buffer[lo:hi].float())
+        return masters
 
-    def _bucket_shard(self, flat_per_group: list[torch.Tensor], bucket: Bucket) -> torch.Tensor:
-        return flat_per_group[bucket.group][bucket.shard_offset:bucket.shard_offset + bucket.shard_numel]
+    def _group_masters(self, group_index: int) -> list[torch.Tensor]:
+        return [m for b, m in zip(self.buckets, self.masters) if b.group == group_index]
 
     # ---- gradient synchronization -------------------------------------------------------
 
@@ -191,7 +196,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         bucket = self.buckets[bucket_index]
         grad_input = self._grad_inputs[bucket_index]
         self._grad_inputs[bucket_index] = None
-        target = self._bucket_shard(self._grad_shards, bucket)
+        target = self._grad_shards[bucket_index]
         output = target if self.reduce_dtype == target.dtype else torch.empty(
             bucket.shard_numel, dtype=self.reduce_dtype, device=self.device)
         work = _reduce_scatter(output, grad_input, op=dist.ReduceOp.SUM, group=self.process_group,
@@ -209,7 +214,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for bucket_index in sorted(self._in_flight):
                 work, _, output = self._in_flight.pop(bucket_index)
                 work.wait()
-                target = self._bucket_shard(self._grad_shards, self.buckets[bucket_index])
+                target = self._grad_shards[bucket_index]
                 if output is not target:
                     target.copy_(output)
             for grad in self._grad_shards:
@@ -234,8 +239,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _copy_owned_grads(self) -> None:
         for param, slot in zip(self._params, self.slots):
-            first, last, offset = owned_part(slot, self.buckets[slot.bucket], self.rank)
-            target = self._grad_shards[slot.group][offset:offset + last - first]
+            first, last, offset = self._owned_in_master(slot)
+            target = self._grad_shards[slot.bucket][offset:offset + last - first]
             if param.grad is None:
                 target.zero_()
             else:
@@ -244,10 +249,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
     # ---- step ---------------------------------------------------------------------------
 
     def _gather_parameters(self) -> None:
+        """Every rank's masters into every rank's buckets (in place for fp32 buckets)."""
         works = []
-        for bucket, buffer in zip(self.buckets, self._param_buffers):
-            shard = self._bucket_shard(self.masters, bucket).to(bucket.dtype)
-            works.append(_all_gather(buffer, shard, group=self.process_group, async_op=True))
+        for bucket, buffer, master in zip(self.buckets, self._param_buffers, self.masters):
+            works.append(_all_gather(buffer, master.to(bucket.dtype), group=self.process_group, async_op=True))
         for work in works:
             work.wait()
 
@@ -306,23 +311,23 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     @functools.cached_property
     def noise_runs(self) -> list[list[tuple[int, int]]]:
-        """Per group, where this rank's master elements lie among the unsharded optimizer's
-        elements (its parameters end to end in group order, each in memory order): runs
-        (start, length) in master order, for `IVON.set_global_offset`. Bucket padding takes
-        indices past every parameter (its noise is never used)."""
+        """Per master (bucket), where this rank's master elements lie among the unsharded
+        optimizer's elements (its parameters end to end in group order, each in memory order):
+        runs (start, length) in master order, for `IVON.set_global_offset`. Bucket padding
+        takes indices past every parameter (its noise is never used)."""
         base, total = [], 0
         for param in self._params:
             base.append(total)
             total += param.numel()
         runs: list[list[tuple[int, int]]] = [[] for _ in self.masters]
-        for bucket in self.buckets:
+        for bucket_index, bucket in enumerate(self.buckets):
             lo, hi = bucket.owned(self.rank)
             for index in bucket.slots:
                 first, last, _ = owned_part(self.slots[index], bucket, self.rank)
                 if first < last:
-                    runs[bucket.group].append((base[index] + first, last - first))
+                    runs[bucket_index].append((base[index] + first, last - first))
             if hi > max(lo, bucket.numel):
-                runs[bucket.group].append((total, hi - max(lo, bucket.numel)))
+                runs[bucket_index].append((total, hi - max(lo, bucket.numel)))
         return runs
 
     @torch.no_grad()
@@ -373,8 +378,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """(parameter name, *state tensors `keys`, hyperparameters) for the part of each
         parameter this rank owns: the input of `vsgd_dist.optim.diagnostics.reduced_diagnostics`."""
         for slot in self.slots:
-            first, last, offset = owned_part(slot, self.buckets[slot.bucket], self.rank)
-            state = self.inner.state.get(self.masters[slot.group], {})
+            first, last, offset = self._owned_in_master(slot)
+            state = self.inner.state.get(self.masters[slot.bucket], {})
             if first == last or not state or int(state["step"]) == 0:
                 continue
             if not set(keys) <= state.keys():
@@ -382,6 +387,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                  "keeps " + ", ".join(sorted(state)))
             part = slice(offset, offset + last - first)
             yield slot.name, *(state[k][part] for k in keys), self.param_groups[slot.group]
+
+    def _owned_in_master(self, slot: Slot) -> tuple[int, int, int]:
+        """`owned_part` of `slot`, with its place counted in its bucket's master."""
+        first, last, offset = owned_part(slot, self.buckets[slot.bucket], self.rank)
+        return first, last, offset - self.buckets[slot.bucket].shard_offset
 
     # ---- checkpoints --------------------------------------------------------------------
 
@@ -411,7 +421,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
             in the bucket), owned (the part of range this rank owns) and shard_range (where
             that part lies in the rank's flat shard of the group).
         buckets: group, dtype, numel, padded_numel, shard_offset, owned.
-        state: per group {"master": fp32 flat shard, **inner optimizer state of that shard}.
+        state: per group {"master": fp32 flat shard, **inner optimizer state of that shard}:
+            the group's bucket masters end to end (references when a group has one bucket and
+            its master is not a slice of the parameters; copies otherwise).
         """
         return {
             "format": STATE_DICT_FORMAT, "world_size": self.world_size, "rank": self.rank,
@@ -419,8 +431,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "param_groups": [{**self._hyperparameters(g), "param_names": list(g["param_names"])}
                              for g in self.param_groups],
             **self.layout(),
-            "state": [{"master": m, **self.inner.state.get(m, {})} for m in self.masters],
+            "state": [self._group_state(i) for i in range(len(self.param_groups))],
         }
+
+    def _group_state(self, group_index: int) -> dict[str, Any]:
+        """The group's masters and their inner state, each as one flat shard of the group."""
+        masters = self._group_masters(group_index)
+        states = [self.inner.state.get(m, {}) for m in masters]
+        state = {"master": _concat(masters, self.device)}
+        for key, value in (states[0] if states else {}).items():
+            state[key] = (_concat([s[key] for s in states], self.device) if is_per_element(value, masters[0].shape)
+                          else value)
+        return state
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -443,9 +465,20 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                  "and shard_from_full()")
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update(self._hyperparameters(saved))
-        for master, saved in zip(self.masters, state_dict["state"]):
-            master.copy_(saved["master"])
+        for bucket, master in zip(self.buckets, self.masters):
+            saved = state_dict["state"][bucket.group]
+            shard = saved["master"].shape
+            part = slice(bucket.shard_offset, bucket.shard_offset + bucket.shard_numel)
+            master.copy_(saved["master"][part])
             self.inner.state[master] = {
-                k: v.detach().clone().to(master.device) if torch.is_tensor(v) else v
-                for k, v in saved.items() if k != "master"}
+                k: (v[part] if is_per_element(v, shard) else v).detach().clone().to(master.device)
+                if torch.is_tensor(v) else v for k, v in saved.items() if k != "master"}
         self._gather_parameters()
+
+
+def _concat(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One flat tensor of `tensors`: the tensor itself when it is one that owns its memory
+    (a slice of a parameter bucket would save the whole bucket), else a copy."""
+    if len(tensors) == 1 and tensors[0]._base is None:
+        return tensors[0]
+    return torch.cat(tensors) if tensors else torch.zeros(0, device=device)
