@@ -131,8 +131,9 @@ def test_foreach_equals_per_tensor_bitwise_on_cpu():
 
 
 def test_fused_close_to_per_tensor():
-    # Inductor may contract multiply-adds and reorder; stated tolerance: 1e-5 relative
-    # after 100 fp32 steps (one step agrees to ~1e-7).
+    # The fused kernel shares one division between mu and sigma2 (and on CUDA Inductor may
+    # contract multiply-adds); stated tolerance: 1e-5 relative after 100 fp32 steps (one step
+    # agrees to ~1e-7; measured after 100: params 3e-6, states 2e-5 relative).
     a, oa = random_run(PATHS["per_tensor"], torch.float32, steps=100)
     b, ob = random_run(PATHS["fused"], torch.float32, steps=100)
     for x, y in zip(a, b):
