@@ -111,7 +111,8 @@ class JobSpec:
     mem: str | None
     """--mem per node, if any."""
     setup: list[str]
-    """Shell lines before srun (profile setup, then PYTHONPATH to this checkout)."""
+    """Shell lines before srun (profile setup, PYTHONPATH to this checkout, and on CPU
+    clusters the allocator settings)."""
 
     def __post_init__(self):
         for f in fields(self):
@@ -207,6 +208,9 @@ def build_spec(profile: ClusterProfile, args: argparse.Namespace, job_name: str)
     if profile.network_interface:  # a name checked by load_profile
         iface = profile.network_interface
         setup.append(f"export GLOO_SOCKET_IFNAME={iface} NCCL_SOCKET_IFNAME={iface}")
+    if not gpus:  # CPU ranks: a caching allocator, the one the node has (vsgd_dist/allocator.py)
+        allocator = shlex.quote(str(REPO / "vsgd_dist" / "allocator.py"))  # run as a file: no torch import
+        setup.append(f'eval "$({shlex.quote(sys.executable)} {allocator})"')
     return JobSpec(job_name=job_name, partition=partition, nodes=args.nodes, ntasks_per_node=tasks,
                    gpus_per_node=gpus, cpus_per_task=profile.cpus_per_task, time=minutes,
                    signal_delay_s=profile.signal_delay_s, account=args.account or profile.account,

@@ -7,12 +7,17 @@ operations; Inductor may contract a multiply-add, so they agree to 1e-6 relative
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from launch.clusters import ClusterProfile
+from launch.slurm import REPO, build_spec
 from vsgd_dist import VSGD, allocator
 from vsgd_dist.optim import vsgd as vsgd_module
 from vsgd_dist.spawn import run_distributed
@@ -171,3 +176,19 @@ def test_allocator_env_prefers_a_preload_and_respects_the_user(tmp_path, monkeyp
     assert allocator.allocator_env({"LD_PRELOAD": "/x/libfoo.so"}) == {
         "LD_PRELOAD": f"{tmp_path}/libjemalloc.so.2:/x/libfoo.so", "MALLOC_CONF": allocator.JEMALLOC_CONF}
     assert allocator.allocator_env({"LD_PRELOAD": "/opt/libtcmalloc.so.4"}) == {}
+
+
+def test_slurm_jobs_on_cpu_profiles_set_the_allocator_env_on_the_node(monkeypatch):
+    args = argparse.Namespace(nodes=1, gpus_per_node=None, tasks_per_node=2, time="60", partition=None,
+                              account=None, qos=None)
+    cpu = build_spec(ClusterProfile(name="cpu", gpus_per_node=0, cpus_per_node=8, max_nodes=1,
+                                    max_tasks_per_node=8), args, "job").setup
+    gpu = build_spec(ClusterProfile(name="gpu", gpus_per_node=8, cpus_per_node=96, max_nodes=1,
+                                    max_tasks_per_node=8), argparse.Namespace(**{**vars(args), "tasks_per_node": None}),
+                     "job").setup
+    line = f'eval "$({sys.executable} {REPO}/vsgd_dist/allocator.py)"'
+    assert line in cpu and line not in gpu
+    for key in ("LD_PRELOAD", "MALLOC_CONF", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(key, raising=False)
+    shown = subprocess.run(["bash", "-c", f"{line}; env"], capture_output=True, text=True, check=True).stdout
+    assert all(f"{k}={v}" in shown.splitlines() for k, v in allocator.allocator_env().items())

@@ -7,8 +7,9 @@ allocator; CPU ranks get one here, through their environment (read when a proces
 jemalloc or tcmalloc preloaded when the machine has one, as torch's CPU launcher
 (`torch.backends.xeon.run_cpu`) does, else glibc told to keep what it frees.
 
-`python -m vsgd_dist.allocator` prints the settings as shell `export` lines (SLURM jobs on
-CPU profiles evaluate them on the node before starting their tasks).
+`python vsgd_dist/allocator.py` prints the settings as shell `export` lines (SLURM jobs on
+CPU profiles evaluate them on the node before starting their tasks; run as a file, it imports
+no torch).
 """
 from __future__ import annotations
 
