@@ -168,7 +168,7 @@ def test_every_imagenet_recipe_trains_checkpoints_and_resumes(imagenet_shaped, t
     32 px images (ViTs: 2x2 patches), a global batch of 8 and 2 steps are overridden (bf16
     runs on CPU). The first launch stops after step 1 with a checkpoint, as a preemption
     would; the same command resumes, trains step 2 and validates."""
-    assert len(RECIPES) >= 15
+    assert RECIPES, "no recipe found in recipes/imagenet"
     for recipe in RECIPES:
         start = time.perf_counter()
         out = tmp_path / recipe.stem
