@@ -6,7 +6,8 @@
 #      policy; uint8 images normalized on the GPU; the trainer on the demo on every engine
 #      (DeepSpeed bf16 included) with bf16, EMA, a checkpoint, a stop and a bitwise resume.
 #   2. bench/optim_step.py --device cuda: fused VSGD step vs fused AdamW step on ResNet-50
-#      and ViT-B/16 shapes (target <= 1.3; the bytes each must move give 36/28 = 1.29).
+#      and ViT-B/16 shapes, as tensor lists and as one flat shard (target <= 1.3; the bytes
+#      each must move give 36/28 = 1.29).
 #   3. bench/gpu_throughput.py: ResNet-50 and ViT-B/16 training images/s on synthetic data
 #      with VSGD and with AdamW on the same engine (target >= 0.97), peak memory of each.
 # It installs nothing: it uses the Python at $PYTHON, else .venv/bin/python, else python3,
@@ -33,6 +34,7 @@ PY
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} NUMBA_THREADING_LAYER=${NUMBA_THREADING_LAYER:-omp}
 START=$SECONDS
 section() { echo; echo "== $1 ($((SECONDS - START)) s)"; }
+timed_out() { ((${1} == 124)) && echo "TIMEOUT: $2 ran past its $3 s share of the 8 minutes"; }
 
 section "versions"
 "$PY" - <<'PY'
@@ -52,32 +54,36 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,c
 
 status=0 missed=0
 section "tests/gpu"
-timeout 330 "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu
+timeout 280 "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu
 rc=$?; tests_rc=$rc
 ((rc == 0)) || status=1
+timed_out $rc tests/gpu 280
 
 section "optimizer step: fused VSGD vs fused AdamW (bench/optim_step.py --device cuda)"
-step_out=$(timeout 120 "$PY" bench/optim_step.py --device cuda --steps 10 --warmup 3 2>&1)
+step_out=$(timeout 80 "$PY" bench/optim_step.py --device cuda 2>&1)
 rc=$?
 echo "$step_out"
 if ((rc != 0)); then
   status=1
+  timed_out $rc bench/optim_step.py 80
 else
-  while read -r model ratio; do
+  # one row per parameter list: the model's tensors (DDP, FSDP2) and one flat shard (ZeRO)
+  while IFS=$'\t' read -r model ratio; do
     if awk -v r="$ratio" 'BEGIN { exit !(r <= 1.3) }'; then verdict=OK; else verdict=MISS; missed=1; fi
     echo "STEP $model: fused VSGD / fused AdamW step time ${ratio} (target <= 1.3; bytes ratio 36/28 = 1.29) $verdict"
-  done < <(echo "$step_out" | awk -F'|' '$4 ~ /VSGD fused/ { gsub(/[ x]/, "", $7); gsub(/ /, "", $2); print $2, $7 }')
+  done < <(echo "$step_out" | awk -F'|' '$4 ~ /VSGD fused/ { gsub(/[ x]/, "", $7); gsub(/^ +| +$/, "", $2); print $2 "\t" $7 }')
 fi
 
 section "training throughput (bench/gpu_throughput.py)"
-timeout 180 "$PY" bench/gpu_throughput.py
+timeout 110 "$PY" bench/gpu_throughput.py
 rc=$?
+timed_out $rc bench/gpu_throughput.py 110
 ((rc == 1 || rc > 2)) && status=1
 ((rc == 2)) && missed=1
 
 section "summary"
 echo "tests/gpu: $([[ $tests_rc == 0 ]] && echo passed || echo "FAILED (status $tests_rc)")"
-echo "time: $((SECONDS - START)) s"
+echo "time: $((SECONDS - START)) s (budget 480 s)"
 ((status)) && { echo "gpu_check: FAILED"; exit 1; }
 ((missed)) && { echo "gpu_check: passed, but a performance target was missed (MISS above)"; exit 2; }
 echo "gpu_check: passed, targets met"

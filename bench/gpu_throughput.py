@@ -55,7 +55,7 @@ def measure(model_name: str, optimizer: str, engine_name: str, steps: int, warmu
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
             loss = criterion(engine.wrapped(images), labels)
         engine.backward(loss)
         engine.step()

@@ -1,14 +1,21 @@
 """Fused VSGD on CUDA (one torch.compile'd Triton kernel per tensor) against the per-tensor
 path, in fp32 and with bf16 parameters (fp32 state), and without host syncs.
 
-Tolerances: the fused kernel shares one division between mu and sigma2, so it rounds
-differently from the per-tensor ops (~1e-7 relative per step); after 100 steps states and
-fp32 parameters agree to rtol 1e-5 (the README's claim). The state never depends on the
-parameters (weight decay is decoupled), so with bf16 parameters it keeps rtol 1e-5 too; the
-bf16 parameters themselves are the same fp32 values rounded to bf16, and may differ by one
-bf16 step (2^-8 relative) where the fp32 values straddle a rounding boundary.
+Tolerances, as tests/test_vsgd.py states them for the CPU kernel: the fused kernel shares
+one division between mu and sigma2 and Inductor may contract multiply-adds, so it rounds
+differently from the per-tensor ops (~1e-7 relative per step); after 100 steps fp32
+parameters agree to rtol 1e-5 (atol 1e-6), the states to rtol 1e-4 or 1e-6 of the tensor's
+largest value (mug is a posterior mean and crosses zero, where relative error means
+nothing). The state never depends on the parameters (weight decay is decoupled), so with
+bf16 parameters it keeps those tolerances. The bf16 parameters are fp32 results rounded to
+bf16 where they can straddle a rounding boundary, and a step of lr 1e-2 moves a weight by
+about one bf16 step, so a flip is never undone: they may differ by one bf16 step at the
+tensor's largest magnitude, on under 0.1% of the elements (on CPU, C++ kernel vs per-tensor:
+one step of 2^-7 on 0.003% of a 2M-element tensor after 100 steps).
 """
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -41,11 +48,15 @@ def test_fused_triton_kernel_matches_the_per_tensor_path(dtype):
     for p, q in zip(fused, plain):
         assert p.dtype == dtype and fused_opt.state[p]["mug"].dtype == torch.float32
         for key in ("mug", "bg", "bhg"):
-            torch.testing.assert_close(fused_opt.state[p][key], plain_opt.state[q][key], rtol=1e-5, atol=1e-12)
+            expected = plain_opt.state[q][key]
+            torch.testing.assert_close(fused_opt.state[p][key], expected, rtol=1e-4,
+                                       atol=1e-6 * expected.abs().max().item())
         if dtype == torch.float32:
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
         else:
-            torch.testing.assert_close(p.float(), q.float(), rtol=2 ** -8, atol=1e-6)
+            one_step = 2.0 ** (math.floor(math.log2(q.detach().abs().max().item())) - 7)
+            diff = (p.detach().float() - q.detach().float()).abs()
+            assert diff.max().item() <= one_step and (diff > 0).float().mean().item() < 1e-3
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "per-tensor"])
