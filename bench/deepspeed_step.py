@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-2 against the native ZeroOptimizer (stage 2), VSGD and AdamW, on N gloo processes.
+"""DeepSpeed ZeRO-2 against the native ZeroOptimizer (stage 2), VSGD and AdamW, on N gloo
+processes; and DeepSpeed's ZeRO settings, measured (`--variants`).
 
 The engines are the trainer's own (`build_engine`: the DeepSpeed config comes from
 `deepspeed_config`, two param groups with weight decay on/off), driven by
@@ -6,9 +7,14 @@ The engines are the trainer's own (`build_engine`: the DeepSpeed config comes fr
 random tensor). Per step: `backward` (native ZeRO-2 and DeepSpeed reduce gradients here)
 and `step` (clip-norm, optimizer step on this rank's flat partition, parameter all-gather):
 the trainer's time/optimizer_ms. DeepSpeed's AdamW is torch's (`torch_adam`), as the
-engine configures it. Same allocator settings as sharded_step.py.
+engine configures it. One fresh process group per row: DeepSpeed engines are not fully
+freed by `del`.
 
-    python bench/deepspeed_step.py [--models resnet50 vit_b16] [--world-sizes 2 4] [--steps 3]
+`--variants`: DeepSpeed ZeRO-2 with `deepspeed_config`'s settings against one change each
+(overlap_comm on, contiguous_gradients off, DeepSpeed's default 5e8-element buckets), with
+the gradient memory each holds between steps (as sharded_step.py counts it).
+
+    python bench/deepspeed_step.py [--models resnet50 vit_b16] [--world-sizes 2 4] [--steps 3] [--variants]
 """
 from __future__ import annotations
 
@@ -23,30 +29,29 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_shapes import MODELS  # noqa: E402
-from sharded_step import SyntheticModel  # noqa: E402
+from sharded_step import SyntheticModel, memory_parts, slowest_rank  # noqa: E402
 
 from vsgd_dist.config import RunConfig  # noqa: E402
 from vsgd_dist.engines import build_engine  # noqa: E402
+from vsgd_dist.engines import deepspeed as deepspeed_engine  # noqa: E402
 from vsgd_dist.spawn import run_distributed  # noqa: E402
 
 ENGINES = {"DeepSpeed ZeRO-2": "deepspeed", "native ZeRO-2": "zero"}
 # (optimizer, fused): each VSGD row is compared with the AdamW row of the same kind (torch's
-# fused AdamW against VSGD's compiled kernel, multi-tensor against unfused).
+# fused AdamW against VSGD's fused kernel, multi-tensor against unfused).
 OPTIMIZERS = (("adamw", False), ("vsgd", False), ("adamw", True), ("vsgd", True))
+VARIANTS = {"deepspeed_config": {}, "overlap_comm on": {"overlap_comm": True},
+            "contiguous_gradients off": {"contiguous_gradients": False},
+            "buckets 5e8 elements": {"reduce_bucket_size": int(5e8), "allgather_bucket_size": int(5e8)}}
 
 
-def bench_config(engine: str, optimizer: str, fused: bool, world_size: int) -> RunConfig:
+def bench_config(engine: str, optimizer: str, fused: bool | None, world_size: int) -> RunConfig:
     cfg = RunConfig()
     cfg.engine.name, cfg.engine.zero_stage = engine, 2
     cfg.optim.name, cfg.optim.weight_decay, cfg.optim.fused = optimizer, 0.05, fused
     cfg.train.global_batch = world_size
+    cfg.model.channels_last = False
     return cfg
-
-
-def slowest_rank(seconds: float) -> float:
-    t = torch.tensor(seconds)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
 
 
 def time_phases(engine, steps: int) -> tuple[float, float]:
@@ -65,24 +70,22 @@ def time_phases(engine, steps: int) -> tuple[float, float]:
     return statistics.median(backward), statistics.median(step)
 
 
-def bench_rank(rank, world_size, model_name, engine_name, optimizer, fused, steps):
-    """One row per process group: DeepSpeed engines are not fully freed by `del`, so a
-    fresh spawn per row keeps memory flat (ViT-B at 4 ranks)."""
+def bench_rank(rank, world_size, model_name, engine_name, optimizer, fused, steps, zero_changes=None):
+    if zero_changes:
+        original = deepspeed_engine.deepspeed_config
+
+        def changed(*args, **kwargs):
+            config = original(*args, **kwargs)
+            config["zero_optimization"].update(zero_changes)
+            return config
+        deepspeed_engine.deepspeed_config = changed
     engine = build_engine(SyntheticModel(MODELS[model_name]()),
                           bench_config(engine_name, optimizer, fused, world_size), lr=1e-3)
     backward, step = time_phases(engine, steps)
-    return engine.state_bytes(), backward, step
+    return memory_parts(engine, engine_name, 2), backward, step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["resnet50", "vit_b16"], choices=sorted(MODELS))
-    parser.add_argument("--world-sizes", nargs="+", type=int, default=[2, 4])
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
-    os.environ.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**40))  # as sharded_step.py
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, gloo, 1 thread per rank, "
-          f"median of {args.steps} steps\n")
+def engines_table(args) -> None:
     print("| model | N | engine | optimizer | state MiB/rank | backward s | step s | step vs AdamW |")
     print("|---|---|---|---|---|---|---|---|")
     for model_name in args.models:
@@ -92,12 +95,41 @@ def main() -> None:
                 for optimizer, fused in OPTIMIZERS:
                     rows = run_distributed(bench_rank, world_size, model_name, engine_name, optimizer, fused,
                                            args.steps, timeout=1800)
-                    state = max(r[0] for r in rows)
+                    state = max(r[0]["state"] for r in rows)
                     _, backward, step = rows[0]
                     adamw_step.setdefault(fused, step)  # AdamW runs first for each kind
                     name = optimizer + (" fused" if fused else "")
                     print(f"| {model_name} | {world_size} | {label} | {name} | {state / 2**20:.1f} "
                           f"| {backward:.3f} | {step:.3f} | {step / adamw_step[fused]:.2f}x |", flush=True)
+
+
+def variants_table(args) -> None:
+    print("| model | N | DeepSpeed ZeRO-2 | optimizer | backward s | step s | grads MiB/rank held |")
+    print("|---|---|---|---|---|---|---|")
+    for model_name in args.models:
+        for world_size in args.world_sizes:
+            for label, changes in VARIANTS.items():
+                for optimizer in ("adamw", "vsgd"):
+                    rows = run_distributed(bench_rank, world_size, model_name, "deepspeed", optimizer, None,
+                                           args.steps, changes, timeout=1800)
+                    grads = max(r[0]["grads"] for r in rows)
+                    _, backward, step = rows[0]
+                    print(f"| {model_name} | {world_size} | {label} | {optimizer} | {backward:.3f} | {step:.3f} "
+                          f"| {grads / 2**20:.1f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet50", "vit_b16"], choices=sorted(MODELS))
+    parser.add_argument("--world-sizes", nargs="+", type=int, default=[2, 4])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--variants", action="store_true", help="DeepSpeed's ZeRO settings instead of the engines")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, gloo, 1 thread per rank, "
+          f"median of {args.steps} steps; load average {os.getloadavg()[0]:.1f} at start\n")
+    (variants_table if args.variants else engines_table)(args)
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
+
 
 if __name__ == "__main__":
     main()

@@ -1,24 +1,34 @@
-"""Per-rank optimizer-state bytes and time per training step of the sharding strategies.
+"""Time per training step and per-rank memory of the engines, VSGD against AdamW, with the
+recipe defaults.
 
 On N gloo processes (CPU), for ResNet-50 and ViT-B/16 parameter lists (real shapes from
-`model_shapes`), side by side: DDP + unsharded optimizer, ZeroOptimizer stage 1 (on DDP)
-and stage 2, and FSDP2, each with VSGD and AdamW. A "step" is a trivial forward/backward
-whose gradient is a fixed random tensor (loss = sum(p * r)), so every strategy does its
-real communication where it normally does (DDP/ZeRO-2 hooks in backward, FSDP2 all-gather
-in forward), then the optimizer step and the parameter gather. The `fwd+bwd` row is that
-trivial forward/backward alone on one process, for reference.
+`model_shapes`). Each strategy runs in fresh processes with TWO engines over two copies of a
+synthetic model, one with VSGD and one with AdamW, both built by `build_engine` from a default
+RunConfig (fused optimizers, ZeRO stage 2, 25 MiB buckets), stepping in turn, so that load on
+the machine hits both alike. A step is the trainer's: `engine.backward(loss)` (gradient sync
+in hooks) and `engine.step()` (global norm, optimizer step, parameter gather); the forward is
+trivial (loss = sum(p * r), so grad(p) = r). Median over steps of the slowest rank.
 
-glibc hands large freed blocks back to the OS, so on CPU every step would page-fault its
-temporaries again (several x slower for big flat tensors); like a GPU caching allocator, the
-ranks keep them (MALLOC_MMAP_MAX_=0), for every strategy alike. With N above the core
-count the ranks share cores: such timings show overheads, not scaling.
+Strategies: DDP, native ZeRO-1 (on DDP) and ZeRO-2 (`ZeroOptimizer`), FSDP2, DeepSpeed ZeRO-1
+and ZeRO-2 (the trainer's engines), and torch's ZeroRedundancyOptimizer on DDP with the same
+optimizer arguments: native ZeRO-1's peer.
 
-    python bench/sharded_step.py [--models resnet50 vit_b16] [--world-sizes 1 2 4] [--steps 3]
+Memory per rank, MiB held between steps (each distinct storage once): params (the model's
+parameters, local shards for FSDP2), grads (DDP's bucket buffers, one copy of every
+gradient; ZeroOptimizer's gradient shards; DeepSpeed's gradient partition and bucket buffers;
+FSDP2 frees its sharded gradients with zero_grad), masters (fp32 weights kept apart from
+the parameters) and optimizer state. Transients inside a step (DDP's `.grad` next to its
+buckets, ZeRO-2's bucket inputs until the step, FSDP2's unsharded layers) are not in it.
+
+The ranks start with the caching-allocator settings (`vsgd_dist.spawn` applies
+`vsgd_dist.allocator`). With N above the core count the ranks share cores: such timings show
+overheads, not scaling.
+
+    python bench/sharded_step.py [--models resnet50 vit_b16] [--world-sizes 2] [--steps 5]
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 import sys
@@ -27,19 +37,23 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_shapes import MODELS, numel  # noqa: E402
 
-from vsgd_dist import VSGD, ZeroOptimizer  # noqa: E402
-from torch.distributed.fsdp import MixedPrecisionPolicy  # noqa: E402
-
-from vsgd_dist.engines.fsdp2 import shard_model  # noqa: E402
+from vsgd_dist.config import RunConfig  # noqa: E402
+from vsgd_dist.engines import build_engine  # noqa: E402
+from vsgd_dist.engines.base import local_tensor  # noqa: E402
+from vsgd_dist.optim import OPTIMIZERS, named_param_groups  # noqa: E402
 from vsgd_dist.spawn import run_distributed  # noqa: E402
 
-OPTIMIZERS = {"VSGD": (VSGD, dict(lr=1e-3, weight_decay=0.05)),
-              "AdamW": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.05))}
-STRATEGIES = ("DDP", "ZeRO-1", "ZeRO-2", "FSDP2")
+STRATEGIES = {  # label: (engine name, ZeRO stage)
+    "DDP": ("ddp", 0), "native ZeRO-1": ("zero", 1), "torch ZeroRedundancyOptimizer": ("torch_zero", 1),
+    "native ZeRO-2": ("zero", 2), "FSDP2": ("fsdp2", 0), "DeepSpeed ZeRO-1": ("deepspeed", 1),
+    "DeepSpeed ZeRO-2": ("deepspeed", 2)}
+OPTIMIZER_NAMES = ("vsgd", "adamw")
+LR, WEIGHT_DECAY = 1e-3, 0.05
 
 
 class Block(nn.Module):
@@ -76,34 +90,6 @@ class SyntheticModel(nn.Module):
         return x
 
 
-def build(strategy: str, opt_name: str, shapes):
-    """(model to call, optimizer, function giving this rank's per-element state bytes)."""
-    optimizer_class, kwargs = OPTIMIZERS[opt_name]
-    model = SyntheticModel(shapes)
-    if strategy == "DDP":
-        opt = optimizer_class(model.parameters(), **kwargs)
-        return nn.parallel.DistributedDataParallel(model), opt, lambda: local_state_bytes(opt)
-    if strategy == "ZeRO-1":
-        wrapped = nn.parallel.DistributedDataParallel(model)
-        opt = ZeroOptimizer(model.parameters(), optimizer_class, stage=1, **kwargs)
-        return wrapped, opt, opt.state_bytes
-    if strategy == "ZeRO-2":
-        opt = ZeroOptimizer(model.parameters(), optimizer_class, stage=2, **kwargs)
-        return model, opt, opt.state_bytes
-    shard_model(model, list(model.blocks), MixedPrecisionPolicy(reduce_dtype=torch.float32))
-    opt = optimizer_class(model.parameters(), **kwargs)
-    return model, opt, lambda: local_state_bytes(opt)
-
-
-def local_state_bytes(opt) -> int:
-    total = 0
-    for state in opt.state.values():
-        for value in state.values():
-            local = value.to_local() if hasattr(value, "to_local") else value
-            total += local.nbytes if local.dim() > 0 else 0
-    return total
-
-
 def time_steps(model, opt, steps: int) -> float:
     """Median over steps of the slowest rank's seconds per step (one warm-up step first)."""
     times = []
@@ -113,59 +99,140 @@ def time_steps(model, opt, steps: int) -> float:
         model().backward()
         opt.step()
         opt.zero_grad()
-        elapsed = torch.tensor(time.perf_counter() - start)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         if i > 0:
-            times.append(elapsed.item())
+            times.append(slowest_rank(time.perf_counter() - start))
     return statistics.median(times)
 
 
-def bench_rank(rank, world_size, model_name, steps):
+def slowest_rank(seconds: float) -> float:
+    t = torch.tensor(seconds)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def bench_config(optimizer: str, engine: str, stage: int) -> RunConfig:
+    cfg = RunConfig()
+    cfg.optim.name, cfg.optim.weight_decay = optimizer, WEIGHT_DECAY
+    cfg.engine.name = engine
+    if stage:
+        cfg.engine.zero_stage = stage
+    cfg.model.channels_last = False
+    return cfg
+
+
+class TorchZeroEngine:
+    """torch's ZeroRedundancyOptimizer behind DDP, stepped as the trainer steps an engine."""
+
+    def __init__(self, model, cfg):
+        entry = OPTIMIZERS.get(cfg.optim.name)
+        self.model = model
+        self.wrapped = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=cfg.engine.bucket_mb)
+        groups = [{k: v for k, v in g.items() if k != "param_names"} for g in named_param_groups(model, WEIGHT_DECAY)]
+        self.optimizer = ZeroRedundancyOptimizer(
+            groups, entry.optimizer_class, **entry.kwargs(cfg.optim.hparams, LR, WEIGHT_DECAY, cfg.optim.fused))
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def state_bytes(self):
+        return sum(v.nbytes for s in self.optimizer.optim.state.values() for v in s.values()
+                   if torch.is_tensor(v) and v.dim() > 0)
+
+
+def build(optimizer: str, shapes, engine: str, stage: int):
+    cfg = bench_config(optimizer, engine, stage)
+    if engine == "torch_zero":
+        return TorchZeroEngine(SyntheticModel(shapes), cfg)
+    return build_engine(SyntheticModel(shapes), cfg, LR)
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors`."""
+    storages = {}
+    for t in tensors:
+        if torch.is_tensor(t):
+            storage = local_tensor(t).untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def memory_parts(engine, engine_name: str, stage: int) -> dict[str, int]:
+    """Bytes this rank holds between steps, by kind (see the module docstring)."""
+    params = list(engine.model.parameters())
+    param_bytes = storage_bytes(params)
+    grads = masters = 0
+    if engine_name in ("ddp", "torch_zero") or (engine_name == "zero" and stage == 1):
+        grads += sum(p.numel() * p.element_size() for p in params)  # DDP's bucket buffers
+    if engine_name == "zero":
+        opt = engine.optimizer
+        grads += storage_bytes(opt._grad_shards)
+        masters = storage_bytes(m for m in opt.masters if m.untyped_storage().data_ptr() not in
+                                {b.untyped_storage().data_ptr() for b in opt._param_buffers})
+    if engine_name == "deepspeed":
+        zero = engine.zero
+        held = [getattr(zero, name, None) for name in ("grads_in_partition", "ipg_buffer")]
+        grads = storage_bytes(t for h in held if h is not None for t in (h if isinstance(h, (list, tuple)) else [h]))
+        masters = storage_bytes(zero.single_partition_of_fp32_groups)
+    return {"params": param_bytes, "grads": grads, "masters": masters, "state": engine.state_bytes()}
+
+
+def bench_rank(rank, world_size, model_name, engine_name, stage, steps):
+    """VSGD and AdamW engines of one strategy, stepping in turn."""
     shapes = MODELS[model_name]()
-    rows = []
-    for opt_name in OPTIMIZERS:
-        for strategy in STRATEGIES:
-            model, opt, state_bytes = build(strategy, opt_name, shapes)
-            seconds = time_steps(model, opt, steps)
-            rows.append((strategy, opt_name, state_bytes(), seconds))
-            del model, opt, state_bytes
-            gc.collect()
-    return rows
-
-
-def forward_backward_alone(rank, world_size, model_name, steps):
-    model = SyntheticModel(MODELS[model_name]())
-    times = []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        model().backward()
-        model.zero_grad()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+    engines = {name: build(name, shapes, engine_name, stage) for name in OPTIMIZER_NAMES}
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for i in range(steps + 1):
+        for name, engine in engines.items():
+            dist.barrier()
+            start = time.perf_counter()
+            engine.backward(engine.wrapped())
+            engine.step()
+            elapsed = slowest_rank(time.perf_counter() - start)
+            if i > 0:  # the first step allocates state (and loads the fused kernel)
+                times[name].append(elapsed)
+    return {name: (statistics.median(times[name]), memory_parts(engine, engine_name, stage))
+            for name, engine in engines.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet50", "vit_b16"], choices=sorted(MODELS))
-    parser.add_argument("--world-sizes", nargs="+", type=int, default=[1, 2, 4])
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--world-sizes", nargs="+", type=int, default=[2])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     args = parser.parse_args()
-    os.environ.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**40))  # read by the ranks' glibc
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, gloo, 1 thread per rank\n")
-    print("| model | N | strategy | optimizer | state MiB/rank | rank state / unsharded | s/step |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, gloo, 1 thread per rank, median of "
+          f"{args.steps} steps; load average {os.getloadavg()[0]:.1f} at start\n")
+    print("| model | N | strategy | AdamW s/step | VSGD s/step | VSGD / AdamW |")
+    print("|---|---|---|---|---|---|")
+    memory = []
     for model_name in args.models:
-        fwd_bwd = run_distributed(forward_backward_alone, 1, model_name, args.steps, timeout=1800)[0]
-        print(f"| {model_name} | 1 | fwd+bwd only | - | - | - | {fwd_bwd:.3f} |")
-        unsharded: dict[str, int] = {}
         for world_size in args.world_sizes:
-            rows = run_distributed(bench_rank, world_size, model_name, args.steps, timeout=1800)
-            for i, (strategy, opt_name, state, seconds) in enumerate(rows[0]):
-                per_rank = [r[i][2] for r in rows]
-                if strategy == "DDP":
-                    unsharded[opt_name] = state
-                print(f"| {model_name} | {world_size} | {strategy} | {opt_name} | {max(per_rank) / 2**20:.1f} "
-                      f"| {max(per_rank) / unsharded[opt_name]:.6f} | {seconds:.3f} |", flush=True)
+            for label in args.strategies:
+                engine_name, stage = STRATEGIES[label]
+                result = run_distributed(bench_rank, world_size, model_name, engine_name, stage, args.steps,
+                                         timeout=3600)
+                (vsgd, vsgd_mem), (adamw, adamw_mem) = result[0]["vsgd"], result[0]["adamw"]
+                print(f"| {model_name} | {world_size} | {label} | {adamw:.3f} | {vsgd:.3f} | {vsgd / adamw:.2f}x |",
+                      flush=True)
+                for name in OPTIMIZER_NAMES:
+                    per_rank = [r[name][1] for r in result]
+                    memory.append((model_name, world_size, label, name,
+                                   {k: max(m[k] for m in per_rank) for k in per_rank[0]}))
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end\n")
+    print("Memory per rank held between steps, MiB (the largest rank):\n")
+    print("| model | N | strategy | optimizer | params | grads | masters | optimizer state | total |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for model_name, world_size, label, name, parts in memory:
+        mib = {k: v / 2**20 for k, v in parts.items()}
+        print(f"| {model_name} | {world_size} | {label} | {name} | {mib['params']:.1f} | {mib['grads']:.1f} "
+              f"| {mib['masters']:.1f} | {mib['state']:.1f} | {sum(mib.values()):.1f} |")
 
 
 if __name__ == "__main__":
