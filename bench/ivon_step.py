@@ -3,25 +3,54 @@ and ViT-B/16 parameter lists, plus optimizer state bytes per parameter.
 
 IVON does two things per iteration: `sample` (draw the counter-based noise, write m_w + eps)
 before the forward and `step` after the backward; the rows time both together and the
-sample alone (with `restore`, which puts m_w back). Timing as in optim_step.py (one process,
-median of steps). State bytes count the tensors kept between steps; IVON additionally holds
-m_w and eps from `sample` to `step` (8 B per fp32 parameter more, freed by `step`).
+sample alone (with `restore`, which puts m_w back), in one process, median of steps. State
+bytes count the tensors kept between steps; IVON additionally holds m_w and eps from `sample`
+to `step` (8 B per fp32 parameter more, freed by `step`).
 
-    python bench/ivon_step.py [--models resnet50 vit_b16] [--steps 5] [--threads N]
+The engine rows run the trainer's native ZeRO-2 engine (`build_engine`, fused optimizers)
+over N gloo ranks: an iteration is `engine.sample(0)` (IVON: noise for this rank's shard and
+the all-gather of m + eps; a no-op for AdamW), a trivial forward/backward (loss = sum(p * r):
+the gradient reduce-scatter) and `engine.step()` (AdamW's includes the all-gather of the new
+weights, IVON's leaves it to the next sample); the slowest rank's median seconds, and each
+rank's optimizer state bytes per parameter.
+
+    python bench/ivon_step.py [--models resnet50 vit_b16] [--steps 5] [--threads N] [--world-size 2]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_shapes import MODELS, numel  # noqa: E402
-from optim_step import time_steps  # noqa: E402
 
 from vsgd_dist import IVON, VSGD  # noqa: E402
+from vsgd_dist.config import RunConfig  # noqa: E402
+from vsgd_dist.engines import build_engine  # noqa: E402
+from vsgd_dist.spawn import run_distributed  # noqa: E402
+
+
+def time_steps(make, shapes, steps: int, warmup: int) -> float:
+    """Median seconds of `make(params).step()` on fresh parameters of `shapes` whose `.grad`
+    stays set (after `warmup` steps: state allocation, compilation)."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+    opt = make(params)
+    for _ in range(warmup):
+        opt.step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 class _Iteration:
@@ -48,6 +77,41 @@ VARIANTS = {
 }
 
 
+class _LinearLoss(torch.nn.Module):
+    """Parameters of the given shapes; forward() = sum(p * r), so grad(p) = r."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.weights = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes)
+        self.r = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
+
+    def forward(self):
+        return sum((p * r).sum() for p, r in zip(self.weights, self.r))
+
+
+def engine_rank(rank, world_size, model, steps):
+    """(optimizer, slowest rank's median s/iteration, this rank's state bytes) on ZeRO-2."""
+    rows = []
+    for name, lr in (("adamw", 1e-3), ("ivon", 0.1)):
+        cfg = RunConfig()
+        cfg.optim.name, cfg.optim.fused, cfg.optim.weight_decay = name, True, 5e-5
+        cfg.optim.ivon.ess, cfg.optim.ivon.hess_init = 1_281_167, 0.05
+        engine = build_engine(_LinearLoss(MODELS[model]()), cfg, lr)
+        times = []
+        for _ in range(steps + 1):  # the first compiles
+            torch.distributed.barrier()
+            start = time.perf_counter()
+            engine.sample(0)
+            engine.backward(engine.wrapped())
+            engine.step()
+            elapsed = torch.tensor(time.perf_counter() - start)
+            torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
+            times.append(elapsed.item())
+        rows.append((name, statistics.median(times[1:]), engine.state_bytes()))
+    return rows
+
+
 def state_bytes_per_param(optimizer, n: int) -> float:
     """Bytes of per-element state tensors (not the scalar step counters) per parameter."""
     total = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim())
@@ -60,6 +124,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--world-size", type=int, default=2, help="ranks of the ZeRO-2 engine rows (0: none)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.steps} steps\n")
@@ -82,6 +147,14 @@ def main() -> None:
             optimizer = getattr(built[name], "optimizer", built[name])
             print(f"| {model} | {n / 1e6:.1f}M | {name} | {seconds * 1e3:.1f} | {seconds / base:.2f}x | "
                   f"{state_bytes_per_param(optimizer, n):.0f} |")
+        if args.world_size:
+            rows = run_distributed(engine_rank, args.world_size, model, args.steps, timeout=3600)
+            base = rows[0][0][1]
+            for i, (name, seconds, _) in enumerate(rows[0]):
+                per_rank = max(r[i][2] for r in rows)
+                label = {"adamw": "AdamW fused: fwd/bwd + step", "ivon": "IVON fused: sample + fwd/bwd + step"}[name]
+                print(f"| {model} | {n / 1e6:.1f}M | ZeRO-2 x{args.world_size}: {label} | {seconds * 1e3:.1f} | "
+                      f"{seconds / base:.2f}x | {per_rank / n:.2f} per rank |", flush=True)
 
 
 if __name__ == "__main__":

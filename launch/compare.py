@@ -1,4 +1,5 @@
-"""`python -m launch compare RUN_DIR... [--out DIR]`: VSGD vs AdamW from TensorBoard logs.
+"""`python -m launch compare RUN_DIR... [--out DIR]`: the optimizers side by side (accuracy,
+NLL, calibration, IVON's posterior predictive, throughput) from TensorBoard logs.
 
 Runs that logged a minival split (data.minival) also get the tuned comparison first: each
 optimizer's point chosen on minival, its val top-1 over seeds with 95% intervals and the

@@ -54,8 +54,11 @@ def test_demo_trains_well_above_chance_and_logs_expected_tags(runs):
         assert top1[-1][1] >= 0.94, (opt, top1)
         tags = set(acc.Tags()["scalars"])
         assert {"train/loss", "train/lr", "train/images_per_s", "train/grad_norm", "val/top1", "val/top5",
-                "time/data_wait_ms", "time/forward_backward_ms", "time/optimizer_ms",
+                "val/nll", "val/ece", "time/data_wait_ms", "time/forward_backward_ms", "time/optimizer_ms",
                 "memory/cpu_rss_mib", "optimizer/state_mib_per_rank"} <= tags
+        assert not {t for t in tags if t.startswith("val/predictive_")}  # only optimizers that sample
+        nll, ece = scalars(runs / opt, "val/nll")[1][-1][1], scalars(runs / opt, "val/ece")[1][-1][1]
+        assert 0 < nll < 0.5 and 0 <= ece < 0.25, (opt, nll, ece)
         vsgd_tags = {t for t in tags if t.startswith("vsgd/")}
         if opt == "vsgd":
             assert {"vsgd/snr/head", "vsgd/posterior_std/head", "vsgd/implied_beta1/head",
@@ -85,6 +88,7 @@ def test_report_renders_table_and_plots_from_real_runs(runs, tmp_path):
     assert "| vsgd (zero, resnet_tiny, lr 0.01) | 1 |" in report
     assert "| adamw (zero, resnet_tiny, lr 0.01) | 1 |" in report
     assert "VSGD throughput relative to AdamW (zero, resnet_tiny)" in report
+    assert "| NLL | ECE (%) | predictive top-1 | predictive NLL | predictive ECE (%) |" in report
     for name in ("train_loss", "val_top1", "train_images_per_s"):
         png = tmp_path / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
@@ -107,7 +111,7 @@ def test_engines_give_the_same_first_losses(runs, tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["max_step=5"], "unknown recipe key 'max_step'; did you mean 'train.max_steps'?"),
     (["train.global_batch=lots"], "bad value for train.global_batch"),
-    (["optimizer=sgdd"], "optim.name='sgdd' is not one of adamw, vsgd; did you mean 'vsgd'?"),
+    (["optimizer=sgdd"], "optim.name='sgdd' is not one of adamw, vsgd, ivon, sgd; did you mean 'sgd'?"),
     (["engine=zer0"], "did you mean 'zero'?"),
     (["train.global_batch=63"], "not divisible by the world size 2"),
     (["noequals"], "is not key=value"),
@@ -160,10 +164,35 @@ def test_every_imagenet_recipe_resolves_with_its_gpu_count():
     from vsgd_dist.config import load_recipe
 
     recipes = sorted(Path("recipes/imagenet").glob("[!_]*.yaml"))
-    assert len(recipes) == 12
+    assert len(recipes) == 15
     for path in recipes:
         cfg = load_recipe(path)
         assert cfg.data.data_dir and cfg.recipe.reference and cfg.recipe.gpus >= 8
         cfg.check(world_size=cfg.recipe.gpus)
         assert cfg.optim.name in path.stem and cfg.model.name.replace("_", "") in path.stem.replace("_", "")
         assert cfg.train.global_batch % cfg.recipe.gpus == 0
+
+
+# ---------------------------------------------------------------------- val metrics
+def test_prediction_sums_add_over_ranks_into_top1_nll_and_ece():
+    """The sums a rank adds per batch give, reduced, the metrics of the whole set: top-1,
+    NLL and ECE (15 equal-width bins, as written out here)."""
+    import torch
+
+    from vsgd_dist.train.predictions import metrics_from_sums, prediction_sums
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 10, generator=g) * 3
+    labels = torch.randint(0, 10, (200,), generator=g)
+    log_probs = logits.log_softmax(1)
+    whole = metrics_from_sums(prediction_sums(log_probs, labels))
+    split = metrics_from_sums(prediction_sums(log_probs[:77], labels[:77]) + prediction_sums(log_probs[77:], labels[77:]))
+    assert split == pytest.approx(whole, rel=1e-12)  # float64 sums added in another order
+    confidence, predicted = log_probs.double().exp().max(1)
+    correct = (predicted == labels).double()
+    ece = sum(inside.double().mean() * (correct[inside].mean() - confidence[inside].mean()).abs()
+              for inside in ((confidence > b / 15) & (confidence <= (b + 1) / 15) for b in range(15)) if inside.any())
+    assert whole["ece"] == pytest.approx(float(ece), rel=1e-9)
+    assert whole["nll"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert whole["top1"] == correct.mean().item() and 0.1 < whole["top1"] < 1
+    assert whole["confidence"] == pytest.approx(confidence.mean().item(), rel=1e-12)

@@ -1,5 +1,9 @@
 """Compare runs from their TensorBoard event files: a Markdown table and PNG plots.
 
+The table puts the optimizers side by side: accuracy, NLL and calibration (ECE) at the final
+validation, and for optimizers that train at weight samples (IVON) the same for the
+posterior predictive; throughput relative to AdamW on the same workload.
+
 Runs are grouped by their whole recipe except the seed and the run folder, so a sweep over
 seeds reports mean and spread per group, and runs that differ in anything else (max_steps,
 batch, data) are never averaged together: their rows name the keys that tell them apart.
@@ -18,7 +22,14 @@ import yaml
 RECIPE_FILE = "recipe.yaml"
 # Not part of what a run is: the seed is what a group's members vary, the rest where and how it ran.
 NOT_GROUPED = {"train.seed", "train.out", "train.progress"}
-SCALARS = ("train/loss", "train/images_per_s", "val/top1", "val/top5", "optimizer/state_mib_per_rank")
+SCALARS = ("train/loss", "train/images_per_s", "val/top1", "val/top5", "val/nll", "val/ece", "val/predictive_top1",
+           "val/predictive_nll", "val/predictive_ece", "optimizer/state_mib_per_rank")
+# (header, tag, scale, format) of the table's metric columns, all at the final validation;
+# "predictive" is the posterior predictive of optimizers that train at weight samples (IVON).
+FINAL_COLUMNS = (("final top-5", "val/top5", 100, ".2f"), ("NLL", "val/nll", 1, ".4f"),
+                 ("ECE (%)", "val/ece", 100, ".2f"), ("predictive top-1", "val/predictive_top1", 100, ".2f"),
+                 ("predictive NLL", "val/predictive_nll", 1, ".4f"),
+                 ("predictive ECE (%)", "val/predictive_ece", 100, ".2f"))
 
 
 @dataclass
@@ -115,14 +126,15 @@ def compare(paths: list[str], out: str | Path) -> str:
     groups = group_runs([load_run(p) for p in find_runs(paths)])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["| run | seeds | final top-1 | best top-1 | final top-5 | final train loss | images/s | "
-             "train time (s) | optimizer state per rank (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
+    headers = ["run", "seeds", "final top-1", "best top-1", *(c[0] for c in FINAL_COLUMNS), "final train loss",
+               "images/s", "train time (s)", "optimizer state per rank (MiB)"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for label, members in groups.items():
         lines.append(" | ".join([
             f"| {label}", str(len(members)),
             _mean_spread([r.final("val/top1") * 100 for r in members], ".2f"),
             _mean_spread([r.best("val/top1") * 100 for r in members], ".2f"),
-            _mean_spread([r.final("val/top5") * 100 for r in members], ".2f"),
+            *(_mean_spread([r.final(tag) * scale for r in members], fmt) for _, tag, scale, fmt in FINAL_COLUMNS),
             _mean_spread([r.final("train/loss") for r in members], ".4f"),
             _mean_spread([r.mean_after_first("train/images_per_s") for r in members], ".0f"),
             _mean_spread([r.wall_s for r in members], ".0f"),
@@ -137,22 +149,23 @@ def compare(paths: list[str], out: str | Path) -> str:
 
 
 def _throughput_ratios(groups: dict[str, list[Run]]) -> list[str]:
-    """VSGD images/s relative to AdamW on the same workload: the same setting apart from the
-    optimizer's section and the recipe's description."""
+    """Each optimizer's images/s relative to AdamW on the same workload: the same setting
+    apart from the optimizer's section and the recipe's description."""
     def workload(run: Run) -> dict:
         return {k: v for k, v in run.setting.items() if not k.startswith(("optim.", "recipe."))}
 
     lines = []
     for label, members in groups.items():
-        if members[0].setting["optim.name"] != "vsgd":
+        name = members[0].setting["optim.name"]
+        if name == "adamw":
             continue
         peers = [m for ms in groups.values() for m in ms
                  if m.setting["optim.name"] == "adamw" and workload(m) == workload(members[0])]
         if peers:
             context = re.sub(r", lr [^,]*", "", label.split("(", 1)[1][:-1])
-            vsgd = statistics.fmean(r.mean_after_first("train/images_per_s") for r in members)
+            mine = statistics.fmean(r.mean_after_first("train/images_per_s") for r in members)
             adamw = statistics.fmean(r.mean_after_first("train/images_per_s") for r in peers)
-            lines.append(f"VSGD throughput relative to AdamW ({context}): {vsgd / adamw:.3f}")
+            lines.append(f"{name.upper()} throughput relative to AdamW ({context}): {mine / adamw:.3f}")
     return lines
 
 

@@ -27,6 +27,13 @@ offset)`: an int (the tensor's elements are offset, offset + 1, ...) or runs [(s
 `sample(k, z=[...])` takes the standard-normal draws directly instead (known-answer tests,
 comparisons with another implementation).
 
+In training runs the engines do this (`Engine.sample/accumulate/step/restore`, registered as
+`optimizer=ivon`): `zero` runs IVON on each rank's flat fp32 master shard and all-gathers
+m_w + eps (`ZeroOptimizer.sample`), `fsdp2` on the local DTensor shards, `ddp` on replicas
+that all draw the same eps. BatchNorm's running statistics are updated by every training
+forward, so they are those of the weight samples (mc_samples updates per step), as in the
+authors' code. `evaluation=True` samples (posterior predictive) use `evaluation_seed`.
+
 Everything after the backward is elementwise (`elementwise = True`): a flat slice gives the
 numbers of the whole tensor, given the same eps and gradient. Three paths compute the step:
 per-tensor (`foreach=False`), multi-tensor (`foreach=True`, the same ops as `torch._foreach_*`,

@@ -31,8 +31,11 @@ def prediction_sums(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 def metrics_from_sums(sums: torch.Tensor) -> dict[str, float]:
-    """top1, top5, nll (mean per image) and ece from (reduced) `prediction_sums`."""
+    """top1, top5, nll (mean per image), ece, and confidence (the mean top-1 probability:
+    below top1 the predictions are underconfident, above it overconfident) from (reduced)
+    `prediction_sums`."""
     sums = sums.double().cpu()
     n, top1, top5, nll = sums[:4].tolist()
     _, confidence, correct = sums[4:].view(3, ECE_BINS)
-    return {"top1": top1 / n, "top5": top5 / n, "nll": nll / n, "ece": (correct - confidence).abs().sum().item() / n}
+    return {"top1": top1 / n, "top5": top5 / n, "nll": nll / n, "ece": (correct - confidence).abs().sum().item() / n,
+            "confidence": confidence.sum().item() / n}
