@@ -41,7 +41,8 @@ PC
 export PKG_CONFIG_PATH="$PCDIR${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
 
 # --- virtual environment ------------------------------------------------------------------
-[[ -x .venv/bin/python ]] || python3 -m venv .venv
+# A venv whose creation was interrupted has no pip: make it again.
+.venv/bin/python -m pip --version >/dev/null 2>&1 || python3 -m venv --clear .venv
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt)
 stamp=.venv/.installed-$(cat requirements.txt constraints.txt pyproject.toml | sha1sum | cut -c1-12)
 if [[ ! -e "$stamp" ]]; then
