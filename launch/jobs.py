@@ -100,6 +100,10 @@ def tail(args: argparse.Namespace) -> int:
 
 def cancel(args: argparse.Namespace) -> int:
     job_id, _ = find_job(args)
+    if not slurm_cmd("squeue", "-h", "-j", job_id, "-o", "%i", check=False).strip():
+        states = slurm_cmd("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State", check=False).split()
+        known = f"it ended {states[-1]}" if states else "SLURM knows no such job: check the id, or --cluster"
+        raise LaunchError(f"job {job_id} is not queued or running ({known}); nothing cancelled")
     slurm_cmd("scancel", job_id)
     print(f"cancelled job {job_id}")
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from launch.resolve import RecipeError, check_data_workers
 from launch.signals import ForwardSignals, Interrupted, die_with_parent, stop_on_signals
+from launch.watchdog import Watchdog, heartbeats, publish
 from vsgd_dist.config import ConfigError, load_recipe
 
 
@@ -63,16 +64,24 @@ def run(args, signals: ForwardSignals | None) -> int:
 
     # the run folder is locked by this launcher, or under srun by rank 0, for the whole run
     holds_lock = not args.from_env or os.environ.get("RANK") == "0"
+    watchdog = None if args.from_env else Watchdog(heartbeats(world), world, cfg.train.hang_timeout_s)
+    if watchdog is not None:
+        _quiet_resource_tracker()
     try:
         with RunLock(cfg.train.out) if holds_lock else contextlib.nullcontext():
-            if args.from_env:
+            if watchdog is None:
                 summary = _train(cfg)
             else:
-                summary = run_distributed(_train_rank, world, cfg.to_dict(), os.getpid(), timeout=None)[0]
+                with watchdog:
+                    summary = run_distributed(_train_rank, world, cfg.to_dict(), os.getpid(), watchdog.slots,
+                                              timeout=None)[0]
     except RunLocked as e:
         print(f"launch run: {e}", file=sys.stderr)
         return 2
     except RankFailed as e:
+        if watchdog and watchdog.verdict:
+            print(f"launch run: {watchdog.verdict}; {_kept(cfg)}", file=sys.stderr)
+            return 1
         if signals and signals.received:
             print(f"launch run: {signal.Signals(signals.received).name} received before training started: "
                   f"nothing saved", file=sys.stderr)
@@ -95,15 +104,33 @@ def local_cores() -> int:
     return int(os.environ.get("NUMBA_NUM_THREADS", len(os.sched_getaffinity(0))))
 
 
-def _train(cfg) -> dict:
-    """Train in this process; a stop signal ends the run at the agreed step, with a checkpoint."""
+def _quiet_resource_tracker() -> None:
+    """Ranks ended by SIGKILL (the watchdog, a second signal, a crash) leave semaphores that
+    multiprocessing's resource tracker removes with a warning printed after our one-line
+    report; the removal stays, the warning goes (the tracker reads PYTHONWARNINGS)."""
+    quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (os.environ.get("PYTHONWARNINGS"), quiet)))
+
+
+def _kept(cfg) -> str:
+    from vsgd_dist.train.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(Path(cfg.train.out) / "checkpoints")
+    return f"{latest} is kept: run the same command to resume from it" if latest else "no checkpoint was saved"
+
+
+def _train(cfg, heartbeat_slots=None, rank: int = 0) -> dict:
+    """Train in this process; a stop signal ends the run at the agreed step, with a checkpoint.
+    With `heartbeat_slots`, the launcher's watchdog sees every step this rank completes."""
     from vsgd_dist.train.trainer import Trainer
 
     trainer = Trainer(cfg)
     stop_on_signals(trainer.request_stop)
+    if heartbeat_slots is not None:
+        publish(heartbeat_slots, rank, lambda: getattr(trainer, "step", None))
     return trainer.run()
 
 
-def _train_rank(rank: int, world_size: int, cfg_dict: dict, launcher_pid: int) -> dict:
+def _train_rank(rank: int, world_size: int, cfg_dict: dict, launcher_pid: int, heartbeat_slots) -> dict:
     die_with_parent(launcher_pid)
-    return _train(cfg_dict)
+    return _train(cfg_dict, heartbeat_slots, rank)

@@ -5,6 +5,7 @@ as `python -m launch ...` subprocesses, as a user types them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -249,16 +250,24 @@ def test_overwrite_removes_the_splits_the_new_dataset_lacks(tmp_path):
 
 
 # --- item 1: signals reach every rank; no rank outlives the launcher ----------------------
+def logged_steps(run_dir: Path) -> int:
+    """The last step whose train/loss TensorBoard holds (0 before the first)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    return events.Scalars("train/loss")[-1].step if "train/loss" in events.Tags()["scalars"] else 0
+
+
 def start_run(out: Path, *overrides: str) -> subprocess.Popen:
-    """`launch run` of a long demo in the background; returns once its ranks train."""
+    """`launch run` of a long demo in the background; returns once its ranks completed 2 steps."""
     proc = subprocess.Popen([sys.executable, "-m", "launch", "run", *DEMO, "--nproc", "2", f"out={out}",
                              "max_steps=100000", *overrides], cwd=REPO, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
     deadline = time.monotonic() + 240
-    while not list((out / "tb").glob("events.*")):  # the trainer logs from its first step on
+    while not (out / "tb").is_dir() or logged_steps(out) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.5)
-    time.sleep(2)
+        time.sleep(1)
     return proc
 
 
@@ -549,3 +558,68 @@ def test_submit_into_a_job_folder_follows_the_resume_rule(demo_run, tmp_path, ov
         assert res.returncode == 0 and "dry run: nothing submitted" in res.stdout, res.stderr
     else:
         assert "holds a different run (train.seed: 0 there, 3 here" in one_line_error(res)
+
+
+# --- item 7: a stalled or killed rank is named ---------------------------------------------
+def ranks_of(launcher: subprocess.Popen) -> list[int]:
+    """The launcher's rank processes, in rank order (started in that order)."""
+    return sorted(p for p in children(launcher.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text())
+
+
+@pytest.mark.timeout(400)
+def test_a_frozen_rank_is_named_within_the_hang_timeout(tmp_path):
+    proc = start_run(tmp_path / "run", "train.hang_timeout_s=20")
+    rank1 = ranks_of(proc)[1]
+    os.kill(rank1, signal.SIGSTOP)
+    try:
+        frozen_at = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        waited = time.monotonic() - frozen_at
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the watchdog ends it
+            os.kill(rank1, signal.SIGKILL)
+    assert proc.returncode == 1, err
+    line = err.strip().splitlines()[-1]
+    assert "no step completed for 20 s (train.hang_timeout_s)" in line, err
+    assert f"rank 1 (pid {rank1}) is stopped" in line and "rank 0" not in line, err
+    assert waited < 20 + 30, waited
+
+
+@pytest.mark.timeout(400)
+def test_a_killed_rank_is_blamed_not_its_survivor(tmp_path):
+    proc = start_run(tmp_path / "run")
+    os.kill(ranks_of(proc)[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert err.strip().splitlines()[-1] == ("launch run: rank 1 failed: killed by SIGKILL without reporting "
+                                            "(killed or crashed)"), err
+
+
+# --- item 10: launch cancel of a job that is not running -----------------------------------
+@pytest.fixture(scope="module")
+def cluster(request):
+    """The one-node local cluster (stopped at the end if started here)."""
+    from slurm_helpers import Cluster
+
+    from launch.slurm import LOCAL_DIR
+
+    cluster = Cluster.start(LOCAL_DIR)
+    if cluster.started_here:
+        request.config.add_cleanup(cluster.stop)
+    return cluster
+
+
+@pytest.mark.timeout(300)
+def test_cancel_of_an_unknown_or_ended_job_says_so(cluster, tmp_path):
+    from slurm_helpers import job_id
+
+    err = one_line_error(cluster.launch("cancel", "99999"))
+    assert "job 99999 is not queued or running (SLURM knows no such job: check the id, or --cluster)" in err, err
+    (tmp_path / "toy.yaml").write_text("max_steps: 2\n")
+    res = cluster.launch("submit", tmp_path / "toy.yaml", "--cluster", "local", "--out", tmp_path / "job",
+                         "--trainer", "tests.toy_trainer:ToyTrainer")
+    assert res.returncode == 0, res.stderr
+    jid = job_id(tmp_path / "job")
+    assert cluster.wait_done(jid, timeout=120) == {jid: "COMPLETED"}
+    err = one_line_error(cluster.launch("cancel", tmp_path / "job"))
+    assert f"job {jid} is not queued or running (it ended COMPLETED); nothing cancelled" in err, err

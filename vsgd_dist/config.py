@@ -151,6 +151,9 @@ class TrainConfig:
     stop_check_every: int = 10
     """Steps between checks whether any rank was asked to stop (preemption, SIGTERM): each
     check is one small collective."""
+    hang_timeout_s: float = 300.0
+    """`launch run` ends a run in which no rank completes a step for this many seconds, naming
+    the stalled rank (0: never); keep it above the longest validation or checkpoint pause."""
     ckpt_every: int = 0
     """Steps between periodic checkpoints (0: only at the end and on preemption)."""
     keep_checkpoints: int = 2
@@ -215,6 +218,8 @@ class RunConfig:
             raise ConfigError(f"train.seed={tc.seed} must be >= 0")
         if not (self.optim.lr >= 0 and math.isfinite(self.optim.lr)):
             raise ConfigError(f"optim.lr={self.optim.lr} must be a finite number >= 0")
+        if not tc.hang_timeout_s >= 0:
+            raise ConfigError(f"train.hang_timeout_s={tc.hang_timeout_s} must be >= 0 (0 turns the watchdog off)")
         if not 0.0 <= tc.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay={tc.ema_decay} must be in [0, 1)")
         if not 0.0 <= tc.label_smoothing < 1.0:

@@ -5,13 +5,14 @@ and MASTER_PORT set and the default process group initialized by
 `vsgd_dist.distributed.init_process_group_from_env` (the rule every launcher shares); its
 return value (picklable) comes back in a list ordered by rank. A rank that raises makes the
 call raise with that rank's traceback; a rank that dies without a word (killed, segfault) is
-reported too, and a hang ends with TimeoutError after `timeout`
-seconds instead of blocking forever.
+named first, ahead of the peers that fail because it vanished; a hang ends with TimeoutError
+after `timeout` seconds instead of blocking forever.
 """
 from __future__ import annotations
 
 import os
 import queue as queue_module
+import signal
 import time
 import traceback
 from typing import Any, Callable
@@ -45,6 +46,16 @@ def _worker(rank, world_size, port, fn, args, queue):
             dist.destroy_process_group()
 
 
+def _died(procs, reported) -> RankFailed | None:
+    """The first rank that ended without reporting (killed or crashed), if any."""
+    for rank, proc in enumerate(procs):
+        code = proc.exitcode
+        if rank not in reported and code not in (None, 0):
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            return RankFailed(rank, f"{how} without reporting (killed or crashed)", "")
+    return None
+
+
 def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: float | None = 180.0) -> list:
     """Run `fn` on `world_size` local ranks; return the per-rank results."""
     ctx = mp.get_context("spawn")
@@ -62,18 +73,18 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
             try:
                 rank, ok, payload = queue.get(timeout=1.0)
             except queue_module.Empty:
-                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode not in (None, 0)]
-                if dead:
+                dead = _died(procs, results)
+                if dead is not None:
                     time.sleep(1.0)  # a dying rank may still be flushing its report
                     if queue.empty():
-                        raise RankFailed(dead[0], f"exited with code {procs[dead[0]].exitcode} without "
-                                                  f"reporting (killed or crashed)", "") from None
+                        raise dead from None
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"distributed run of {fn.__name__} at {world_size} ranks timed out "
                                        f"after {timeout:.0f}s") from None
                 continue
-            if not ok:
-                raise RankFailed(rank, *payload)
+            if not ok:  # maybe only because a peer died: that peer is the one to name
+                time.sleep(1.0)  # a peer killed outright takes a moment to be reaped
+                raise _died(procs, {*results, rank}) or RankFailed(rank, *payload)
             results[rank] = payload
     finally:
         for p in procs:
