@@ -18,6 +18,7 @@ by more than rounding: rtol 5e-2 over the 6 resumed steps (measured <= 1.5e-2).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -34,7 +35,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from launch.__main__ import main as launch
 from vsgd_dist.config import RunConfig
 from vsgd_dist.spawn import RankFailed, run_distributed
-from vsgd_dist.train.checkpoint import CheckpointError, open_checkpoint
+from vsgd_dist.train.checkpoint import CheckpointError, file_digest, open_checkpoint
 from vsgd_dist.engines import full_state
 
 GLOBAL_BATCH = 12  # divisible by 1 to 4 ranks
@@ -301,6 +302,13 @@ def test_tampered_file_is_refused_without_running_it(saved, tmp_path, capsys):
     shutil.copytree(sorted((saved[2][0] / "zero2-vsgd").glob("step_*"))[-1], folder)
     marker = tmp_path / "code-ran"
     torch.save({"engine": RunsCodeWhenUnpickled(marker), "trainer": {}}, folder / "rank1.pt")
+    _, read = open_checkpoint(folder)
+    with pytest.raises(CheckpointError, match="rank1.pt does not match the checksum meta.json recorded"):
+        read(1)
+    # whoever can write the file can write meta.json too: the unpickler still refuses the code
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["sha256"]["rank1.pt"] = file_digest(folder / "rank1.pt")
+    (folder / "meta.json").write_text(json.dumps(meta))
     _, read = open_checkpoint(folder)
     with pytest.raises(CheckpointError, match="holds objects other than tensors and containers.*tampered"):
         read(1)
