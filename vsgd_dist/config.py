@@ -128,7 +128,12 @@ class TrainConfig:
     stop_at: int = 0
     """End the run after this step with a checkpoint, as a preemption would (0: off)."""
     precision: str = "fp32"
-    """fp32, or bf16 autocast (CPU and CUDA); master weights and optimizer state stay fp32."""
+    """fp32, or bf16 autocast (CPU and CUDA); master weights and optimizer state stay fp32.
+    With engine fsdp2, bf16 also all-gathers the parameters in bf16 (gradients reduced in fp32)."""
+    fast_kernels: bool = True
+    """CUDA only: cudnn.benchmark (autotuned convolutions) and TF32 for fp32 matmuls and
+    convolutions. false: neither, and deterministic algorithms, so a run repeats and resumes
+    bit for bit on the same GPU type (slower)."""
     label_smoothing: float = 0.1
     """Cross-entropy label smoothing."""
     grad_clip: float = 0.0
@@ -196,6 +201,10 @@ class RunConfig:
                 raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}{suggest(value, allowed)}")
         self._check_optimizer()
         self._check_resolutions()
+        if self.engine.name == "deepspeed" and self.model.channels_last:
+            raise ConfigError("engine.name=deepspeed needs model.channels_last=false: DeepSpeed broadcasts the "
+                              "parameters as bytes, which needs contiguous ones (the loaders deliver channels_last "
+                              "images either way, so convolutions still run NHWC)")
         if self.engine.zero_stage not in (1, 2):
             raise ConfigError(f"engine.zero_stage={self.engine.zero_stage} must be 1 or 2")
         tc = self.train

@@ -21,8 +21,8 @@ from torch import nn
 from vsgd_dist.config import RunConfig, config_from_dict
 from vsgd_dist.data import build_train_loader, build_val_loader, resolve_dataset, train_epoch
 from vsgd_dist.data.schedule import resolution_at_epoch
-from vsgd_dist.distributed import (all_reduce, close_process_group, init_process_group_from_env, pick_device,
-                                   rank_and_world, reduce_host_values)
+from vsgd_dist.distributed import (all_reduce, close_process_group, configure_device, init_process_group_from_env,
+                                   pick_device, rank_and_world, reduce_host_values)
 from vsgd_dist.engines import build_engine
 from vsgd_dist.metrics import RunLogger, StepTimer, memory_stats
 from vsgd_dist.models import build_model, layer_group
@@ -97,13 +97,17 @@ class Trainer:
         self.batch_per_rank = tc.global_batch // (self.world * tc.accum_steps)
         manifest = resolve_dataset(cfg.data).manifest
         self.classes = manifest.classes
-        self.train_loader = build_train_loader(cfg.data, self.device, batch_size=self.batch_per_rank,
+        # CUDA kernel options (train.fast_kernels) and this rank's CPU threads: the loader's
+        # decoding threads and torch's share of the cores a rank has (cpus per task).
+        data = dataclasses.replace(cfg.data, num_workers=configure_device(
+            self.device, tc.fast_kernels, cfg.data.num_workers))
+        self.train_loader = build_train_loader(data, self.device, batch_size=self.batch_per_rank,
                                                seed=tc.seed, distributed=self.world > 1)
-        self.val_loader = build_val_loader(cfg.data, self.device, batch_size=self.batch_per_rank,
+        self.val_loader = build_val_loader(data, self.device, batch_size=self.batch_per_rank,
                                            distributed=self.world > 1)
         # data.minival: train images held out for tuning, evaluated next to val
-        self.minival_loader = build_val_loader(cfg.data, self.device, batch_size=self.batch_per_rank,
-                                               distributed=self.world > 1, minival=True) if cfg.data.minival else None
+        self.minival_loader = build_val_loader(data, self.device, batch_size=self.batch_per_rank,
+                                               distributed=self.world > 1, minival=True) if data.minival else None
         self.steps_per_epoch = len(self.train_loader) // tc.accum_steps
         self.total_steps = tc.max_steps or tc.epochs * self.steps_per_epoch
 
