@@ -217,7 +217,7 @@ class Selected:
 def select_on_minival(groups: dict[str, list[Run]]) -> dict[str, Selected]:
     """Per optimizer, the point (a group of seeds) with the best mean final minival top-1.
     Reads SELECT_TAG only: the val set never decides, so its numbers at the chosen point are
-    an unbiased report."""
+    an unbiased report. A tie goes to the first point in run-folder order."""
     by_optimizer: dict[str, list[list[Run]]] = {}
     for members in groups.values():
         by_optimizer.setdefault(members[0].setting["optim.name"], []).append(members)
@@ -315,12 +315,14 @@ def _plot_tuned(selected: dict[str, Selected], out: Path) -> list[str]:
 
     out.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
+    all_lrs = set()
     for i, sel in enumerate(selected.values()):
         chosen = {k: v for k, v in sel.runs[0].setting.items() if k != "optim.lr"}
         points = sorted((ms for ms in sel.points.values()
                          if {k: v for k, v in ms[0].setting.items() if k != "optim.lr"} == chosen),
                         key=lambda ms: ms[0].setting["optim.lr"])
         lrs = [ms[0].setting["optim.lr"] for ms in points]
+        all_lrs.update(lrs)
         for tag, style, split in ((SELECT_TAG, "--", "minival"), (REPORT_TAG, "-", "val")):
             values = [[r.final(tag) * 100 for r in ms] for ms in points]
             ax.errorbar(lrs, [statistics.fmean(v) for v in values],
@@ -329,6 +331,8 @@ def _plot_tuned(selected: dict[str, Selected], out: Path) -> list[str]:
         ax.plot([sel.runs[0].setting["optim.lr"]], [statistics.fmean(r.final(REPORT_TAG) * 100 for r in sel.runs)],
                 marker="*", markersize=14, color=f"C{i}", linestyle="none")
     ax.set_xscale("log")
+    ax.set_xticks(sorted(all_lrs), [f"{lr:g}" for lr in sorted(all_lrs)])
+    ax.minorticks_off()
     ax.set_xlabel("peak LR (optim.lr)")
     ax.set_ylabel("top-1 (%), mean ± std over seeds")
     ax.set_title("LR sensitivity (star: selected on minival)")
