@@ -101,6 +101,12 @@ class DeepSpeedEngine(Engine):
         self.wrapped = self.ds
         self.zero = zero
         self.optimizer = zero.optimizer  # the torch optimizer on the flat partitions
+        if cfg.train.precision == "bf16":
+            # DeepSpeed casts the parameters to bf16 but not the buffers; BatchNorm then
+            # refuses fp32 running statistics next to its bf16 weight.
+            for buffer in model.buffers():
+                if buffer.is_floating_point():
+                    buffer.data = buffer.data.to(torch.bfloat16)
 
     def backward(self, loss):
         self.ds.backward(loss, scale_wrt_gas=False)  # the trainer already divides by accum_steps
