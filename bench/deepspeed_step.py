@@ -11,8 +11,10 @@ engine configures it. One fresh process group per row: DeepSpeed engines are not
 freed by `del`.
 
 `--variants`: DeepSpeed ZeRO-2 with `deepspeed_config`'s settings against one change each
-(overlap_comm on, contiguous_gradients off, DeepSpeed's default 5e8-element buckets), with
-the gradient memory each holds between steps (as sharded_step.py counts it).
+(overlap_comm on, contiguous_gradients off, DeepSpeed's default 5e8-element buckets), all
+built in the same processes and stepping in turn, with the gradient bucket buffers each
+allocates for a backward (contiguous_gradients: one of reduce_bucket_size elements, two with
+overlap_comm; on a GPU that is device memory).
 
     python bench/deepspeed_step.py [--models resnet50 vit_b16] [--world-sizes 2 4] [--steps 3] [--variants]
 """
@@ -29,7 +31,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_shapes import MODELS  # noqa: E402
-from sharded_step import SyntheticModel, memory_parts, slowest_rank  # noqa: E402
+from sharded_step import SyntheticModel, slowest_rank  # noqa: E402
 
 from vsgd_dist.config import RunConfig  # noqa: E402
 from vsgd_dist.engines import build_engine  # noqa: E402
@@ -54,35 +56,67 @@ def bench_config(engine: str, optimizer: str, fused: bool | None, world_size: in
     return cfg
 
 
+def one_step(engine) -> tuple[float, float]:
+    """The slowest rank's backward and step seconds of one training step."""
+    dist.barrier()
+    start = time.perf_counter()
+    engine.backward(engine.wrapped())
+    middle = time.perf_counter()
+    engine.step()
+    end = time.perf_counter()
+    return slowest_rank(middle - start), slowest_rank(end - middle)
+
+
 def time_phases(engine, steps: int) -> tuple[float, float]:
     """Medians over steps (one warm-up first) of the slowest rank's backward and step seconds."""
-    backward, step = [], []
-    for i in range(steps + 1):
-        dist.barrier()
-        start = time.perf_counter()
-        engine.backward(engine.wrapped())
-        middle = time.perf_counter()
-        engine.step()
-        end = time.perf_counter()
-        if i > 0:
-            backward.append(slowest_rank(middle - start))
-            step.append(slowest_rank(end - middle))
+    backward, step = zip(*[one_step(engine) for _ in range(steps + 1)][1:])
     return statistics.median(backward), statistics.median(step)
 
 
-def bench_rank(rank, world_size, model_name, engine_name, optimizer, fused, steps, zero_changes=None):
-    if zero_changes:
-        original = deepspeed_engine.deepspeed_config
-
-        def changed(*args, **kwargs):
-            config = original(*args, **kwargs)
-            config["zero_optimization"].update(zero_changes)
-            return config
-        deepspeed_engine.deepspeed_config = changed
+def bench_rank(rank, world_size, model_name, engine_name, optimizer, fused, steps):
     engine = build_engine(SyntheticModel(MODELS[model_name]()),
                           bench_config(engine_name, optimizer, fused, world_size), lr=1e-3)
     backward, step = time_phases(engine, steps)
-    return memory_parts(engine, engine_name, 2), backward, step
+    return engine.state_bytes(), backward, step
+
+
+def variant_engine(model_name: str, optimizer: str, world_size: int, changes: dict):
+    """A DeepSpeed ZeRO-2 engine whose config is `deepspeed_config`'s with `changes`, and a
+    record of the gradient bucket buffers it allocates for each backward."""
+    original = deepspeed_engine.deepspeed_config
+
+    def changed(*args, **kwargs):
+        config = original(*args, **kwargs)
+        config["zero_optimization"].update(changes)
+        return config
+    deepspeed_engine.deepspeed_config = changed
+    try:
+        engine = build_engine(SyntheticModel(MODELS[model_name]()), bench_config("deepspeed", optimizer, None,
+                                                                                 world_size), lr=1e-3)
+    finally:
+        deepspeed_engine.deepspeed_config = original
+    zero, buffers = engine.zero, []
+    setup = zero.setup_buckets
+
+    def recorded_setup():
+        setup()
+        buffers.append(sum(b.nbytes for bucket in zero.ipg_buckets.values() for b in bucket.buffer))
+    zero.setup_buckets = recorded_setup
+    return engine, buffers
+
+
+def variants_rank(rank, world_size, model_name, optimizer, steps):
+    """Every variant's engine in this process group, stepping in turn."""
+    engines = {label: variant_engine(model_name, optimizer, world_size, changes) for label, changes in VARIANTS.items()}
+    times = {label: ([], []) for label in engines}
+    for i in range(steps + 1):
+        for label, (engine, _) in engines.items():
+            backward, step = one_step(engine)
+            if i > 0:
+                times[label][0].append(backward)
+                times[label][1].append(step)
+    return {label: (statistics.median(times[label][0]), statistics.median(times[label][1]), max(buffers))
+            for label, (_, buffers) in engines.items()}
 
 
 def engines_table(args) -> None:
@@ -95,7 +129,7 @@ def engines_table(args) -> None:
                 for optimizer, fused in OPTIMIZERS:
                     rows = run_distributed(bench_rank, world_size, model_name, engine_name, optimizer, fused,
                                            args.steps, timeout=1800)
-                    state = max(r[0]["state"] for r in rows)
+                    state = max(r[0] for r in rows)
                     _, backward, step = rows[0]
                     adamw_step.setdefault(fused, step)  # AdamW runs first for each kind
                     name = optimizer + (" fused" if fused else "")
@@ -104,18 +138,15 @@ def engines_table(args) -> None:
 
 
 def variants_table(args) -> None:
-    print("| model | N | DeepSpeed ZeRO-2 | optimizer | backward s | step s | grads MiB/rank held |")
+    print("| model | N | DeepSpeed ZeRO-2 | optimizer | backward s | step s | gradient buckets MiB/rank |")
     print("|---|---|---|---|---|---|---|")
     for model_name in args.models:
         for world_size in args.world_sizes:
-            for label, changes in VARIANTS.items():
-                for optimizer in ("adamw", "vsgd"):
-                    rows = run_distributed(bench_rank, world_size, model_name, "deepspeed", optimizer, None,
-                                           args.steps, changes, timeout=1800)
-                    grads = max(r[0]["grads"] for r in rows)
-                    _, backward, step = rows[0]
+            for optimizer in ("adamw", "vsgd"):
+                rows = run_distributed(variants_rank, world_size, model_name, optimizer, args.steps, timeout=3600)
+                for label, (backward, step, buffers) in rows[0].items():
                     print(f"| {model_name} | {world_size} | {label} | {optimizer} | {backward:.3f} | {step:.3f} "
-                          f"| {grads / 2**20:.1f} |", flush=True)
+                          f"| {buffers / 2**20:.0f} |", flush=True)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ plain glibc, each in a fresh process (the settings are read at process start); "
 is the unfused step on whole tensors (no 64K-element pieces), as before issue 15.
 
     python bench/optim_step.py [--models resnet50 vit_b16] [--steps 7] [--threads N] [--device cuda]
-        [--shard-of 2] [--no-allocator-table]
+        [--shard-of 2] [--optimizers "VSGD fused" "AdamW fused"] [--no-allocator-table]
 
 On CUDA each step is timed between two synchronizations (the GPU's time for the step).
 """
@@ -133,6 +133,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--shard-of", type=int, default=2, help="flat shard size: 1/N of the model (N ranks)")
+    parser.add_argument("--optimizers", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="variants to time (AdamW fused is always one: the reference)")
     parser.add_argument("--no-allocator-table", action="store_true")
     parser.add_argument("--unfused-worker", help=argparse.SUPPRESS)
     parser.add_argument("--whole", action="store_true", help=argparse.SUPPRESS)
@@ -148,13 +150,14 @@ def main() -> None:
     print(one_off_build(args.device) + "\n")
     print("| model | params | optimizer | step ms | GB/s | vs AdamW fused |")
     print("|---|---|---|---|---|---|")
+    names = list(dict.fromkeys([*args.optimizers, "AdamW fused"]))
     for model in args.models:
         shapes = MODELS[model]()
-        print_rows(model, numel(shapes), time_round_robin(VARIANTS, shapes, args.steps, args.warmup, args.device))
+        print_rows(model, numel(shapes), time_round_robin(names, shapes, args.steps, args.warmup, args.device))
     for model in args.models:
         n = numel(MODELS[model]()) // args.shard_of
-        print_rows(f"{model} shard 1/{args.shard_of}", n,
-                   time_round_robin(SHARD_VARIANTS, [(n,)], args.steps, args.warmup, args.device))
+        print_rows(f"{model} shard 1/{args.shard_of}", n, time_round_robin(
+            [name for name in names if name in SHARD_VARIANTS], [(n,)], args.steps, args.warmup, args.device))
     if cpu and not args.no_allocator_table:
         allocator_table(args.models, args.shard_of, args.steps, args.threads)
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")

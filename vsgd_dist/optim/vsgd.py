@@ -361,7 +361,7 @@ def _flat_views(tensors) -> list[torch.Tensor] | None:
     first = local[0]
     if any(t.stride() != first.stride() or t.shape != first.shape for t in local[1:]):
         return None
-    if local[0] is not tensors[0] and len({str(t.placements) for t in tensors}) > 1:
+    if local[0] is not tensors[0] and len({str(t.placements) for t in tensors}) > 1:  # DTensors
         return None
     if first.is_contiguous():
         return [t.view(-1) for t in local]
