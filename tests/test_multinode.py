@@ -213,8 +213,6 @@ def test_usr2_requeue_of_a_two_node_job_resumes_bitwise(cluster, nodes2x2, tmp_p
     assert_same_scalars(nodes2x2 / "run", out / "run", resumed_at=event["step"], log_every=5)
 
 
-@pytest.mark.xfail(strict=True, reason="sharding/reshard.py shard_from_full zero-fills the state of bucket padding; "
-                   "VSGD's update there is 0/0 = NaN and Checkpointer.save refuses the next checkpoint")
 @pytest.mark.timeout(1800)
 def test_a_two_by_two_checkpoint_resumes_on_three_nodes_by_one(cluster, nodes2x2, tmp_path):
     """Resharding across node counts: 4 ranks' step-20 checkpoint continues on 3 nodes, bit

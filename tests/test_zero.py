@@ -285,12 +285,15 @@ def resume_at(rank, world_size, saved):
     identical_grad_steps(uninterrupted, ref_opt, GRAD_STEPS)
     for a, b in zip(model.parameters(), uninterrupted.parameters()):
         assert torch.equal(a, b)
+    # the resharded state's bucket padding stays finite too (a checkpoint may hold no NaN)
+    for shard in opt.state_dict()["state"]:
+        assert all(bool(torch.isfinite(v).all()) for v in shard.values() if torch.is_tensor(v)), rank
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(300)
 def test_save_at_two_ranks_resume_at_three():
-    saved = run_distributed(save_at, 2, timeout=80)
-    run_distributed(resume_at, 3, saved, timeout=80)
+    saved = run_distributed(save_at, 2, timeout=140)
+    run_distributed(resume_at, 3, saved, timeout=140)
 
 
 def test_bad_input():

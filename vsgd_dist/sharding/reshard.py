@@ -60,6 +60,7 @@ def shard_from_full(full: dict[str, dict[str, Any]], optimizer: ZeroOptimizer,
         master = current["master"]
         slots = [(i, s) for i, s in enumerate(optimizer.slots) if s.group == group_index and s.name in full]
         shard: dict[str, Any] = {"master": master.clone()}
+        owned = torch.zeros(master.numel(), dtype=torch.bool, device=master.device)
         for _, slot in slots:
             for key, value in full[slot.name].items():
                 if not is_per_element(value, slot.shape):
@@ -74,9 +75,24 @@ def shard_from_full(full: dict[str, dict[str, Any]], optimizer: ZeroOptimizer,
                 first, last, offset = owned_part(slot, optimizer.buckets[slot.bucket], optimizer.rank)
                 flat = to_memory_flat(value.to(master.device), slot.dim_order)
                 shard[key][offset:offset + last - first] = flat[first:last]
+                owned[offset:offset + last - first] = True
+        _fill_padding(shard, owned)
         shards.append(shard)
     state_dict["state"] = shards
     return state_dict
+
+
+def _fill_padding(shard: dict[str, Any], owned: torch.Tensor) -> None:
+    """Give the padding elements of each per-element state the values of an owned element.
+    Padding only ever sees zero gradients; zeros as its state would be outside many
+    optimizers' domain (VSGD divides by its rates) and turn into NaN, which no checkpoint
+    may hold, while a real element's state stays finite under zero gradients."""
+    if owned.all() or not owned.any():
+        return
+    source = int(owned.nonzero()[0])
+    for key, value in shard.items():
+        if key != "master" and is_per_element(value, owned.shape):
+            value[~owned] = value[source]
 
 
 def _same(a: Any, b: Any) -> bool:
