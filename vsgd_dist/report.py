@@ -280,12 +280,18 @@ def tuned_comparison(paths: list[str], out: str | Path, baseline: str = "adamw")
         if base is not None and name != baseline:
             d, d_half, seeds = paired_difference(sel.runs, base.runs)
             diff = f"{d * 100:+.2f} ({len(seeds)} seeds)", _interval(d * 100, d_half * 100, "+.2f")
-        lines.append(f"| {name} | {sel.point} | {len(sel.runs)} | "
+        lines.append(f"| {name} | {sel.point}{' (edge of the grid)' if _at_edge(sel) else ''} | {len(sel.runs)} | "
                      f"{_mean_spread([r.final(SELECT_TAG) * 100 for r in sel.runs], '.2f')} | "
                      f"{_mean_spread([r.final(REPORT_TAG) * 100 for r in sel.runs], '.2f')} | "
                      f"{_interval(mean, half, '.2f')} | {diff[0]} | {diff[1]} |")
     lines += ["", *(f"![{name}]({name}.png)" for name in _plot_tuned(selected, Path(out)))]
     return "\n".join(lines) + "\n"
+
+
+def _at_edge(sel: Selected) -> bool:
+    """Whether the chosen LR is the smallest or largest of 3+ swept: the best may lie outside."""
+    lrs = {ms[0].setting["optim.lr"] for ms in sel.points.values()}
+    return len(lrs) > 2 and sel.runs[0].setting["optim.lr"] in (min(lrs), max(lrs))
 
 
 def _interval(mean: float, half: float, fmt: str) -> str:
