@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,8 +26,8 @@ import pytest
 from launch.clusters import ClusterProfile, LaunchError, load_profile
 from launch.job import check_master_addr
 from launch.slurm import build_spec
-from slurm_helpers import (Cluster, assert_same_checkpoint, assert_same_scalars, checkpoint_dir, job_id, preempt_after,
-                           submit_demo, wait_for)
+from slurm_helpers import (REPO, Cluster, assert_same_checkpoint, assert_same_scalars, checkpoint_dir, job_id,
+                           preempt_after, submit_demo, wait_for)
 
 NODES = 3
 CLUSTER_ENV = {"SLURM_LOCAL_NET": "10.213.7.0/24", "SLURM_LOCAL_CTLD_PORT": "6837",
@@ -188,8 +189,7 @@ def test_two_nodes_by_two_tasks_equal_four_local_processes(nodes2x2, local4):
 
 @pytest.mark.timeout(1800)
 def test_three_nodes_by_one_task_equal_three_local_processes_with_a_task_pinned(cluster, tmp_path):
-    """Node 3's task is pinned to one CPU: without NUMBA_THREADING_LAYER=omp (set for every
-    run by the launch package) it would hang at exit in numba's TBB teardown."""
+    """Node 3's task is pinned to one CPU, as srun --cpu-bind pins tasks on real clusters."""
     with pinned(cluster, "node3", cpu=0):
         probe = cluster.slurm("srun", "-w", "node3", "grep", "Cpus_allowed_list", "/proc/self/status")
         assert probe.split()[-1] == "0"
@@ -254,6 +254,30 @@ def test_a_lost_node_ends_the_run_and_the_requeued_job_resumes(cluster, nodes2x2
 
 
 # --- no cluster needed --------------------------------------------------------------------
+PINNED_RUN = """
+import sys, threading
+import launch  # what every run imports first: it sets NUMBA_THREADING_LAYER
+from vsgd_dist.config import load_recipe
+from vsgd_dist.train.trainer import Trainer
+cfg = load_recipe("recipes/demo.yaml", ["max_steps=2", "train.progress=false", f"out={sys.argv[1]}"], world_size=1)
+trainer = threading.Thread(target=Trainer(cfg.to_dict()).run, daemon=True)  # as in launch.job
+trainer.start()
+trainer.join()
+"""
+
+
+@pytest.mark.timeout(600)
+def test_a_process_pinned_to_one_cpu_exits_after_training(tmp_path):
+    """With numba's TBB layer (OpenCV brings libtbb) this process hangs at exit; with OpenMP,
+    which the launch package selects, it ends."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    res = subprocess.run([sys.executable, "-c", PINNED_RUN, str(tmp_path / "run")], cwd=REPO, env=env,
+                         preexec_fn=lambda: os.sched_setaffinity(0, {0}), capture_output=True, text=True,
+                         timeout=500)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert checkpoint_dir(tmp_path / "run", 2).is_dir()
+
+
 @pytest.mark.timeout(30)
 def test_master_addr_on_loopback_fails_a_multi_node_job_at_start():
     for addr in ("localhost", "127.0.0.1"):
