@@ -27,6 +27,7 @@ import math
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -288,9 +289,10 @@ def identical_steps(engine, first: int, steps: int) -> None:
         engine.step()
 
 
-def full_params(engine) -> list[torch.Tensor]:
+def full_params(engine) -> list[np.ndarray]:
+    """As numpy arrays: tensors leave a rank process as shared-memory handles that die with it."""
     engine.restore()
-    return [full(p).detach().clone() for p in engine.model.parameters()]
+    return [full(p).detach().numpy().copy() for p in engine.model.parameters()]
 
 
 def save_all(rank, world, folder):
@@ -333,7 +335,7 @@ def test_ivon_state_reshards_across_world_sizes_and_engines_and_continues_exactl
     resumed = run_distributed(load_all, m, str(tmp_path / "saved"), str(tmp_path / "again"), timeout=280)[0]
     for written_by, name in RESHARD:
         for a, b in zip(resumed[(written_by, name)], reference[written_by]):
-            assert torch.equal(a, b), (written_by, name)
+            assert np.array_equal(a, b), (written_by, name)
         saved, again = full_of(tmp_path / "saved" / written_by), full_of(tmp_path / "again" / f"{written_by}-{name}")
         assert saved["optimizer"].keys() == again["optimizer"].keys() == {n for n, _ in make_model().named_parameters()}
         for param, state in saved["optimizer"].items():
@@ -365,7 +367,7 @@ def values(acc: EventAccumulator, tag: str) -> dict[int, float]:
 @pytest.mark.timeout(900)
 def test_trainer_logs_ivon_metrics_fills_in_ess_and_resumes_bitwise(tmp_path):
     short = ["max_steps=12", "train.global_batch=48", "train.diag_every=6", "train.val_mc_samples=3",
-             "optim.ivon.mc_samples=2"]
+             "optim.ivon.mc_samples=2", "optim.ivon.ess=0"]
     assert demo_run(tmp_path / "whole", *short) == 0
     assert demo_run(tmp_path / "resumed", *short, "train.stop_at=6") == 0
     assert demo_run(tmp_path / "resumed", *short) == 0
