@@ -73,6 +73,14 @@ class Cluster:
         """States of every run of job `jid`, requeued ones included, oldest first."""
         return self.slurm("sacct", "-D", "-X", "-n", "-P", "-j", jid, "-o", "State").split()
 
+    def jobs_of(self, job_dir: Path) -> set[str]:
+        """Ids of the jobs submitted for `job_dir` (launch submit makes it the job comment),
+        queued or finished; other tests' jobs on a shared cluster do not count."""
+        out = (self.slurm("squeue", "-h", "-o", "%i|%k")
+               + self.slurm("sacct", "-n", "-X", "-a", "-P", "-S", "now-1days", "-o", "JobID,Comment"))
+        return {jid for jid, _, comment in (line.partition("|") for line in out.splitlines())
+                if comment == str(job_dir.resolve())}
+
     def wait_done(self, jid: str, timeout: float) -> dict[str, str]:
         """Final states, once SLURM holds nothing of the job: a requeued job (NODE_FAIL,
         preemption) shows its last run's final state while it waits to run again."""
@@ -186,7 +194,7 @@ def submit_demo(cluster: Cluster, out: Path, *args: str) -> str:
     return job_id(out)
 
 
-def preempt_after(cluster: Cluster, job_dir: Path, step: int, timeout: float = 300) -> None:
+def preempt_after(cluster: Cluster, job_dir: Path, step: int, timeout: float = 600) -> None:
     """Send USR2 (a preemption) once the job has published its checkpoint of `step`."""
     wait_for(checkpoint_dir(job_dir / "run", step).is_dir, f"checkpoint of step {step} in {job_dir}", timeout)
     cluster.slurm("scancel", "--signal=USR2", job_id(job_dir))

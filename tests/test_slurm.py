@@ -107,8 +107,8 @@ def test_usr2_requeues_and_resumes_bitwise(cluster, completed_run, tmp_path):
 @pytest.mark.timeout(120)
 def test_sweep_is_one_job_array(cluster, tmp_path):
     recipe = write_recipe(tmp_path / "toy.yaml", max_steps=10, step_sleep_s=0.05)
-    res = cluster.launch("sweep", str(recipe), "--cluster", "local", "--out", str(tmp_path / "sweep"), "--trainer", TOY,
-                 "seed=0,1,2", "lr=0.02")
+    res = cluster.launch("sweep", str(recipe), "--cluster", "local", "--out", str(tmp_path / "sweep"),
+                         "--trainer", TOY, "seed=0,1,2", "lr=0.02")
     assert res.returncode == 0, res.stderr
     jid = job_id(tmp_path / "sweep")
     assert cluster.wait_done(jid, timeout=100) == {f"{jid}_{i}": "COMPLETED" for i in range(3)}
@@ -151,9 +151,9 @@ def test_sbatch_template_runs_ranks(cluster, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_dry_run_prints_sbatch_and_submits_nothing(cluster, tmp_path):
-    before = cluster.slurm("sacct", "-n", "-X", "-a", "-o", "JobID", "-S", "now-1days")
     res = cluster.launch("submit", str(write_recipe(tmp_path / "toy.yaml")), "--cluster", "local", "--tasks-per-node",
-                 "2", "--time", "00:05:00", "--out", str(tmp_path / "job"), "--dry-run", "lr=0.5", "--trainer", TOY)
+                         "2", "--time", "00:05:00", "--out", str(tmp_path / "job"), "--dry-run", "lr=0.5",
+                         "--trainer", TOY)
     assert res.returncode == 0, res.stderr
     for line in ["#SBATCH --ntasks-per-node=2", "#SBATCH --nodes=1", "#SBATCH --time=5",
                  "#SBATCH --partition=debug", "#SBATCH --signal=USR2@15", "#SBATCH --cpus-per-task=1",
@@ -161,7 +161,7 @@ def test_dry_run_prints_sbatch_and_submits_nothing(cluster, tmp_path):
         assert line in res.stdout.splitlines()
     assert "lr: 0.5" in res.stdout and "srun --unbuffered" in res.stdout and "dry run: nothing submitted" in res.stdout
     assert not (tmp_path / "job").exists()
-    assert cluster.slurm("sacct", "-n", "-X", "-a", "-o", "JobID", "-S", "now-1days") == before
+    assert not cluster.jobs_of(tmp_path / "job")
 
 
 # case -> (recipe file, extra arguments, expected error); a repeated option wins over the default.
@@ -191,12 +191,11 @@ def test_bad_input_fails_before_submission(cluster, tmp_path, case):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "recipe.yaml").write_text("max_steps: 1\n")
     extra = [e.format(taken=tmp_path / "taken") for e in extra]
-    before = cluster.slurm("squeue", "-h", "-o", "%i")
     res = cluster.launch("submit", str(tmp_path / recipe), "--cluster", "local", "--out", str(tmp_path / "job"),
-                 "--trainer", TOY, *extra)
+                         "--trainer", TOY, *extra)
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
-    assert cluster.slurm("squeue", "-h", "-o", "%i") == before
+    assert not cluster.jobs_of(tmp_path / "job") and not cluster.jobs_of(tmp_path / "taken")
     assert not (tmp_path / "job").exists() and not (tmp_path / "taken" / "job.json").exists()
 
 
@@ -230,18 +229,18 @@ DEMO_OVERRIDES = ["optimizer=vsgd", "max_steps=60", "train.ckpt_every=10", "trai
                   "train.progress=false"]
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(1500)
 def test_demo_recipe_requeues_mid_run_and_ends_bitwise_equal(cluster, tmp_path):
     """The real trainer on 2 SLURM tasks: one run uninterrupted, one preempted (USR2) after
     its step-20 checkpoint; the requeued job resumes at the step where the signal stopped it,
     and both end with identical checkpoints and TensorBoard logs."""
     reference = tmp_path / "uninterrupted"
     jid = submit_demo(cluster, reference, "--tasks-per-node", "2", *DEMO_OVERRIDES)
-    assert cluster.wait_done(jid, timeout=300) == {jid: "COMPLETED"}
+    assert cluster.wait_done(jid, timeout=600) == {jid: "COMPLETED"}
     out = tmp_path / "preempted"
     jid = submit_demo(cluster, out, "--tasks-per-node", "2", *DEMO_OVERRIDES)
     preempt_after(cluster, out, step=20)
-    assert cluster.wait_done(jid, timeout=300) == {jid: "COMPLETED"}
+    assert cluster.wait_done(jid, timeout=600) == {jid: "COMPLETED"}
 
     assert cluster.attempts(jid) == ["REQUEUED", "COMPLETED"]
     (event,) = json.loads((out / "interruptions.json").read_text())
