@@ -11,7 +11,8 @@ trivial (loss = sum(p * r), so grad(p) = r). Median over steps of the slowest ra
 
 Strategies: DDP, native ZeRO-1 (on DDP) and ZeRO-2 (`ZeroOptimizer`), FSDP2, DeepSpeed ZeRO-1
 and ZeRO-2 (the trainer's engines), and torch's ZeroRedundancyOptimizer on DDP with the same
-optimizer arguments: native ZeRO-1's peer.
+optimizer arguments: native ZeRO-1's peer, measured in the same processes (four engines
+stepping in turn).
 
 Memory per rank, MiB held between steps (each distinct storage once): params (the model's
 parameters, local shards for FSDP2), grads (DDP's bucket buffers, one copy of every
@@ -52,6 +53,8 @@ STRATEGIES = {  # label: (engine name, ZeRO stage)
     "DDP": ("ddp", 0), "native ZeRO-1": ("zero", 1), "torch ZeroRedundancyOptimizer": ("torch_zero", 1),
     "native ZeRO-2": ("zero", 2), "FSDP2": ("fsdp2", 0), "DeepSpeed ZeRO-1": ("deepspeed", 1),
     "DeepSpeed ZeRO-2": ("deepspeed", 2)}
+PEERS = {"native ZeRO-1": "torch ZeroRedundancyOptimizer"}
+"""Strategies measured in the same processes, stepping in turn: their ratio is the target."""
 OPTIMIZER_NAMES = ("vsgd", "adamw")
 LR, WEIGHT_DECAY = 1e-3, 0.05
 
@@ -182,22 +185,29 @@ def memory_parts(engine, engine_name: str, stage: int) -> dict[str, int]:
     return {"params": param_bytes, "grads": grads, "masters": masters, "state": engine.state_bytes()}
 
 
-def bench_rank(rank, world_size, model_name, engine_name, stage, steps):
-    """VSGD and AdamW engines of one strategy, stepping in turn."""
+def bench_rank(rank, world_size, model_name, labels, steps):
+    """The VSGD and AdamW engines of each strategy in `labels`, all stepping in turn."""
     shapes = MODELS[model_name]()
-    engines = {name: build(name, shapes, engine_name, stage) for name in OPTIMIZER_NAMES}
-    times: dict[str, list[float]] = {name: [] for name in engines}
+    engines = {(label, name): build(name, shapes, *STRATEGIES[label]) for label in labels for name in OPTIMIZER_NAMES}
+    times: dict[tuple, list[float]] = {key: [] for key in engines}
     for i in range(steps + 1):
-        for name, engine in engines.items():
+        for key, engine in engines.items():
             dist.barrier()
             start = time.perf_counter()
             engine.backward(engine.wrapped())
             engine.step()
             elapsed = slowest_rank(time.perf_counter() - start)
             if i > 0:  # the first step allocates state (and loads the fused kernel)
-                times[name].append(elapsed)
-    return {name: (statistics.median(times[name]), memory_parts(engine, engine_name, stage))
-            for name, engine in engines.items()}
+                times[key].append(elapsed)
+    return {key: (statistics.median(times[key]), memory_parts(engine, *STRATEGIES[key[0]]))
+            for key, engine in engines.items()}
+
+
+def process_groups(labels: list[str]) -> list[list[str]]:
+    """The strategies to measure in one set of processes each: a strategy with a peer
+    (`PEERS`) together with it."""
+    with_peer = {PEERS[label] for label in labels if label in PEERS}
+    return [[label, PEERS[label]] if label in PEERS else [label] for label in labels if label not in with_peer]
 
 
 def main() -> None:
@@ -212,19 +222,19 @@ def main() -> None:
     print("| model | N | strategy | AdamW s/step | VSGD s/step | VSGD / AdamW |")
     print("|---|---|---|---|---|---|")
     memory = []
+    runs = process_groups(args.strategies)
     for model_name in args.models:
         for world_size in args.world_sizes:
-            for label in args.strategies:
-                engine_name, stage = STRATEGIES[label]
-                result = run_distributed(bench_rank, world_size, model_name, engine_name, stage, args.steps,
-                                         timeout=3600)
-                (vsgd, vsgd_mem), (adamw, adamw_mem) = result[0]["vsgd"], result[0]["adamw"]
-                print(f"| {model_name} | {world_size} | {label} | {adamw:.3f} | {vsgd:.3f} | {vsgd / adamw:.2f}x |",
-                      flush=True)
-                for name in OPTIMIZER_NAMES:
-                    per_rank = [r[name][1] for r in result]
-                    memory.append((model_name, world_size, label, name,
-                                   {k: max(m[k] for m in per_rank) for k in per_rank[0]}))
+            for labels in runs:
+                result = run_distributed(bench_rank, world_size, model_name, labels, args.steps, timeout=3600)
+                for label in labels:
+                    (vsgd, _), (adamw, _) = result[0][(label, "vsgd")], result[0][(label, "adamw")]
+                    print(f"| {model_name} | {world_size} | {label} | {adamw:.3f} | {vsgd:.3f} | "
+                          f"{vsgd / adamw:.2f}x |", flush=True)
+                    for name in OPTIMIZER_NAMES:
+                        per_rank = [r[(label, name)][1] for r in result]
+                        memory.append((model_name, world_size, label, name,
+                                       {k: max(m[k] for m in per_rank) for k in per_rank[0]}))
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end\n")
     print("Memory per rank held between steps, MiB (the largest rank):\n")
     print("| model | N | strategy | optimizer | params | grads | masters | optimizer state | total |")

@@ -34,9 +34,12 @@ def make_model() -> torch.nn.Sequential:
 
 
 def engine_and_reference(opt_name: str, engine_name: str = "fsdp2"):
-    """An engine over one model and the same optimizer, unsharded, over an identical one."""
+    """An engine over one model and the same optimizer, unsharded, over an identical one.
+    VSGD runs fused, as the recipes run it (its kernel gives the same bits wherever a tensor
+    is cut); AdamW unfused: torch's fused AdamW rounds differently (1 ulp) where FSDP2 cuts."""
     cfg = RunConfig()
     cfg.optim.name, cfg.optim.weight_decay, cfg.engine.name = opt_name, WEIGHT_DECAY, engine_name
+    cfg.optim.fused = None if opt_name == "vsgd" else False
     engine = engine_class(engine_name)(make_model(), cfg, LR[opt_name])
     reference = make_model()
     ref_opt = engine.optimizer_class(named_param_groups(reference, WEIGHT_DECAY), **engine.optimizer_kwargs)
