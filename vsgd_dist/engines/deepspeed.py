@@ -29,14 +29,16 @@ def deepspeed_config(cfg, world_size: int, lr: float, cuda: bool | None = None) 
     """The DeepSpeed config for a RunConfig at `world_size` ranks (`lr`: the peak LR; `cuda`:
     whether the ranks train on GPUs, default: whether this machine has one).
 
-    ZeRO settings, chosen (bench/deepspeed_step.py measures them):
-    - bucket sizes: engine.bucket_mb, as the native engines use (DeepSpeed's default, 5e8
-      elements, is a 2 GB fp32 buffer per bucket);
-    - contiguous_gradients: gradients are copied into one flat buffer as they arrive (no
+    ZeRO settings, chosen (`bench/deepspeed_step.py --variants` measures them):
+    - bucket sizes: engine.bucket_mb, as the native engines use. DeepSpeed's default, 5e8
+      elements, allocates a 1.9 GiB fp32 bucket buffer for every backward (device memory on
+      a GPU) for no measured speed-up;
+    - contiguous_gradients: gradients are copied into that buffer as they arrive (no
       fragmentation, and the partition is read from it without another gather);
     - overlap_comm on GPUs only: there the reduction runs on a side stream while backward
-      continues, at the cost of a second bucket buffer; DeepSpeed's CPU accelerator has no
-      streams, so on CPU it would only add that buffer.
+      continues, at the cost of a second bucket buffer. DeepSpeed's CPU accelerator has no
+      streams; measured on CPU, overlap_comm and contiguous_gradients change the step by
+      less than the run-to-run noise (10%).
     """
     tc, o = cfg.train, cfg.optim
     bf16 = tc.precision == "bf16"
