@@ -382,6 +382,9 @@ def test_trainer_logs_ivon_metrics_fills_in_ess_and_resumes_bitwise(tmp_path):
     groups = read(0)["engine"]["optimizer"]["param_groups"]
     assert [g["ess"] for g in groups] == [1500.0, 1500.0]  # ess=0: the digits' training images
     assert [g["mc_samples"] for g in groups] == [2, 2] and meta["step"] == 12
+    assert launch(["compare", str(tmp_path / "whole"), "--out", str(tmp_path / "report")]) == 0
+    assert "| ECE (%) | predictive top-1 | predictive NLL | predictive ECE (%) |" in (
+        tmp_path / "report" / "report.md").read_text()
 
 
 def test_deepspeed_refuses_ivon_before_any_process_starts(tmp_path, capsys):

@@ -126,7 +126,9 @@ def compare(paths: list[str], out: str | Path) -> str:
     groups = group_runs([load_run(p) for p in find_runs(paths)])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    headers = ["run", "seeds", "final top-1", "best top-1", *(c[0] for c in FINAL_COLUMNS), "final train loss",
+    # Columns no run logged (the predictive ones without IVON, NLL in older runs) are left out.
+    columns = [c for c in FINAL_COLUMNS if any(r.curves.get(c[1]) for rs in groups.values() for r in rs)]
+    headers = ["run", "seeds", "final top-1", "best top-1", *(c[0] for c in columns), "final train loss",
                "images/s", "train time (s)", "optimizer state per rank (MiB)"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for label, members in groups.items():
@@ -134,7 +136,7 @@ def compare(paths: list[str], out: str | Path) -> str:
             f"| {label}", str(len(members)),
             _mean_spread([r.final("val/top1") * 100 for r in members], ".2f"),
             _mean_spread([r.best("val/top1") * 100 for r in members], ".2f"),
-            *(_mean_spread([r.final(tag) * scale for r in members], fmt) for _, tag, scale, fmt in FINAL_COLUMNS),
+            *(_mean_spread([r.final(tag) * scale for r in members], fmt) for _, tag, scale, fmt in columns),
             _mean_spread([r.final("train/loss") for r in members], ".4f"),
             _mean_spread([r.mean_after_first("train/images_per_s") for r in members], ".0f"),
             _mean_spread([r.wall_s for r in members], ".0f"),
