@@ -30,8 +30,8 @@ from slurm_helpers import (REPO, Cluster, assert_same_checkpoint, assert_same_sc
                            preempt_after, submit_demo, wait_for)
 
 NODES = 3
-CLUSTER_ENV = {"SLURM_LOCAL_NET": "10.213.7.0/24", "SLURM_LOCAL_CTLD_PORT": "6837",
-               "SLURM_LOCAL_SLURMD_PORT": "6838", "SLURM_LOCAL_DBD_PORT": "6839", "SLURM_LOCAL_DB_PORT": "3327"}
+CLUSTER_PORTS = {"SLURM_LOCAL_CTLD_PORT": "6837", "SLURM_LOCAL_SLURMD_PORT": "6838", "SLURM_LOCAL_DBD_PORT": "6839",
+                 "SLURM_LOCAL_DB_PORT": "3327"}
 DEMO = ["optimizer=vsgd", "max_steps=40", "train.global_batch=48", "train.ckpt_every=10", "train.log_every=5",
         "train.keep_checkpoints=4", "train.progress=false"]
 """The demo recipe, short; 48 images per step split evenly over 3 or 4 ranks."""
@@ -45,6 +45,14 @@ def network_objects() -> set[str]:
     links = {line.split(":")[1].strip().split("@")[0] for line in ip.splitlines()}
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
     return links | {f"netns {line.split()[0]}" for line in netns.splitlines() if line}
+
+
+def free_net() -> str:
+    """The first 10.213.X.0/24 (X >= 7) no interface here has an address in: another cluster
+    (one a killed session left behind) keeps its range, and this one does not collide."""
+    addrs = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True, timeout=30).stdout
+    used = set(re.findall(r"inet 10\.213\.(\d+)\.", addrs))
+    return next(f"10.213.{x}.0/24" for x in range(7, 255) if str(x) not in used)
 
 
 def created(cluster: Cluster) -> list[tuple[str, str]]:
@@ -67,7 +75,8 @@ def running(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     before = network_objects()
-    cluster = Cluster.start(tmp_path_factory.mktemp("multinode") / "cluster", "--nodes", str(NODES), env=CLUSTER_ENV)
+    cluster = Cluster.start(tmp_path_factory.mktemp("multinode") / "cluster", "--nodes", str(NODES),
+                            env={**CLUSTER_PORTS, "SLURM_LOCAL_NET": free_net()})
     names = {name if kind != "netns" else f"netns {name}" for kind, name in created(cluster)}
     pids = daemon_pids(cluster)
     yield cluster
@@ -157,7 +166,8 @@ def test_cluster_has_nodes_with_own_names_and_addresses(cluster):
     names = sorted(cluster.slurm("srun", f"-N{NODES}", "hostname").split())
     assert names == [f"node{i}" for i in range(1, NODES + 1)]
     hosts = dict(line.split()[::-1] for line in (cluster.folder / "hosts").read_text().splitlines())
-    assert all(hosts[n].startswith("10.213.7.") for n in names)  # never 127.x: gloo would listen on loopback
+    prefix = cluster.env["SLURM_LOCAL_NET"].removesuffix("0/24")
+    assert all(hosts[n].startswith(prefix) for n in names)  # never 127.x: gloo would listen on loopback
     kinds = [kind for kind, _ in created(cluster)]
     assert kinds.count("bridge") == 1 and kinds.count("netns") == kinds.count("veth") == NODES
     again = subprocess.run(["bash", "slurm/local/start.sh", "--nodes", str(NODES), str(cluster.folder)],
@@ -243,7 +253,7 @@ def test_a_lost_node_ends_the_run_and_the_requeued_job_resumes(cluster, nodes2x2
         print(f"job {jid}: NODE_FAIL {time.time() - lost_at:.0f} s after {lost} was lost")
         assert cluster.wait_done(jid, timeout=900) == {jid: "COMPLETED"}
     finally:
-        Cluster.start(cluster.folder, "--nodes", str(NODES), env=CLUSTER_ENV)  # brings the node back
+        Cluster.start(cluster.folder, "--nodes", str(NODES), env=cluster.env)  # brings the node back
     assert cluster.attempts(jid) == ["NODE_FAIL", "COMPLETED"]
     status = cluster.launch("status", str(out))
     assert re.search(rf"^{jid}\s.*COMPLETED.*\s1\s*$", status.stdout, re.M), status.stdout  # 1 requeue

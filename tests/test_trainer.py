@@ -139,7 +139,7 @@ def test_run_folder_of_another_run_is_never_overwritten(runs, tmp_path, capsys):
     before = sorted(p.name for p in (folder / "checkpoints").iterdir())
     assert run(folder, "optimizer=vsgd", "lr=0.01", "max_steps=150") == 2
     err = capsys.readouterr().err
-    assert "holds a different run (optim.name: 'adamw' there, 'vsgd' here)" in err
+    assert "holds a different run (optim.name: 'adamw' there, 'vsgd' here; " in err
     assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == before
 
 
