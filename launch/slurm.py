@@ -148,11 +148,11 @@ def job_folder(out: str | None, default: Path) -> Path:
     return Path(sbatch_value("--out", str(Path(out or default).resolve())))
 
 
-def add_request_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by `submit` and `sweep`."""
+def add_request_arguments(parser: argparse.ArgumentParser, cluster_required: bool = True) -> None:
+    """Options shared by `submit` and `sweep` (whose --local needs no --cluster)."""
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
-    parser.add_argument("--cluster", required=True, help="profile in slurm/clusters/ (e.g. local)")
+    parser.add_argument("--cluster", required=cluster_required, help="profile in slurm/clusters/ (e.g. local)")
     parser.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
     parser.add_argument("--gpus-per-node", type=int, default=None,
                         help="GPUs per node, one task each (default: all of the profile's)")

@@ -34,8 +34,7 @@ from launch.submit import show
 
 
 def add_arguments(parser: argparse.ArgumentParser, command_name: str) -> None:
-    add_request_arguments(parser)
-    parser._option_string_actions["--cluster"].required = False  # --local needs none; main() checks
+    add_request_arguments(parser, cluster_required=False)  # main() asks for --cluster without --local
     parser.add_argument("--local", action="store_true", help="run the points on this machine (no SLURM)")
     parser.add_argument("--nproc", type=int, default=1, help="with --local: processes (ranks) per point")
     parser.add_argument("--parallel", type=int, default=1, help="with --local: points run at a time (default 1)")

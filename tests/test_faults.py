@@ -490,7 +490,8 @@ def test_resume_may_change_engine_steps_workers_and_cadence(demo_run, tmp_path):
 
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("override,key", [("seed=3", "train.seed"), ("optimizer=adamw", "optim.name"),
-                                          ("train.global_batch=32", "train.global_batch")])
+                                          ("train.global_batch=32", "train.global_batch"),
+                                          ("data.minival=100", "data.minival")])
 def test_resume_refuses_only_what_the_checkpoint_cannot_hold(demo_run, tmp_path, override, key):
     run_dir = copy_run(demo_run, tmp_path)
     err = one_line_error(run(run_dir, "max_steps=4", override))

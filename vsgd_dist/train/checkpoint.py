@@ -42,6 +42,8 @@ FIXED_ON_RESUME = {
     "train.global_batch": "the checkpoint's data position counts batches of this size",
     "train.seed": "the data order and crops follow this seed",
     "data.data_dir": "the checkpoint's data position is in this dataset",
+    "data.minival": "the checkpoint's data position counts the training images left after the held-out ones",
+    "data.minival_seed": "the held-out images (and so the training images) follow this seed",
 }
 
 
