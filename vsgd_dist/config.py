@@ -23,6 +23,7 @@ from vsgd_dist.models import MODELS
 from vsgd_dist.optim import OPTIMIZERS
 from vsgd_dist.registry import import_plugins, suggest
 from vsgd_dist.train.schedule import SCHEDULES
+from vsgd_dist.transforms import GRADIENT_TRANSFORMS, SVRGConfig
 
 PRECISIONS = ("fp32", "bf16")
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -190,6 +191,8 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    svrg: SVRGConfig = field(default_factory=SVRGConfig)
+    """alpha-SVRG, a gradient transform (`vsgd_dist.transforms`): off while svrg.alpha0 is 0."""
 
     def check(self, world_size: int | None = None) -> None:
         """Raise ConfigError for values that cannot work together."""
@@ -201,6 +204,7 @@ class RunConfig:
                 raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}{suggest(value, allowed)}")
         self._check_optimizer()
         self._check_resolutions()
+        self._check_transforms()
         if self.engine.name == "deepspeed" and self.model.channels_last:
             raise ConfigError("engine.name=deepspeed needs model.channels_last=false: DeepSpeed broadcasts the "
                               "parameters as bytes, which needs contiguous ones (the loaders deliver channels_last "
@@ -251,6 +255,14 @@ class RunConfig:
             entry.validate(o.hparams, o.lr, o.weight_decay)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"optim.{o.name}: {e}") from None
+
+    def _check_transforms(self) -> None:
+        """Each registered gradient transform's own checks of its section (`svrg`, ...)."""
+        for name, entry in GRADIENT_TRANSFORMS.items():
+            try:
+                entry.check(getattr(self, name), self)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
     def _check_resolutions(self) -> None:
         d = self.data

@@ -14,6 +14,13 @@ An engine owns the wrapped model and the (possibly sharded) optimizer. The loop 
 
 and never branches on which engine or optimizer it has. `restore()` makes the model hold the
 mean weights again (before evaluating or averaging them).
+
+Gradient transforms (alpha-SVRG, `vsgd_dist.transforms`) see the gradient where it is averaged:
+`step()` and `accumulate()` hand `reduced_grads()` (this rank's part after the all-reduce or
+reduce-scatter) to each of `grad_transforms` before clipping. `local_weights()` and
+`weights_swapped()` let them compute gradients at other weights, and `grad_state_payload` /
+`grad_state_full` / `grad_state_from_full` move their per-element state (laid out like the
+gradient) through checkpoints at any world size, as the optimizer state moves.
 """
 from __future__ import annotations
 
@@ -43,6 +50,9 @@ class Engine(ABC):
     """Whether each rank holds only part of the optimizer state (diagnostics then reduce)."""
     samples: bool = False
     """Whether the optimizer trains at weight samples (`OptimizerEntry.sampling`)."""
+    sharded_grads: bool = True
+    """Whether `reduced_grads()` is only this rank's part of the gradient (sums over its
+    elements then add up over ranks) rather than all of it."""
 
     def __init__(self, model: nn.Module, cfg, lr: float):
         self.cfg = cfg
@@ -54,6 +64,9 @@ class Engine(ABC):
         self.optimizer_kwargs = entry.kwargs(cfg.optim.hparams, lr, cfg.optim.weight_decay,
                                              cfg.optim.fused, seed=cfg.train.seed)
         self.param_groups = named_param_groups(model, cfg.optim.weight_decay, cfg.optim.wd_exclude_1d)
+        self.grad_transforms: list[Callable[[list[torch.Tensor]], None]] = []
+        """Edit `reduced_grads()` in place after the gradients are averaged, before clipping and
+        the step (or a weight sample's accumulation), in this order."""
 
     @property
     def mc_samples(self) -> int:
@@ -70,6 +83,7 @@ class Engine(ABC):
         """After the backward of every weight sample but the last: its gradient, clipped like
         a step's (train.grad_clip), goes into the step's sums."""
         if self.samples:
+            self._transform_grads()
             if self.max_norm > 0:
                 self.clip_grad_norm(self.max_norm)
             self.optimizer.accumulate()
@@ -91,12 +105,90 @@ class Engine(ABC):
         return no_sync() if no_sync is not None else contextlib.nullcontext()
 
     def step(self) -> torch.Tensor:
-        """Clip (when train.grad_clip > 0), step, zero the gradients; return the global
-        gradient norm before clipping."""
+        """Transform (`grad_transforms`), clip (when train.grad_clip > 0), step, zero the
+        gradients; return the global gradient norm before clipping."""
+        self._transform_grads()
         norm = self.clip_grad_norm(self.max_norm if self.max_norm > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def zero_grad(self) -> None:
+        """Drop the gradients (and, on sharded engines, the reduction's bookkeeping)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ---- gradient transforms ---------------------------------------------------------------
+    def _transform_grads(self) -> None:
+        if self.grad_transforms:
+            grads = self.reduced_grads()
+            for transform in self.grad_transforms:
+                transform(grads)
+
+    def _named_params(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, p) for g in self.param_groups for n, p in zip(g["param_names"], g["params"])]
+
+    def reduced_grads(self) -> list[torch.Tensor]:
+        """This rank's averaged gradient after the backward that synchronizes (the last
+        micro-batch's): one tensor per parameter here (its local shard with FSDP2), in
+        param-group order; edit in place to change what clipping and the optimizer see. Valid
+        until `zero_grad()`. A parameter without a gradient gets zeros."""
+        grads = []
+        for _, p in self._named_params():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(local_tensor(p.grad))
+        return grads
+
+    def local_weights(self) -> list[torch.Tensor]:
+        """The weights this rank updates, laid out like `reduced_grads()` (views: clone what
+        you keep)."""
+        return [local_tensor(p.detach()) for _, p in self._named_params()]
+
+    @torch.no_grad()
+    def set_local_weights(self, weights: list[torch.Tensor]) -> None:
+        """Copy `local_weights()`-shaped tensors in; the model then computes with them on every
+        rank (each rank passes its own part)."""
+        for mine, value in zip(self.local_weights(), weights):
+            mine.copy_(value)
+
+    @contextlib.contextmanager
+    def weights_swapped(self, weights: list[torch.Tensor]):
+        """The model computes with `weights` inside, with its own weights again after (restored
+        bit for bit; costs a copy of this rank's weights while inside)."""
+        current = [w.clone() for w in self.local_weights()]
+        self.set_local_weights(weights)
+        try:
+            yield
+        finally:
+            self.set_local_weights(current)
+
+    def grad_state_payload(self, state: dict[str, list[torch.Tensor]]) -> dict:
+        """What this rank writes into its checkpoint file of per-element tensors laid out like
+        `reduced_grads()` ({key: tensors}). Here (replicated): rank 0 writes them by name."""
+        if dist.is_initialized() and dist.get_rank() > 0:
+            return {}
+        names = [n for n, _ in self._named_params()]
+        return {key: dict(zip(names, tensors)) for key, tensors in state.items()}
+
+    @classmethod
+    def grad_state_full(cls, read: Callable[[int], dict], meta: dict) -> dict[str, dict[str, torch.Tensor]]:
+        """{key: {param name: full tensor}} from every rank's `grad_state_payload` (`read(rank)`
+        gives that rank's engine payload); needs no process group."""
+        return {key: dict(by_name) for key, by_name in read(0)["grad_state"].items()}
+
+    def grad_state_from_full(self, full: dict[str, dict[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+        """This rank's part of `grad_state_full`'s tensors, laid out like `reduced_grads()`."""
+        named = self._named_params()
+        return {key: [self._place(name, p, by_name[name]) for name, p in named] for key, by_name in full.items()}
+
+    def _place(self, name: str, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full per-parameter tensor, laid out like its local weight."""
+        return torch.empty_like(local_tensor(param.detach())).copy_(full)
+
+    def load_grad_state(self, read: Callable[[int], dict], meta: dict) -> dict[str, list[torch.Tensor]]:
+        """The per-element gradient-layout state of a checkpoint written by any engine at any
+        world size, as this rank lays it out."""
+        return self.grad_state_from_full(engine_class(meta["engine"]).grad_state_full(read, meta))
 
     @abstractmethod
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ from vsgd_dist.full_form import by_name, torch_state_dict
 class DDPEngine(Engine):
     name = "ddp"
     sharded_state = False
+    sharded_grads = False
 
     def __init__(self, model, cfg, lr):
         super().__init__(model, cfg, lr)

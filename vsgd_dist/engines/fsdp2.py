@@ -95,6 +95,29 @@ class FSDP2Engine(Engine):
     def state_pieces(self, keys):
         return self._state_pieces_of(self.optimizer, keys)
 
+    # ---- gradient transforms: each parameter's local rows, like the DTensor shards ----------
+    def grad_state_payload(self, state):
+        """Every rank writes its rows of each parameter, with where they sit."""
+        named = self._named_params()
+        return {"rows": {name: list(rows_of(p)) for name, p in named},
+                "tensors": {key: {name: t for (name, _), t in zip(named, tensors)} for key, tensors in state.items()}}
+
+    @classmethod
+    def grad_state_full(cls, read, meta):
+        files = [read(rank)["grad_state"] for rank in range(meta["world_size"])]
+        full = {}
+        for key, by_name in files[0]["tensors"].items():
+            full[key] = {}
+            for name in by_name:
+                pieces = sorted((f["rows"][name][0], f["tensors"][key][name]) for f in files
+                                if f["rows"][name][1] > f["rows"][name][0]), key=lambda piece: piece[0])
+                full[key][name] = torch.cat([piece for _, piece in pieces])
+        return full
+
+    def _place(self, name, param, full):
+        start, stop = rows_of(param)
+        return full[start:stop].to(param.device).clone()
+
     def checkpoint_state(self):
         """This rank's rows of every sharded tensor (weights and optimizer state), with
         where they sit in the full tensor, so that any world size can reassemble them."""

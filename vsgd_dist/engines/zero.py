@@ -7,8 +7,11 @@ import contextlib
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+import torch
+
 from vsgd_dist.engines.base import Engine
 from vsgd_dist.sharding import ZeroOptimizer, consolidate, shard_from_full
+from vsgd_dist.sharding.layout import from_memory_flat, to_memory_flat
 from vsgd_dist.full_form import groups_in_order, hyperparameters
 
 
@@ -35,6 +38,58 @@ class ZeroEngine(Engine):
 
     def state_bytes(self):
         return self.optimizer.state_bytes()
+
+    # ---- gradient transforms: flat per-bucket shards, like the masters ---------------------
+    def reduced_grads(self):
+        return self.optimizer.reduced_grads()
+
+    def local_weights(self):
+        return list(self.optimizer.masters)
+
+    def set_local_weights(self, weights):
+        self.optimizer.set_masters(weights)
+
+    def grad_state_payload(self, state):
+        """Every rank writes its own shards; where they lie is in its optimizer layout."""
+        return dict(state)
+
+    @classmethod
+    def grad_state_full(cls, read, meta):
+        """Each parameter's tensor put together from every rank's owned part of it."""
+        files = [read(rank) for rank in range(meta["world_size"])]
+        full = {key: {} for key in files[0]["grad_state"]}
+        for name, param in files[0]["optimizer"]["params"].items():
+            start, end = param["range"]
+            for key, by_name in full.items():
+                flat = None
+                for f in files:
+                    part = f["optimizer"]["params"][name]
+                    lo, hi = part["owned"]
+                    if lo == hi:
+                        continue
+                    source = f["grad_state"][key][part["bucket"]]
+                    offset = lo - f["optimizer"]["buckets"][part["bucket"]]["owned"][0]
+                    if flat is None:
+                        flat = source.new_zeros(end - start)
+                    flat[lo - start:hi - start] = source[offset:offset + hi - lo]
+                by_name[name] = from_memory_flat(flat, tuple(param["shape"]), tuple(param["dim_order"])).contiguous()
+        return full
+
+    def grad_state_from_full(self, full):
+        """Cut this rank's part of each bucket out of the full tensors; padding is zero, as in
+        the reduced gradient."""
+        opt = self.optimizer
+        out = {}
+        for key, by_name in full.items():
+            dtype = next(iter(by_name.values())).dtype
+            shards = [torch.zeros(b.shard_numel, dtype=dtype, device=opt.device) for b in opt.buckets]
+            for slot in opt.slots:
+                first, last, offset = opt._owned_in_master(slot)
+                if first < last:
+                    flat = to_memory_flat(by_name[slot.name].to(opt.device), slot.dim_order)
+                    shards[slot.bucket][offset:offset + last - first] = flat[first:last]
+            out[key] = shards
+        return out
 
     def state_pieces(self, keys):
         return self.optimizer.state_pieces(keys)

@@ -246,6 +246,21 @@ class ZeroOptimizer(torch.optim.Optimizer):
             else:
                 target.copy_(to_memory_flat(param.grad, slot.dim_order)[first:last])
 
+    def reduced_grads(self) -> list[torch.Tensor]:
+        """This rank's slice of the averaged gradient, one flat tensor per bucket laid out like
+        `masters` (what the masters' `.grad` will be): edit it in place before clipping and
+        the step (gradient transforms). Waits for the reduction. Bucket padding holds zeros."""
+        self._finish_grad_sync()
+        return self._grad_shards
+
+    @torch.no_grad()
+    def set_masters(self, values: list[torch.Tensor]) -> None:
+        """Copy `values` (laid out like `masters`) into this rank's masters and all-gather every
+        rank's into the parameters."""
+        for master, value in zip(self.masters, values):
+            master.copy_(value)
+        self._gather_parameters()
+
     # ---- step ---------------------------------------------------------------------------
 
     def _gather_parameters(self) -> None:

@@ -66,9 +66,13 @@ class Checkpointer:
             return "no checkpoint was written"
         return f"the latest checkpoint, {latest} (finite weights), is kept: rerun the same command to resume from it"
 
-    def save(self, engine, cfg: RunConfig, *, step: int, **trainer_state) -> Path:
+    def save(self, engine, cfg: RunConfig, *, step: int, grad_state: dict | None = None, **trainer_state) -> Path:
+        """`grad_state`: {key: tensors laid out like `engine.reduced_grads()`} (gradient
+        transforms' state), written through the engine so that it reshards like optimizer state."""
         rank, world = dist.get_rank(), dist.get_world_size()
         payload = {"engine": engine.checkpoint_state(), "trainer": {"step": step, **trainer_state}}
+        if grad_state:
+            payload["engine"]["grad_state"] = engine.grad_state_payload(grad_state)
         if reduce_host_values([not _all_finite(payload["engine"])], op="max")[0]:
             raise FloatingPointError(f"weights or optimizer state are not finite at step {step}: not saved; "
                                      f"{self.describe_latest()} (lower optim.lr or set train.grad_clip)")
@@ -88,6 +92,8 @@ class Checkpointer:
                     "optimizer": cfg.optim.name, "optimizer_class": class_path(engine.optimizer_class),
                     "model": cfg.model.name, "state_bytes_per_rank": [int(b) for b in state_bytes],
                     "sha256": {f"rank{r}.pt": digest for r, digest in enumerate(digests)}}
+            if grad_state:
+                meta["grad_state"] = sorted(grad_state)
             with self._writing(step, tmp / "meta.json"):
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             if final.exists():  # the same step saved again (e.g. stop at the last step)
@@ -124,7 +130,8 @@ class Checkpointer:
     def load_latest(self, engine, cfg: RunConfig) -> dict | None:
         """Load the latest checkpoint into `engine` (any engine, any world size); return the
         trainer state, or None. A rank beyond the writers' count gets the last writer's
-        trainer state (its RNG state among it)."""
+        trainer state (its RNG state among it). Gradient-transform state saved with it comes
+        back as "grad_state", in this engine's layout."""
         path = self.latest()
         if path is None:
             return None
@@ -134,7 +141,10 @@ class Checkpointer:
                 raise CheckpointError(f"{path} holds a {key} {meta[key]!r} checkpoint, this run uses {mine!r}; "
                                       f"use another out= folder")
         engine.load_checkpoint_state(lambda rank: read(rank)["engine"], meta)
-        return read(min(dist.get_rank(), meta["world_size"] - 1))["trainer"]
+        trainer = read(min(dist.get_rank(), meta["world_size"] - 1))["trainer"]
+        if meta.get("grad_state"):
+            trainer["grad_state"] = engine.load_grad_state(lambda rank: read(rank)["engine"], meta)
+        return trainer
 
 
 def _all_finite(tree) -> bool:

@@ -33,6 +33,7 @@ from vsgd_dist.train.ema import WeightEMA
 from vsgd_dist.train.predictions import SUMS_SIZE, metrics_from_sums, prediction_sums
 from vsgd_dist.train.schedule import lr_lambda
 from vsgd_dist.train.state import capture_rng, restore_rng
+from vsgd_dist.transforms import build_transforms
 
 
 class Trainer:
@@ -130,6 +131,12 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
         self.log_diagnostics = entry.diagnostics
+        # Gradient transforms (alpha-SVRG): the engine hands them the averaged gradient before
+        # clipping and the step; they compute gradients at other weights through self._gradient.
+        self.transforms = build_transforms(cfg, engine=self.engine, gradient=self._gradient,
+                                           total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+                                           log_every=tc.log_every)
+        self.engine.grad_transforms = [t.apply for t in self.transforms]
 
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=tc.keep_checkpoints)
         self.logger = RunLogger(str(self.run_dir / "tb"), enabled=self.rank == 0)
@@ -147,40 +154,75 @@ class Trainer:
             restore_rng(loaded["rng"])
             if self.ema is not None:
                 self.ema.load(loaded["ema"])
+        for t in self.transforms:  # their snapshots and caches, resharded like optimizer state
+            saved = loaded.get("grad_state", {}) if loaded else {}
+            t.load_state_dict(loaded.get("transforms", {}).get(t.name) if loaded else None,
+                              {k.split("/", 1)[1]: v for k, v in saved.items() if k.startswith(t.name + "/")}, self.step)
         self.progress = make_progress(self.total_steps, self.step,
                                       enabled=self.rank == 0 and self.cfg.train.progress)
 
     def _batches_of_epoch(self):
-        """The rest of the current epoch's steps, each a list of train.accum_steps (images,
-        labels) micro-batches, stopping at the last step (an incomplete step at the epoch's
-        end is dropped). Held micro-batches are copied: ffcv reuses its batch buffers."""
+        """The rest of the current epoch's steps (see `_steps_from`), stopping at the last
+        step. A gradient transform that reads batches ahead (alpha-SVRG's pass at a snapshot)
+        does so before the loader is opened at the current step, and says for how many steps
+        it may stay open."""
         self.engine.model.train()
+        while self.step < self.total_steps and self.batch_in_epoch < self.steps_per_epoch:
+            steps = self.steps_per_epoch - self.batch_in_epoch
+            for t in self.transforms:
+                with self.timer.phase("grad_transform"):
+                    steps = min(steps, t.prepare(self.step, self.epoch, self._steps_ahead))
+            with contextlib.closing(self._steps_from(self.epoch, self.batch_in_epoch)) as steps_of_epoch:
+                for _ in range(steps):
+                    if self.step >= self.total_steps:
+                        return
+                    with self.timer.phase("data_wait"):
+                        micro_batches = next(steps_of_epoch, None)
+                    if micro_batches is None:
+                        return
+                    yield micro_batches
+
+    def _steps_from(self, epoch: int, batch: int):
+        """Steps `batch`, `batch` + 1, ... of `epoch`, each a list of train.accum_steps (images,
+        labels) micro-batches (an incomplete step at the epoch's end is dropped). Held
+        micro-batches are copied: ffcv reuses its batch buffers."""
         accum = self.cfg.train.accum_steps
-        batches = iter(train_epoch(self.train_loader, self.cfg.data, self.epoch, self.batch_in_epoch * accum))
-        while self.step < self.total_steps:
-            with self.timer.phase("data_wait"):
-                micro_batches = [[t.clone() if accum > 1 else t for t in batch]
-                                 for batch in itertools.islice(batches, accum)]
-            if len(micro_batches) < accum:
-                return
-            yield micro_batches
+        batches = train_epoch(self.train_loader, self.cfg.data, epoch, batch * accum)
+        try:
+            while True:
+                micro_batches = [[t.clone() if accum > 1 else t for t in b] for b in itertools.islice(batches, accum)]
+                if len(micro_batches) < accum:
+                    return
+                yield micro_batches
+        finally:
+            if hasattr(batches, "close"):
+                batches.close()  # stops the loader's decoding thread
+
+    def _steps_ahead(self, count: int):
+        """The next `count` steps from the current position on (across epoch ends), read again
+        from the train loader: the same images, crops and flips training will get, since the
+        loader's draws are keyed by seed, epoch and sample index."""
+        epoch, batch = self.epoch, self.batch_in_epoch
+        while count > 0:
+            take = min(count, self.steps_per_epoch - batch)
+            with contextlib.closing(self._steps_from(epoch, batch)) as steps:
+                yield from itertools.islice(steps, take)
+            count, epoch, batch = count - take, epoch + 1, 0
 
     def _train_step(self, micro_batches: list) -> None:
         """One optimizer step: per weight sample (one for optimizers that train at the mean) a
         forward/backward of every micro-batch, each loss divided by their number so the
         gradients add up to the batch mean, synchronized by the last backward only; then the
         update. The logged loss is the mean over samples and micro-batches."""
-        losses, samples, accum = [], self.engine.mc_samples, len(micro_batches)
+        losses, samples = [], self.engine.mc_samples
+        for t in self.transforms:  # alpha-SVRG: the snapshot's gradient on this batch
+            with self.timer.phase("grad_transform"):
+                t.before_step(self.step, self.epoch, micro_batches)
         for k in range(samples):
             with self.timer.phase("optimizer"):
                 self.engine.sample(k)
             with self.timer.phase("forward_backward"):
-                for i, (images, labels) in enumerate(micro_batches):
-                    with self.engine.no_sync() if i + 1 < accum else contextlib.nullcontext():
-                        with self.autocast:
-                            loss = self.criterion(self.forward(images), labels)
-                        self.engine.backward(loss / accum)
-                    losses.append(loss.detach())
+                losses += self._forward_backward(micro_batches)
                 if k + 1 < samples:
                     self.engine.accumulate()
         with self.timer.phase("optimizer"):
@@ -192,6 +234,25 @@ class Trainer:
         self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
         self.window_losses.append(sum(losses) / len(losses))
         self.progress.update(1)
+
+    def _forward_backward(self, micro_batches: list) -> list[torch.Tensor]:
+        """Forward/backward of one step's micro-batches, each loss divided by their number so
+        the gradients add up to the batch mean, synchronized by the last backward only; returns
+        the losses."""
+        losses, accum = [], len(micro_batches)
+        for i, (images, labels) in enumerate(micro_batches):
+            with self.engine.no_sync() if i + 1 < accum else contextlib.nullcontext():
+                with self.autocast:
+                    loss = self.criterion(self.forward(images), labels)
+                self.engine.backward(loss / accum)
+            losses.append(loss.detach())
+        return losses
+
+    def _gradient(self, micro_batches: list) -> list[torch.Tensor]:
+        """The averaged gradient of one step's micro-batches at the weights the model holds,
+        as this rank holds it after the engine's reduction (for gradient transforms)."""
+        self._forward_backward(micro_batches)
+        return self.engine.reduced_grads()
 
     def _end_epoch(self) -> dict | None:
         """After an epoch's last batch: move to the next epoch and validate when due."""
@@ -227,6 +288,7 @@ class Trainer:
             "train/resolution": resolution_at_epoch(self.epoch, d.start_res, d.end_res, d.ramp_start_epoch,
                                                     d.ramp_end_epoch, d.res_step),
             "optimizer/state_mib_per_rank": state_bytes / 2**20,
+            **{k: v for t in self.transforms for k, v in t.log_values().items()},
             **self.timer.pop_ms_per_step(steps), **memory_stats(self.device)}, self.step)
         self.progress.set_postfix(loss=f"{mean_loss:.3f}")
         self.window_losses, self.window_start = [], time.perf_counter()
@@ -254,9 +316,14 @@ class Trainer:
         if self.window_losses:
             self._window_mean_loss()  # a NaN since the last log is reported before anything is saved
         self.engine.sync_buffers()
+        values, grad_state = {}, {}
+        for t in self.transforms:
+            values[t.name], tensors = t.state_dict()
+            grad_state.update({f"{t.name}/{key}": v for key, v in tensors.items()})
         self.checkpointer.save(self.engine, self.cfg, step=self.step, epoch=self.epoch,
                                batch_in_epoch=self.batch_in_epoch, scheduler=self.scheduler.state_dict(),
-                               rng=capture_rng(), ema=self.ema.state() if self.ema else None)
+                               rng=capture_rng(), ema=self.ema.state() if self.ema else None,
+                               transforms=values, grad_state=grad_state)
 
     @torch.no_grad()
     def _validate(self) -> dict:
