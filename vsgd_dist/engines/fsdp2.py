@@ -109,8 +109,8 @@ class FSDP2Engine(Engine):
         for key, by_name in files[0]["tensors"].items():
             full[key] = {}
             for name in by_name:
-                pieces = sorted((f["rows"][name][0], f["tensors"][key][name]) for f in files
-                                if f["rows"][name][1] > f["rows"][name][0]), key=lambda piece: piece[0])
+                pieces = sorted(((f["rows"][name][0], f["tensors"][key][name]) for f in files
+                                 if f["rows"][name][1] > f["rows"][name][0]), key=lambda piece: piece[0])
                 full[key][name] = torch.cat([piece for _, piece in pieces])
         return full
 
