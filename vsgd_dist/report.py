@@ -71,7 +71,7 @@ def load_run(path: Path) -> Run:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     recipe = yaml.safe_load((path / RECIPE_FILE).read_text())
-    label = f"{recipe['optim']['name']} ({recipe['engine']['name']}, {recipe['model']['name']}, lr {recipe['optim']['lr']:g})"
+    label = f"{_optimizer_label(recipe)} ({recipe['engine']['name']}, {recipe['model']['name']}, lr {recipe['optim']['lr']:g})"
     acc = EventAccumulator(str(path / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     setting = {k: v for k, v in _flatten(recipe).items() if k not in NOT_GROUPED}
@@ -84,6 +84,16 @@ def load_run(path: Path) -> Run:
         walls += [e.wall_time for e in events]
     run.wall_s = max(walls) - min(walls) if walls else 0.0
     return run
+
+
+def _optimizer_label(recipe: dict) -> str:
+    """The optimizer's name, with the gradient transform that feeds it: "vsgd + alpha-SVRG
+    0.75 (cached)" for svrg.alpha0 = 0.75 in cached mode (vanilla is not named)."""
+    svrg = recipe.get("svrg") or {}
+    if not svrg.get("alpha0"):
+        return recipe["optim"]["name"]
+    mode = f" ({svrg['mode']})" if svrg.get("mode", "vanilla") != "vanilla" else ""
+    return f"{recipe['optim']['name']} + alpha-SVRG {svrg['alpha0']:g}{mode}"
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -167,7 +177,9 @@ def _throughput_ratios(groups: dict[str, list[Run]]) -> list[str]:
             context = re.sub(r", lr [^,]*", "", label.split("(", 1)[1][:-1])
             mine = statistics.fmean(r.mean_after_first("train/images_per_s") for r in members)
             adamw = statistics.fmean(r.mean_after_first("train/images_per_s") for r in peers)
-            lines.append(f"{name.upper()} throughput relative to AdamW ({context}): {mine / adamw:.3f}")
+            shown = label.split(" (", 1)[0]  # the optimizer, with its gradient transform if any
+            lines.append(f"{shown.replace(name, name.upper(), 1)} throughput relative to "
+                         f"{shown.replace(name, 'AdamW', 1)} ({context}): {mine / adamw:.3f}")
     return lines
 
 
