@@ -103,6 +103,7 @@ class AlphaSVRG(GradientTransform):
         self._measure = False  # whether this step is logged (then its variances are measured)
         self._variance: torch.Tensor | None = None
         self._snapshot_variance: torch.Tensor | None = None
+        self.extra_steps = 0  # forward/backward passes over a step's batch beyond training's own, so far
 
     # ---- the schedule ----------------------------------------------------------------------
     def coefficient(self, interval: int) -> float:
@@ -148,6 +149,7 @@ class AlphaSVRG(GradientTransform):
                         self.cache[step + offset] = [g.clone() for g in grads]
                 self.engine.zero_grad()
                 count += 1
+        self.extra_steps += count
         torch._foreach_div_(total, count)
         self.full_grad = total
         self.snapshot = snapshot if self.cfg.mode == "vanilla" else None
@@ -168,6 +170,7 @@ class AlphaSVRG(GradientTransform):
             with self.engine.weights_swapped(self.snapshot), isolated(self.engine.model):
                 snapshot_grad = [g.clone() for g in self.gradient(micro_batches)]
                 self.engine.zero_grad()
+            self.extra_steps += 1
         torch._foreach_sub_(snapshot_grad, self.full_grad)
         self._diff = snapshot_grad
 
@@ -191,8 +194,11 @@ class AlphaSVRG(GradientTransform):
         to the snapshot's full gradient, summed over all weights) and svrg/grad_var_corrected
         (the same for the corrected gradient); after a pass, svrg/grad_var_snapshot (the
         variance of the pass's minibatch gradients around F(theta~)); svrg/state_mib (this
-        rank's snapshot, full gradient and cache)."""
-        values = {"svrg/alpha": self._alpha_step, "svrg/state_mib": self.state_bytes() / 2**20}
+        rank's snapshot, full gradient and cache); svrg/extra_steps (forward/backward passes
+        over a step's batch it ran so far: the pass and, in vanilla mode, the snapshot's per
+        step; the compute of step s is s + extra_steps steps' worth)."""
+        values = {"svrg/alpha": self._alpha_step, "svrg/state_mib": self.state_bytes() / 2**20,
+                  "svrg/extra_steps": float(self.extra_steps)}
         names, pending = [], []
         if self._variance is not None:
             names += ["svrg/grad_var", "svrg/grad_var_corrected"]
@@ -214,7 +220,7 @@ class AlphaSVRG(GradientTransform):
 
     # ---- checkpoints -----------------------------------------------------------------------
     def state_dict(self):
-        values = {"interval": self.interval, "alpha": self.alpha}
+        values = {"interval": self.interval, "alpha": self.alpha, "extra_steps": self.extra_steps}
         tensors = {}
         if self.full_grad is not None:
             tensors["full_grad"] = self.full_grad
@@ -227,7 +233,10 @@ class AlphaSVRG(GradientTransform):
         """Continue the saved interval; saved at its end (or with another snapshot_every), the
         next `prepare` starts a new one. What this mode needs but the checkpoint lacks (a cached
         run resumed as vanilla has no snapshot) also makes `prepare` take a snapshot here."""
-        if values is None or values["interval"] != step // self.every:
+        if values is None:
+            return
+        self.extra_steps = int(values.get("extra_steps", 0))
+        if values["interval"] != step // self.every:
             return
         self.interval, self.alpha = int(values["interval"]), float(values["alpha"])
         self.full_grad, self.snapshot = tensors.get("full_grad"), tensors.get("snapshot")
