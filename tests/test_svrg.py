@@ -307,6 +307,12 @@ def test_trainer_bitwise_modes_resume_variance_and_report(tmp_path):
     # Early in training (the first interval) the correction lowers the gradient's variance.
     assert all(corrected[s] < plain_var[s] for s in range(1, 6)), (plain_var, corrected)
     assert {s for s, _ in scalars(tmp_path / "vanilla", "svrg/grad_var_snapshot")} == {1, 6}
+    # Extra forward/backward passes: a pass of 5 steps per interval, and in vanilla mode the
+    # snapshot's on each step but the first (whose gradient the pass already has).
+    extra = dict(scalars(tmp_path / "vanilla", "svrg/extra_steps"))
+    assert [extra[s] for s in (1, 2, 5, 6, 10, 12)] == [5, 6, 9, 14, 18, 18]
+    assert dict(scalars(tmp_path / "cached", "svrg/extra_steps"))[12] == 10
+    assert scalars(tmp_path / "stopped", "svrg/extra_steps") == scalars(tmp_path / "vanilla", "svrg/extra_steps")
     state = dict(scalars(tmp_path / "vanilla", "svrg/state_mib"))
     cached = dict(scalars(tmp_path / "cached", "svrg/state_mib"))
     assert state[1] > 0 and cached[1] > state[1] and state[12] == 0
@@ -317,3 +323,5 @@ def test_trainer_bitwise_modes_resume_variance_and_report(tmp_path):
     report = (tmp_path / "r" / "report.md").read_text()
     assert "| vsgd (zero, resnet_tiny, lr 0.01) | 1 |" in report
     assert "| vsgd + alpha-SVRG 0.75 (zero, resnet_tiny, lr 0.01) | 1 |" in report
+    assert "| final train loss | train loss at 12 steps' compute |" in report  # the plain run's budget
+    assert (tmp_path / "r" / "train_loss_equal_compute.png").stat().st_size > 5000

@@ -23,7 +23,7 @@ RECIPE_FILE = "recipe.yaml"
 # Not part of what a run is: the seed is what a group's members vary, the rest where and how it ran.
 NOT_GROUPED = {"train.seed", "train.out", "train.progress"}
 SCALARS = ("train/loss", "train/images_per_s", "val/top1", "val/top5", "val/nll", "val/ece", "val/predictive_top1",
-           "val/predictive_nll", "val/predictive_ece", "optimizer/state_mib_per_rank")
+           "val/predictive_nll", "val/predictive_ece", "optimizer/state_mib_per_rank", "svrg/extra_steps")
 # (header, tag, scale, format) of the table's metric columns, all at the final validation;
 # "predictive" is the posterior predictive of optimizers that train at weight samples (IVON).
 FINAL_COLUMNS = (("final top-5", "val/top5", 100, ".2f"), ("NLL", "val/nll", 1, ".4f"),
@@ -48,6 +48,12 @@ class Run:
 
     def best(self, tag: str) -> float:
         return max(v for _, v in self.curves[tag]) if self.curves.get(tag) else float("nan")
+
+    def loss_at_compute(self) -> list[tuple[float, float]]:
+        """(compute, train loss), compute in steps' worth of forward/backward passes: the step
+        plus the passes a gradient transform added by then (alpha-SVRG's `svrg/extra_steps`)."""
+        extra = dict(self.curves.get("svrg/extra_steps", []))
+        return [(step + extra.get(step, 0.0), loss) for step, loss in self.curves.get("train/loss", [])]
 
     def mean_after_first(self, tag: str) -> float:
         """Mean of a logged rate without its first window (start-up and compilation)."""
@@ -138,8 +144,14 @@ def compare(paths: list[str], out: str | Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     # Columns no run logged (the predictive ones without IVON, NLL in older runs) are left out.
     columns = [c for c in FINAL_COLUMNS if any(r.curves.get(c[1]) for rs in groups.values() for r in rs)]
+    # Runs that cost more per step (alpha-SVRG's extra passes) are also read at the compute the
+    # cheapest run spent in all: its final loss against their loss when they had spent as much.
+    budget = min((r.loss_at_compute()[-1][0] for rs in groups.values() for r in rs if r.loss_at_compute()),
+                 default=0.0)
+    extra_compute = any(r.curves.get("svrg/extra_steps") for rs in groups.values() for r in rs)
+    compute_header = [f"train loss at {budget:g} steps' compute"] if extra_compute else []
     headers = ["run", "seeds", "final top-1", "best top-1", *(c[0] for c in columns), "final train loss",
-               "images/s", "train time (s)", "optimizer state per rank (MiB)"]
+               *compute_header, "images/s", "train time (s)", "optimizer state per rank (MiB)"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for label, members in groups.items():
         lines.append(" | ".join([
@@ -148,6 +160,7 @@ def compare(paths: list[str], out: str | Path) -> str:
             _mean_spread([r.best("val/top1") * 100 for r in members], ".2f"),
             *(_mean_spread([r.final(tag) * scale for r in members], fmt) for _, tag, scale, fmt in columns),
             _mean_spread([r.final("train/loss") for r in members], ".4f"),
+            *([_mean_spread([_loss_within(r, budget) for r in members], ".4f")] if extra_compute else []),
             _mean_spread([r.mean_after_first("train/images_per_s") for r in members], ".0f"),
             _mean_spread([r.wall_s for r in members], ".0f"),
             _mean_spread([r.final("optimizer/state_mib_per_rank") for r in members], ".3f")]) + " |")
@@ -158,6 +171,12 @@ def compare(paths: list[str], out: str | Path) -> str:
     markdown = "\n".join(lines) + "\n"
     (out / "report.md").write_text(markdown)
     return markdown
+
+
+def _loss_within(run: Run, budget: float) -> float:
+    """The train loss logged last before the run's compute passed `budget`."""
+    within = [loss for compute, loss in run.loss_at_compute() if compute <= budget]
+    return within[-1] if within else float("nan")
 
 
 def _throughput_ratios(groups: dict[str, list[Run]]) -> list[str]:
@@ -208,6 +227,20 @@ def _plot(groups: dict[str, list[Run]], out: Path) -> list[str]:
         fig.savefig(out / f"{name}.png", dpi=100)
         plt.close(fig)
         names.append(name)
+    if any(r.curves.get("svrg/extra_steps") for rs in groups.values() for r in rs):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, (label, members) in enumerate(groups.items()):
+            for j, run in enumerate(members):
+                if run.loss_at_compute():
+                    ax.plot(*zip(*run.loss_at_compute()), color=f"C{i}", alpha=0.8, label=label if j == 0 else None)
+        ax.set_xlabel("compute (steps' worth of forward/backward passes)")
+        ax.set_title("train loss at equal compute")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "train_loss_equal_compute.png", dpi=100)
+        plt.close(fig)
+        names.append("train_loss_equal_compute")
     return names
 
 
