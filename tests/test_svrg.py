@@ -29,6 +29,7 @@ from torch import nn
 
 from vsgd_dist.config import ConfigError, RunConfig, load_recipe
 from vsgd_dist.engines import build_engine, engine_class
+from vsgd_dist.optim.ivon import IVONHparams
 from vsgd_dist.spawn import run_distributed
 from vsgd_dist.train.checkpoint import Checkpointer, latest_checkpoint, open_checkpoint
 from vsgd_dist.transforms import GRADIENT_TRANSFORMS, AlphaSVRG, SVRGConfig
@@ -135,11 +136,12 @@ class TinyRun:
     """What the trainer does with alpha-SVRG, for one rank on a tiny regression problem: each
     rank takes its slice of the step's global batch."""
 
-    def __init__(self, rank, world, engine, mode="vanilla", stage=2):
+    def __init__(self, rank, world, engine, mode="vanilla", stage=2, optimizer="vsgd"):
         self.rank, self.world = rank, world
         cfg = RunConfig()
         cfg.engine.name, cfg.engine.zero_stage, cfg.engine.bucket_mb = engine, stage, BUCKET_MB
-        cfg.optim.name, cfg.optim.lr = "vsgd", 0.05
+        cfg.optim.name, cfg.optim.lr = optimizer, 0.05
+        cfg.optim.ivon = IVONHparams(ess=50.0, hess_init=0.5, beta2=0.99, mc_samples=2)  # used by optimizer=ivon
         cfg.svrg = SVRGConfig(alpha0=0.75, snapshot_every=EVERY, mode=mode)
         self.cfg = cfg
         self.engine = build_engine(tiny_model(), cfg, cfg.optim.lr)
@@ -158,11 +160,18 @@ class TinyRun:
         return self.engine.reduced_grads()
 
     def train(self, start, stop):
+        """Steps as the trainer runs them: per weight sample (IVON: 2, each corrected before its
+        accumulation) a forward/backward, then the step."""
         for step in range(start, stop):
             self.svrg.prepare(step, 0, lambda count, s=step: (self.mine(s + i) for i in range(count)))
             self.svrg.before_step(step, 0, self.mine(step))
-            self.gradient(self.mine(step))
+            for k in range(self.engine.mc_samples):
+                self.engine.sample(k)
+                self.gradient(self.mine(step))
+                if k + 1 < self.engine.mc_samples:
+                    self.engine.accumulate()
             self.engine.step()
+        self.engine.restore()
         return self
 
     def weights(self) -> dict:
@@ -206,7 +215,9 @@ def ranks_of_two(rank, world, root):
             "zero_stage1": TinyRun(rank, world, "zero", stage=1).train(0, STEPS).weights(),
             "ddp": TinyRun(rank, world, "ddp").train(0, STEPS).weights(),
             "fsdp2": TinyRun(rank, world, "fsdp2").train(0, STEPS).weights(),
-            "zero_cached": TinyRun(rank, world, "zero", mode="cached").train(0, STEPS).weights()}
+            "zero_cached": TinyRun(rank, world, "zero", mode="cached").train(0, STEPS).weights(),
+            "ivon_zero": TinyRun(rank, world, "zero", optimizer="ivon").train(0, STEPS).weights(),
+            "ivon_ddp": TinyRun(rank, world, "ddp", optimizer="ivon").train(0, STEPS).weights()}
     TinyRun(rank, world, "zero").train(0, STOP).save(f"{root}/stopped", STOP)
     TinyRun(rank, world, "zero", mode="cached").train(0, STOP).save(f"{root}/stopped_cached", STOP)
     layout_payload(rank, world, f"{root}/layout")
@@ -215,7 +226,8 @@ def ranks_of_two(rank, world, root):
 
 def resumed_elsewhere(rank, world, root):
     """Each rank count and engine resumes the 2-rank zero checkpoints written mid-interval."""
-    runs = {"zero": TinyRun(rank, world, "zero").train(0, STEPS).weights()}
+    runs = {"zero": TinyRun(rank, world, "zero").train(0, STEPS).weights(),
+            "ivon_zero": TinyRun(rank, world, "zero", optimizer="ivon").train(0, STEPS).weights()}
     for engine in ("zero", "ddp"):
         for mode in ("vanilla", "cached"):
             run = TinyRun(rank, world, engine, mode=mode)
@@ -248,9 +260,14 @@ def test_sharded_engines_equal_one_process_and_checkpoints_reshard(tmp_path):
         assert torch.equal(full["weights"][name], p.detach()), name
     assert one["layout_equal"] and one["weights_equal"] and three["layout_equal"] and three["weights_equal"]
 
-    # One process holding everything (zero at 1 rank) is the reference.
+    # One process holding everything (zero at 1 rank) is the reference; IVON's (2 weight
+    # samples a step, its noise the same at any world size) that of IVON.
+    for label, weights in {"2 ranks zero": two["ivon_zero"], "2 ranks ddp": two["ivon_ddp"],
+                           "3 ranks zero": three["ivon_zero"]}.items():
+        for name, value in one["ivon_zero"].items():
+            np.testing.assert_allclose(weights[name], value, rtol=1e-4, atol=1e-6, err_msg=f"IVON {label} {name}")
     reference = one["zero"]
-    runs = {**{f"2 ranks {k}": v for k, v in two.items()}, "3 ranks zero": three["zero"],
+    runs = {**{f"2 ranks {k}": v for k, v in two.items() if not k.startswith("ivon")}, "3 ranks zero": three["zero"],
             **{f"1 rank {k}": v for k, v in one.items() if k.startswith("resumed")},
             **{f"3 ranks {k}": v for k, v in three.items() if k.startswith("resumed")}}
     for label, weights in runs.items():
