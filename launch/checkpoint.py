@@ -5,7 +5,9 @@ file and optimizer-state sizes), every file checked against its checksum. conver
 consolidate it in this one process (no torch.distributed) into one file that
 `torch.load(FILE, weights_only=True)` reads as {"step", "model": {name: tensor},
 "optimizer": {param name: {state key: tensor or number}}, "param_groups", "optimizer_class",
-"master" (fp32 masters of bf16 weights, else empty), "source" (the checkpoint's meta.json)}.
+"master" (fp32 masters of bf16 weights, else empty), "source" (the checkpoint's meta.json)},
+and, when the run used a gradient transform, "grad_state": {key: {param name: tensor}}
+(alpha-SVRG's snapshot, full gradient and cached gradients, e.g. "svrg/full_grad").
 """
 from __future__ import annotations
 
@@ -81,6 +83,10 @@ def write_consolidated(meta: dict, read, out: Path) -> None:
     from vsgd_dist.engines import full_state
 
     full = full_state(lambda rank: read(rank)["engine"], meta)
+    if meta.get("grad_state"):
+        from vsgd_dist.engines import engine_class
+
+        full["grad_state"] = engine_class(meta["engine"]).grad_state_full(lambda rank: read(rank)["engine"], meta)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     try:

@@ -176,7 +176,8 @@ class TinyRun:
 
     def weights(self) -> dict:
         state = self.engine.model.state_dict()
-        return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().numpy().copy() for k, v in state.items()}
+        return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().numpy().copy()
+                for k, v in state.items()}
 
     def save(self, folder, step):
         values, tensors = self.svrg.state_dict()
@@ -342,3 +343,12 @@ def test_trainer_bitwise_modes_resume_variance_and_report(tmp_path):
     assert "| vsgd + alpha-SVRG 0.75 (zero, resnet_tiny, lr 0.01) | 1 |" in report
     assert "| final train loss | train loss at 12 steps' compute |" in report  # the plain run's budget
     assert (tmp_path / "r" / "train_loss_equal_compute.png").stat().st_size > 5000
+
+    # The stopped run's checkpoint (step 7, mid-interval) consolidated offline holds the state by name.
+    step_7 = tmp_path / "stopped" / "checkpoints" / "step_00000007"
+    assert launch(["checkpoint", "convert", str(step_7), "--out", str(tmp_path / "c.pt")]) == 0
+    consolidated = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert consolidated["step"] == 7 and set(consolidated["grad_state"]) == {"svrg/full_grad", "svrg/snapshot"}
+    for key in ("svrg/full_grad", "svrg/snapshot"):
+        assert {k: v.shape for k, v in consolidated["grad_state"][key].items()} == {
+            k: v.shape for k, v in consolidated["model"].items() if k in consolidated["optimizer"]}

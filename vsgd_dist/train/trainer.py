@@ -154,10 +154,11 @@ class Trainer:
             restore_rng(loaded["rng"])
             if self.ema is not None:
                 self.ema.load(loaded["ema"])
-        for t in self.transforms:  # their snapshots and caches, resharded like optimizer state
-            saved = loaded.get("grad_state", {}) if loaded else {}
-            t.load_state_dict(loaded.get("transforms", {}).get(t.name) if loaded else None,
-                              {k.split("/", 1)[1]: v for k, v in saved.items() if k.startswith(t.name + "/")}, self.step)
+        saved = loaded or {}
+        for t in self.transforms:  # alpha-SVRG's snapshot and caches, resharded like optimizer state
+            tensors = {k.split("/", 1)[1]: v for k, v in saved.get("grad_state", {}).items()
+                       if k.startswith(t.name + "/")}
+            t.load_state_dict(saved.get("transforms", {}).get(t.name), tensors, self.step)
         self.progress = make_progress(self.total_steps, self.step,
                                       enabled=self.rank == 0 and self.cfg.train.progress)
 
