@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -461,3 +463,13 @@ def test_unworkable_settings_are_errors(dataset, train_loader):
         set_train_resolution(train_loader[1], 0)
     with pytest.raises(DataError, match="start_batch 7 is outside"):
         iterate_from(train_loader[1], 0, start_batch=7)
+
+
+def test_ffcv_imported_through_vsgd_dist_data_has_its_image_modes_without_numba_compiling():
+    """vsgd_dist/data/ffcv_import.py: same mapping, numba's typed Dict untouched afterwards."""
+    code = ("import vsgd_dist.data, ffcv.loader, numba.typed, numba.typed.typeddict as t\n"
+            "from ffcv.fields.rgb_image import IMAGE_MODES\n"
+            "assert IMAGE_MODES == {'jpg': 0, 'raw': 1} and numba.typed.Dict is t.Dict\n"
+            "assert not t._setitem.signatures  # numba compiled no dict operation\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr

@@ -17,14 +17,13 @@ Tolerances (and why):
 - BatchNorm: bitwise against the same forwards run by hand (what happens, stated in
   `check_batchnorm`).
 - the trainer: a resume at the same world size repeats the losses bit for bit.
-- the digits demo, 3 seeds: IVON's mean top-1 >= AdamW's - 0.01. Its posterior predictive
+- the digits demo, seed 0: IVON's top-1 >= AdamW's - 0.01. Its posterior predictive
   is NOT better calibrated there (underconfident models; see that test): what is tested is
   predictive confidence < mean confidence < accuracy.
 """
 from __future__ import annotations
 
 import math
-import statistics
 from pathlib import Path
 
 import numpy as np
@@ -395,29 +394,24 @@ def test_deepspeed_refuses_ivon_before_any_process_starts(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------- the demo
-SEEDS = (0, 1, 2)
-
-
-@pytest.mark.timeout(3600)
+@pytest.mark.timeout(900)
 def test_demo_ivon_trains_like_adamw_and_its_predictive_is_less_confident(tmp_path):
-    """The digits demo at its recipe's values, 3 seeds. IVON's mean top-1 is at least AdamW's
-    minus one point. The issue also asks for a posterior predictive with a lower ECE than the
-    mean prediction: measured, that does not hold here (README): after 300 steps every model
-    is underconfident (its mean top-1 probability is below its accuracy; AdamW too, with or
+    """The digits demo at its recipe's values, seed 0 (the 3-seed comparison with confidence
+    intervals is scripts/compare.sh's, in README). IVON's top-1 is at least AdamW's minus one
+    point. The issue also asks for a posterior predictive with a lower ECE than the mean
+    prediction: measured, that does not hold here (README): after 300 steps every model is
+    underconfident (its mean top-1 probability is below its accuracy; AdamW too, with or
     without label smoothing), and averaging the softmax over weight samples lowers the
     confidence further, so ECE rises. What holds, and is tested: predictive confidence <
-    mean confidence < accuracy, for every seed."""
+    mean confidence < accuracy."""
     final = {}
     for opt in ("ivon", "adamw"):
-        for seed in SEEDS:
-            out = tmp_path / f"{opt}{seed}"
-            assert launch(["run", "recipes/demo.yaml", "--nproc", "2", f"optimizer={opt}", f"seed={seed}",
-                           f"out={out}", "train.progress=false"]) == 0
-            acc = scalars(out)
-            final[opt, seed] = {tag: values(acc, tag)[300] for tag in acc.Tags()["scalars"] if tag.startswith("val/")}
-    top1 = {opt: statistics.fmean(final[opt, s]["val/top1"] for s in SEEDS) for opt in ("ivon", "adamw")}
-    assert top1["ivon"] >= top1["adamw"] - 0.01, (top1, final)
-    for seed in SEEDS:
-        ivon = final["ivon", seed]
-        assert ivon["val/predictive_confidence"] < ivon["val/confidence"] < ivon["val/top1"], (seed, ivon)
-        assert math.isfinite(ivon["val/predictive_nll"]) and ivon["val/predictive_top1"] > 0.9, (seed, ivon)
+        out = tmp_path / opt
+        assert launch(["run", "recipes/demo.yaml", "--nproc", "2", f"optimizer={opt}", "seed=0", f"out={out}",
+                       "train.progress=false"]) == 0
+        acc = scalars(out)
+        final[opt] = {tag: values(acc, tag)[300] for tag in acc.Tags()["scalars"] if tag.startswith("val/")}
+    ivon = final["ivon"]
+    assert ivon["val/top1"] >= final["adamw"]["val/top1"] - 0.01, final
+    assert ivon["val/predictive_confidence"] < ivon["val/confidence"] < ivon["val/top1"], ivon
+    assert math.isfinite(ivon["val/predictive_nll"]) and ivon["val/predictive_top1"] > 0.9, ivon
