@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -162,21 +163,60 @@ def losses_and_top1(run_dir: Path):
     return [e.value for e in acc.Scalars("train/loss")], [e.value for e in acc.Scalars("val/top1")]
 
 
+LENGTH_KEYS = {"data.ramp_start_epoch", "data.ramp_end_epoch", "schedule.warmup_epochs", "train.epochs"}
+"""What a training-length variant (resnet50_vsgd_16ep.yaml over resnet50_vsgd.yaml) may set
+besides its `recipe:` description."""
+
+
+def leaf_keys(tree: dict, prefix: str = "") -> dict:
+    return {k: v for key, value in tree.items()
+            for k, v in (leaf_keys(value, f"{prefix}{key}.") if isinstance(value, dict)
+                         else {f"{prefix}{key}": value}).items()}
+
+
+def length_variant_of(recipe: Path) -> Path | None:
+    """The runnable recipe this one only shortens or lengthens, or None."""
+    sections = yaml.safe_load(recipe.read_text())
+    base = sections.pop("base", None)
+    sections.pop("recipe", None)
+    if base is None or base.startswith("_") or not set(leaf_keys(sections)) <= LENGTH_KEYS:
+        return None
+    return recipe.parent / base
+
+
+VARIANTS = {r.stem: length_variant_of(r) for r in RECIPES if length_variant_of(r)}
+RUN = [r for r in RECIPES if r.stem not in VARIANTS]
+
+
+def test_training_length_variants_differ_from_a_recipe_that_runs_only_in_length():
+    """A variant runs the code of the recipe it is based on (which the next test runs end to
+    end): only its epochs, warmup and resolution ramp differ."""
+    assert set(VARIANTS) == {"resnet50_adamw_16ep", "resnet50_adamw_32ep", "resnet50_vsgd_16ep",
+                             "resnet50_vsgd_32ep", "resnet50_sgd_16ep"}
+    for variant, base in VARIANTS.items():
+        assert base in RUN, (variant, base)
+        mine, theirs = (leaf_keys(load_recipe(r, world_size=8).to_dict()) for r in (f"recipes/imagenet/{variant}.yaml",
+                                                                                    base))
+        differ = {k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)}
+        assert {k for k in differ if not k.startswith("recipe.")} <= LENGTH_KEYS, (variant, differ)
+        assert mine["train.epochs"] != theirs["train.epochs"], variant
+
+
 # A resume costs a second launch (process start-up and ffcv's pipeline compile): it is checked
 # on one recipe per model, every other recipe trains, checkpoints and validates once.
-RESUMED = {"resnet18_vsgd", "resnet50_sgd_16ep", "vit_s16_adamw", "vit_b16_vsgd"}
+RESUMED = {"resnet18_vsgd", "resnet50_sgd_88ep", "vit_s16_adamw", "vit_b16_vsgd"}
 
 
 @pytest.mark.timeout(3600)
 def test_every_imagenet_recipe_trains_checkpoints_and_resumes(imagenet_shaped, tmp_path):
-    """Each recipe as written, on 2 CPU processes: only the data folder, decoding threads,
-    32 px images (ViTs: 2x2 patches), a global batch of 8 and 2 steps are overridden (bf16
-    runs on CPU). For one recipe per model the first launch stops after step 1 with a
-    checkpoint, as a preemption would, and the same command resumes; the others run both
-    steps in one launch. Each then validates and holds the step-2 checkpoint."""
-    assert RECIPES, "no recipe found in recipes/imagenet"
-    assert RESUMED <= {r.stem for r in RECIPES}
-    for recipe in RECIPES:
+    """Each recipe as written (but the length variants above), on 2 CPU processes: only the
+    data folder, decoding threads, 32 px images (ViTs: 2x2 patches), a global batch of 8 and 2
+    steps are overridden (bf16 runs on CPU). For one recipe per model the first launch stops
+    after step 1 with a checkpoint, as a preemption would, and the same command resumes; the
+    others run both steps in one launch. Each then validates and holds the step-2 checkpoint."""
+    assert RUN, "no recipe found in recipes/imagenet"
+    assert RESUMED <= {r.stem for r in RUN}
+    for recipe in RUN:
         start = time.perf_counter()
         out = tmp_path / recipe.stem
         command = ["run", str(recipe), "--nproc", "2", f"out={out}", f"data.data_dir={imagenet_shaped}",
