@@ -12,5 +12,5 @@ OUT=${COMPARE_OUT:-runs/compare}
 SHARED=(seed=0,1,2 max_steps=150 data.minival=300 train.progress=false --local --nproc 2 --parallel 2)
 .venv/bin/python -m launch sweep recipes/demo.yaml optimizer=vsgd,adamw lr=0.003,0.01,0.03 "${SHARED[@]}" \
   --out "$OUT/vsgd_adamw"
-.venv/bin/python -m launch sweep recipes/demo.yaml optimizer=ivon lr=0.03,0.1,0.3 "${SHARED[@]}" --out "$OUT/ivon"
+.venv/bin/python -m launch sweep recipes/demo.yaml optimizer=ivon lr=0.01,0.03,0.1 "${SHARED[@]}" --out "$OUT/ivon"
 .venv/bin/python -m launch compare "$OUT/vsgd_adamw" "$OUT/ivon" --out "$OUT/report"
