@@ -196,3 +196,22 @@ def test_prediction_sums_add_over_ranks_into_top1_nll_and_ece():
     assert whole["nll"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
     assert whole["top1"] == correct.mean().item() and 0.1 < whole["top1"] < 1
     assert whole["confidence"] == pytest.approx(confidence.mean().item(), rel=1e-12)
+
+
+def test_a_resumed_runs_writer_hides_what_the_killed_run_logged_after_its_checkpoint(tmp_path):
+    """Killed after logging step 15 with its last checkpoint at 10, a run resumes at 10 and
+    logs 11 on again: readers see each step once, the resumed run's value."""
+    from vsgd_dist.metrics import RunLogger
+
+    killed = RunLogger(str(tmp_path), enabled=True)
+    for step in range(1, 16):
+        killed.scalars({"train/loss": float(step)}, step)
+    killed.close()
+    resumed = RunLogger(str(tmp_path), enabled=True, purge_step=11)
+    for step in range(11, 21):
+        resumed.scalars({"train/loss": step + 0.5}, step)
+    resumed.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == (
+        [(s, float(s)) for s in range(1, 11)] + [(s, s + 0.5) for s in range(11, 21)])

@@ -12,12 +12,14 @@ import torch
 class RunLogger:
     """TensorBoard writer on rank 0; every method is a no-op on the other ranks."""
 
-    def __init__(self, log_dir: str, enabled: bool):
+    def __init__(self, log_dir: str, enabled: bool, purge_step: int | None = None):
+        """`purge_step`: on a resume, the first step this run logs; readers hide the earlier
+        events at that step or later (those a killed run logged after its last checkpoint)."""
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=log_dir)
+            self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer:

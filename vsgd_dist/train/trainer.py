@@ -86,7 +86,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------ the pieces
     def _setup(self) -> None:
-        """Data, model, engine (wrapper + optimizer), LR schedule, EMA, logging."""
+        """Data, model, engine (wrapper + optimizer), LR schedule, EMA, step timer."""
         cfg, tc = self.cfg, self.cfg.train
         self.rank, self.world = rank_and_world()
         self.device = pick_device()
@@ -139,14 +139,14 @@ class Trainer:
         self.engine.grad_transforms = [t.apply for t in self.transforms]
 
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=tc.keep_checkpoints)
-        self.logger = RunLogger(str(self.run_dir / "tb"), enabled=self.rank == 0)
         self.timer = StepTimer(self.device)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.window_losses, self.window_start = [], time.perf_counter()
 
     def _resume(self) -> None:
         """Continue where the latest checkpoint left off: weights, optimizer shards, schedule,
-        data position, RNG, EMA. The TensorBoard step is the optimizer step."""
+        data position, RNG, EMA; then the TensorBoard writer. The TensorBoard step is the
+        optimizer step."""
         loaded = self.checkpointer.load_latest(self.engine, self.cfg)
         if loaded:
             self.step, self.epoch, self.batch_in_epoch = loaded["step"], loaded["epoch"], loaded["batch_in_epoch"]
@@ -154,6 +154,10 @@ class Trainer:
             restore_rng(loaded["rng"])
             if self.ema is not None:
                 self.ema.load(loaded["ema"])
+        # A run killed after its last checkpoint logged steps it will now log again: TensorBoard
+        # hides the old events from the first step this run will log on.
+        self.logger = RunLogger(str(self.run_dir / "tb"), enabled=self.rank == 0,
+                                purge_step=self.step + 1 if loaded else None)
         saved = loaded or {}
         for t in self.transforms:  # alpha-SVRG's snapshot and caches, resharded like optimizer state
             tensors = {k.split("/", 1)[1]: v for k, v in saved.get("grad_state", {}).items()
