@@ -137,6 +137,17 @@ def _mean_spread(values: list[float], fmt: str) -> str:
     return f"{format(statistics.fmean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
 
 
+def _save(fig, ax, path: Path) -> None:
+    """Grid, legend, tight layout, PNG at 100 dpi, figure closed: every report plot ends so."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def compare(paths: list[str], out: str | Path) -> str:
     """Write report.md and PNG plots into `out`; return the Markdown."""
     groups = group_runs([load_run(p) for p in find_runs(paths)])
@@ -220,26 +231,19 @@ def _plot(groups: dict[str, list[Run]], out: Path) -> list[str]:
                             label=label if j == 0 else None)
         ax.set_xlabel("step")
         ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
         name = tag.replace("/", "_")
-        fig.tight_layout()
-        fig.savefig(out / f"{name}.png", dpi=100)
-        plt.close(fig)
+        _save(fig, ax, out / f"{name}.png")
         names.append(name)
     if any(r.curves.get("svrg/extra_steps") for rs in groups.values() for r in rs):
         fig, ax = plt.subplots(figsize=(6, 4))
         for i, (label, members) in enumerate(groups.items()):
             for j, run in enumerate(members):
-                if run.loss_at_compute():
-                    ax.plot(*zip(*run.loss_at_compute()), color=f"C{i}", alpha=0.8, label=label if j == 0 else None)
+                curve = run.loss_at_compute()
+                if curve:
+                    ax.plot(*zip(*curve), color=f"C{i}", alpha=0.8, label=label if j == 0 else None)
         ax.set_xlabel("compute (steps' worth of forward/backward passes)")
         ax.set_title("train loss at equal compute")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "train_loss_equal_compute.png", dpi=100)
-        plt.close(fig)
+        _save(fig, ax, out / "train_loss_equal_compute.png")
         names.append("train_loss_equal_compute")
     return names
 
@@ -389,11 +393,7 @@ def _plot_tuned(selected: dict[str, Selected], out: Path) -> list[str]:
     ax.set_xlabel("peak LR (optim.lr)")
     ax.set_ylabel("top-1 (%), mean ± std over seeds")
     ax.set_title("LR sensitivity (star: selected on minival)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "lr_sensitivity.png", dpi=100)
-    plt.close(fig)
+    _save(fig, ax, out / "lr_sensitivity.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, sel in enumerate(selected.values()):
@@ -404,9 +404,5 @@ def _plot_tuned(selected: dict[str, Selected], out: Path) -> list[str]:
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (one line per seed)")
     ax.set_title("train loss at the selected points")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "train_loss_selected.png", dpi=100)
-    plt.close(fig)
+    _save(fig, ax, out / "train_loss_selected.png")
     return ["lr_sensitivity", "train_loss_selected"]
