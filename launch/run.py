@@ -47,16 +47,19 @@ def run(args, signals: ForwardSignals | None) -> int:
         print(f"launch run: --nproc must be at least 1, got {world}", file=sys.stderr)
         return 2
     from vsgd_dist.data import DataError, inspect_beton, resolve_dataset
+    from vsgd_dist.distributed import NodeLayoutError, ranks_per_node
     from vsgd_dist.train.checkpoint import check_run_dir, latest_checkpoint
 
     try:
         cfg = load_recipe(args.recipe, args.overrides, world_size=world)
+        if args.from_env and cfg.engine.shard_within == "node":
+            ranks_per_node(world)  # srun's layout, before joining the group
         check_data_workers(cfg.to_dict(), local_cores(), "a rank gets here")
         check_run_dir(Path(cfg.train.out), cfg)
         files = resolve_dataset(cfg.data)  # writes the demo data once, before the ranks start
         for split in (files.train, files.val):
             inspect_beton(split)
-    except (ConfigError, DataError, RecipeError) as e:
+    except (ConfigError, DataError, NodeLayoutError, RecipeError) as e:
         print(f"launch run: {e}", file=sys.stderr)
         return 2
     from vsgd_dist.spawn import RankFailed, run_distributed

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vsgd_dist.data.config import DataConfig
-from vsgd_dist.engines.registry import ENGINES
+from vsgd_dist.engines.registry import ENGINES, SHARD_WITHIN, SHARD_WITHIN_NODE
 from vsgd_dist.models import MODELS
 from vsgd_dist.optim import OPTIMIZERS
 from vsgd_dist.registry import import_plugins, suggest
@@ -112,6 +112,13 @@ class EngineConfig:
     """ZeRO stage for zero and deepspeed: 1 (shard optimizer state) or 2 (also gradients)."""
     bucket_mb: float = 25.0
     """Communication bucket size in MiB."""
+    shard_within: str = "world"
+    """Over which ranks zero and fsdp2 shard the optimizer state (and fsdp2 the parameters):
+    world (each of the N ranks holds 1/N) or node (each rank holds 1/(ranks per node), every
+    node holds a whole copy; gradients are reduce-scattered inside the node and the shards
+    all-reduced across nodes, and fsdp2 runs as HSDP on a (replicate, shard) mesh). Ranks per
+    node come from the launcher (LOCAL_WORLD_SIZE, SLURM's tasks per node) and must be the
+    same on every node."""
 
 
 @dataclass
@@ -209,6 +216,12 @@ class RunConfig:
             raise ConfigError("engine.name=deepspeed needs model.channels_last=false: DeepSpeed broadcasts the "
                               "parameters as bytes, which needs contiguous ones (the loaders deliver channels_last "
                               "images either way, so convolutions still run NHWC)")
+        if self.engine.shard_within not in SHARD_WITHIN:
+            raise ConfigError(f"engine.shard_within={self.engine.shard_within!r} is not one of {', '.join(SHARD_WITHIN)}"
+                              f"{suggest(self.engine.shard_within, SHARD_WITHIN)}")
+        if self.engine.shard_within == "node" and self.engine.name not in SHARD_WITHIN_NODE:
+            raise ConfigError(f"engine.shard_within=node needs engine.name={' or '.join(SHARD_WITHIN_NODE)}; "
+                              f"{self.engine.name} shards over the world or not at all: use engine.shard_within=world")
         if self.engine.zero_stage not in (1, 2):
             raise ConfigError(f"engine.zero_stage={self.engine.zero_stage} must be 1 or 2")
         tc = self.train

@@ -4,16 +4,19 @@ Every way a rank starts (local processes from `launch run`, `--from-env` under s
 on SLURM) joins its group through `init_process_group_from_env`, so there is one backend
 rule: on CUDA the group is "cuda:nccl,cpu:gloo" (NCCL for device tensors, gloo for the few
 host values such as a stop flag or a byte count), on CPU plain gloo. Host values are reduced
-through `reduce_host_values`, which never hands NCCL a CPU tensor.
+through `reduce_host_values`, which never hands NCCL a CPU tensor. `node_mesh` lays the ranks
+out as nodes x ranks per node, for engines that shard within each node.
 """
 from __future__ import annotations
 
 import os
+import re
 import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 DEFAULT_TIMEOUT_S = 600.0
 """Process-group timeout: how long a collective waits for a missing rank before failing."""
@@ -21,6 +24,10 @@ DEFAULT_TIMEOUT_S = 600.0
 
 class DeviceError(RuntimeError):
     """This rank cannot get the GPU its local rank asks for."""
+
+
+class NodeLayoutError(RuntimeError):
+    """The ranks cannot be split into nodes of equal size (engine.shard_within=node)."""
 
 
 def free_port() -> int:
@@ -174,3 +181,48 @@ def gather_host_objects(obj, process_group=None) -> list:
     gathered: list = [None] * dist.get_world_size(process_group)
     dist.all_gather_object(gathered, obj, group=process_group)
     return gathered
+
+
+def ranks_per_node(world_size: int) -> int:
+    """Ranks on each node of this run: LOCAL_WORLD_SIZE (set by `launch run`, submitit and
+    torchrun), else SLURM's tasks per node (srun, e.g. the sbatch template: "2(x4)"), else
+    all of them (one node). NodeLayoutError when nodes run different numbers of ranks or
+    the count does not divide the world size."""
+    if os.environ.get("LOCAL_WORLD_SIZE"):
+        counts = {int(os.environ["LOCAL_WORLD_SIZE"])}
+        source = f"LOCAL_WORLD_SIZE={os.environ['LOCAL_WORLD_SIZE']}"
+    elif os.environ.get("SLURM_TASKS_PER_NODE"):
+        source = f"SLURM_TASKS_PER_NODE={os.environ['SLURM_TASKS_PER_NODE']}"
+        counts = {int(m[1]) for m in re.finditer(r"(\d+)(\(x\d+\))?", os.environ["SLURM_TASKS_PER_NODE"])}
+    else:
+        return world_size
+    if len(counts) > 1:
+        raise NodeLayoutError(f"engine.shard_within=node needs the same number of ranks on every node, but {source}; "
+                              "start as many tasks on each node or use engine.shard_within=world")
+    (count,) = counts
+    if count < 1 or world_size % count:
+        raise NodeLayoutError(f"{source} does not divide the world size {world_size} into nodes of equal size; "
+                              "start as many tasks on each node or use engine.shard_within=world")
+    return count
+
+
+def node_mesh(device_type: str) -> DeviceMesh | None:
+    """The ranks as a 2-D (replicate, shard) DeviceMesh of nodes x ranks per node
+    (`ranks_per_node`): a "shard" group per node and a "replicate" group per local rank,
+    across nodes. None on one node, where sharding within the node is sharding over the
+    world. Call it once per engine (it creates the process groups). Every rank checks that
+    the ranks are numbered node by node (LOCAL_RANK = RANK mod ranks per node, one hostname
+    per node) and raises NodeLayoutError otherwise."""
+    world = dist.get_world_size()
+    per_node = ranks_per_node(world)
+    if per_node == world:
+        return None
+    where = gather_host_objects((socket.gethostname(), os.environ.get("LOCAL_RANK")))
+    for rank, (host, local_rank) in enumerate(where):
+        first_host = where[rank - rank % per_node][0]
+        if local_rank != str(rank % per_node) or host != first_host:
+            raise NodeLayoutError(f"rank {rank} runs on {host} as local rank {local_rank}, but {per_node} ranks per "
+                                  f"node numbered node by node put it on {first_host} as local rank "
+                                  f"{rank % per_node}; engine.shard_within=node needs block rank placement "
+                                  "(SLURM's default --distribution=block) or engine.shard_within=world")
+    return init_device_mesh(device_type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))

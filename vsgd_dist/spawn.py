@@ -1,12 +1,14 @@
 """Start N local processes joined by one process group (`launch run`, tests, benchmarks).
 
-Each rank runs `fn(rank, world_size, *args)` with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR
-and MASTER_PORT set and the default process group initialized by
+Each rank runs `fn(rank, world_size, *args)` with RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT set and the default process group initialized by
 `vsgd_dist.distributed.init_process_group_from_env` (the rule every launcher shares); its
 return value (picklable) comes back in a list ordered by rank. A rank that raises makes the
 call raise with that rank's traceback; a rank that dies without a word (killed, segfault) is
 named first, ahead of the peers that fail because it vanished; a hang ends with TimeoutError
-after `timeout` seconds instead of blocking forever.
+after `timeout` seconds instead of blocking forever. `ranks_per_node` numbers the ranks as
+nodes of that many ranks (LOCAL_RANK = rank mod ranks_per_node), as a multi-node launcher
+would, so that node layouts run on one machine.
 """
 from __future__ import annotations
 
@@ -32,9 +34,9 @@ class RankFailed(RuntimeError):
         self.rank, self.summary = rank, summary
 
 
-def _worker(rank, world_size, port, fn, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+def _worker(rank, world_size, ranks_per_node, port, fn, args, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank % ranks_per_node), LOCAL_WORLD_SIZE=str(ranks_per_node))
     try:
         init_process_group_from_env()
         result = fn(rank, world_size, *args)
@@ -56,12 +58,15 @@ def _died(procs, reported) -> RankFailed | None:
     return None
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: float | None = 180.0) -> list:
-    """Run `fn` on `world_size` local ranks; return the per-rank results."""
+def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: float | None = 180.0,
+                    ranks_per_node: int | None = None) -> list:
+    """Run `fn` on `world_size` local ranks (one node, or nodes of `ranks_per_node`); return
+    the per-rank results."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
+    per_node = ranks_per_node or world_size
+    procs = [ctx.Process(target=_worker, args=(r, world_size, per_node, port, fn, args, queue), daemon=True)
              for r in range(world_size)]
     with for_cpu_children():  # a caching allocator for CPU ranks, read when each starts
         for p in procs:

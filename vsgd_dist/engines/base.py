@@ -52,7 +52,11 @@ class Engine(ABC):
     """Whether the optimizer trains at weight samples (`OptimizerEntry.sampling`)."""
     sharded_grads: bool = True
     """Whether `reduced_grads()` is only this rank's part of the gradient (sums over its
-    elements then add up over ranks) rather than all of it."""
+    elements then add up over `shard_group`) rather than all of it."""
+    shard_group: dist.ProcessGroup | None = None
+    """The ranks whose parts of the sharded state and gradient make up the whole, so that sums
+    over them are the unsharded sums: None for the world; this node's ranks with
+    engine.shard_within=node (each node holds a whole copy)."""
 
     def __init__(self, model: nn.Module, cfg, lr: float):
         self.cfg = cfg

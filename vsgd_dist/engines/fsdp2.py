@@ -1,6 +1,8 @@
 """FSDP2: `fully_shard` turns parameters into DTensors sharded on dim 0; an elementwise
 optimizer built on them holds 1/N of its state for free, and gradients are reduce-scattered
-by FSDP itself."""
+by FSDP itself. With engine.shard_within=node it is HSDP: the mesh is (replicate, shard) =
+nodes x ranks per node, parameters and state are sharded inside each node and replicated
+across nodes, gradients reduce-scattered inside the node and all-reduced across nodes."""
 from __future__ import annotations
 
 import contextlib
@@ -8,10 +10,11 @@ import contextlib
 import torch
 
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from vsgd_dist.distributed import node_mesh
 from vsgd_dist.engines.base import Engine, local_tensor
 from vsgd_dist.full_form import by_name, torch_state_dict
 
@@ -31,8 +34,17 @@ def model_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return blocks
 
 
-def shard_model(model: torch.nn.Module, blocks: list[torch.nn.Module], policy: MixedPrecisionPolicy) -> None:
-    """`fully_shard` each block, then the root (which takes the parameters left over).
+def shard_mesh(device_type: str, shard_within: str) -> DeviceMesh:
+    """The mesh to shard over: 1-D over the world, or (replicate, shard) over nodes x ranks per
+    node (`vsgd_dist.distributed.node_mesh`) for shard_within=node on several nodes."""
+    mesh = node_mesh(device_type) if shard_within == "node" else None
+    return mesh if mesh is not None else init_device_mesh(device_type, (dist.get_world_size(),))
+
+
+def shard_model(model: torch.nn.Module, blocks: list[torch.nn.Module], policy: MixedPrecisionPolicy,
+                mesh: DeviceMesh) -> None:
+    """`fully_shard` each block, then the root (which takes the parameters left over), over
+    `mesh` (a 2-D mesh makes it HSDP).
 
     Parameters are made contiguous first: `fully_shard` refuses the NHWC strides of a
     channels_last model's conv weights. Convolutions still run NHWC, because torch picks
@@ -42,7 +54,6 @@ def shard_model(model: torch.nn.Module, blocks: list[torch.nn.Module], policy: M
     with fp32 parameters but not bf16 parameters with fp32 statistics (FSDP1's
     MixedPrecision leaves BatchNorm in fp32 for the same reason)."""
     model.to(memory_format=torch.contiguous_format)  # a no-op on already-contiguous parameters
-    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
     norms = []
     if policy.param_dtype not in (None, torch.float32):
         fp32 = MixedPrecisionPolicy(reduce_dtype=policy.reduce_dtype)
@@ -70,7 +81,12 @@ class FSDP2Engine(Engine):
 
     def __init__(self, model, cfg, lr):
         # The shards (master weights) and the optimizer state stay fp32 at any precision.
-        shard_model(model, model_blocks(model), mixed_precision_policy(cfg.train.precision))
+        mesh = shard_mesh(next(model.parameters()).device.type, cfg.engine.shard_within)
+        shard_model(model, model_blocks(model), mixed_precision_policy(cfg.train.precision), mesh)
+        self.shard_group = mesh.get_group("shard") if mesh.ndim == 2 else None
+        self.first_replica = mesh.ndim == 1 or mesh.get_local_rank("replicate") == 0
+        """Whether this rank's node is the first: the other nodes hold the same rows, and only
+        the first node's ranks write theirs into checkpoints."""
         super().__init__(model, cfg, lr)  # param groups over the DTensor parameters
         self.wrapped = model
         self.optimizer = self.optimizer_class(self.param_groups, **self.optimizer_kwargs)
@@ -97,14 +113,16 @@ class FSDP2Engine(Engine):
 
     # ---- gradient transforms: each parameter's local rows, like the DTensor shards ----------
     def grad_state_payload(self, state):
-        """Every rank writes its rows of each parameter, with where they sit."""
+        """Every rank of the first node writes its rows of each parameter, with where they sit."""
+        if not self.first_replica:
+            return {}
         named = self._named_params()
         return {"rows": {name: list(rows_of(p)) for name, p in named},
                 "tensors": {key: {name: t for (name, _), t in zip(named, tensors)} for key, tensors in state.items()}}
 
     @classmethod
     def grad_state_full(cls, read, meta):
-        files = [read(rank)["grad_state"] for rank in range(meta["world_size"])]
+        files = [f["grad_state"] for f in row_files(read, meta)]
         full = {}
         for key, by_name in files[0]["tensors"].items():
             full[key] = {}
@@ -120,7 +138,10 @@ class FSDP2Engine(Engine):
 
     def checkpoint_state(self):
         """This rank's rows of every sharded tensor (weights and optimizer state), with
-        where they sit in the full tensor, so that any world size can reassemble them."""
+        where they sit in the full tensor, so that any world size can reassemble them; written
+        by the first node's ranks (the other nodes hold the same rows)."""
+        if not self.first_replica:
+            return {}
         model = self.model.state_dict()
         optimizer, groups = by_name(self.optimizer.state_dict())
         return {"model": {k: local_tensor(v) for k, v in model.items()},
@@ -153,7 +174,7 @@ class FSDP2Engine(Engine):
     @classmethod
     def _full_state_parts(cls, read, meta):
         """Concatenate every rank's rows of each sharded tensor; unsharded ones come from rank 0."""
-        files = [read(rank) for rank in range(meta["world_size"])]
+        files = row_files(read, meta)
 
         def full(name, pick):
             pieces = [(f["rows"][name][0], pick(f)) for f in files if f["rows"][name][1] > f["rows"][name][0]]
@@ -171,14 +192,21 @@ class FSDP2Engine(Engine):
         return {"model": model, "optimizer": optimizer, "param_groups": first["param_groups"]}
 
 
+def row_files(read, meta) -> list[dict]:
+    """The engine payloads of a checkpoint's ranks that wrote rows (all, or the first node's)."""
+    return [f for f in (read(rank) for rank in range(meta["world_size"])) if f.get("rows") is not None]
+
+
 def rows_of(tensor: DTensor) -> tuple[int, int]:
-    """Rows [start, stop) of dim 0 this rank holds: FSDP2 splits dim 0 as torch.chunk does
-    (ceil(n / W) rows per rank, the last ranks get fewer or none)."""
-    if tuple(tensor.placements) != (Shard(0),):
+    """Rows [start, stop) of dim 0 this rank holds: FSDP2 splits dim 0 over the mesh's last
+    (shard) dimension as torch.chunk does (ceil(n / W) rows per rank, the last ranks get fewer
+    or none); an HSDP mesh's first dimension replicates."""
+    placements = tuple(tensor.placements)
+    if placements[-1:] != (Shard(0),) or any(p != Replicate() for p in placements[:-1]):
         raise ValueError(f"expected a DTensor sharded on dim 0, got placements {tensor.placements}")
-    mesh = tensor.device_mesh
-    length, per_rank = tensor.shape[0], -(-tensor.shape[0] // mesh.size())
-    start = min(mesh.get_local_rank() * per_rank, length)
+    mesh, shard_dim = tensor.device_mesh, len(placements) - 1
+    length, per_rank = tensor.shape[0], -(-tensor.shape[0] // mesh.size(shard_dim))
+    start = min(mesh.get_local_rank(shard_dim) * per_rank, length)
     stop = min(start + per_rank, length)
     if tensor.to_local().shape[0] != stop - start:
         raise ValueError(f"local shard has {tensor.to_local().shape[0]} rows, torch.chunk's split gives "

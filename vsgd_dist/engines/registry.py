@@ -14,6 +14,10 @@ ENGINES.register("ddp", "vsgd_dist.engines.ddp:DDPEngine")
 ENGINES.register("zero", "vsgd_dist.engines.zero:ZeroEngine")
 ENGINES.register("fsdp2", "vsgd_dist.engines.fsdp2:FSDP2Engine")
 ENGINES.register("deepspeed", "vsgd_dist.engines.deepspeed:DeepSpeedEngine")
+SHARD_WITHIN = ("world", "node")
+"""Values of engine.shard_within."""
+SHARD_WITHIN_NODE = ("zero", "fsdp2")
+"""Engines that can shard within each node (engine.shard_within=node)."""
 
 
 def engine_class(name: str) -> type:

@@ -1,5 +1,6 @@
 """Native ZeRO: the ZeroOptimizer shards optimizer state (stage 1, behind DDP) or state
-and gradients (stage 2, hooks reduce-scatter gradients during backward)."""
+and gradients (stage 2, hooks reduce-scatter gradients during backward), over the world or,
+with engine.shard_within=node, over the ranks of each node (every node holds the same shards)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import torch
 
+from vsgd_dist.distributed import node_mesh
 from vsgd_dist.engines.base import Engine
 from vsgd_dist.sharding import ZeroOptimizer, consolidate, shard_from_full
 from vsgd_dist.sharding.layout import from_memory_flat, to_memory_flat
@@ -21,7 +23,14 @@ class ZeroEngine(Engine):
     def __init__(self, model, cfg, lr):
         super().__init__(model, cfg, lr)
         stage = cfg.engine.zero_stage
+        mesh = node_mesh(next(model.parameters()).device.type) if cfg.engine.shard_within == "node" else None
+        self.shard_group = mesh.get_group("shard") if mesh is not None else None
+        self.first_replica = mesh is None or mesh.get_local_rank("replicate") == 0
+        """Whether this rank's node is the first: the other nodes hold the same shards, and only
+        the first node's ranks write theirs into checkpoints."""
         self.optimizer = ZeroOptimizer(self.param_groups, self.optimizer_class, stage=stage,
+                                       process_group=self.shard_group,
+                                       replicate_group=mesh.get_group("replicate") if mesh is not None else None,
                                        bucket_cap_mb=cfg.engine.bucket_mb, **self.optimizer_kwargs)
         # ZeroOptimizer moved the parameters into flat buffers; DDP must wrap them after.
         self.wrapped = (DistributedDataParallel(model, broadcast_buffers=False, bucket_cap_mb=cfg.engine.bucket_mb)
@@ -50,13 +59,14 @@ class ZeroEngine(Engine):
         self.optimizer.set_masters(weights)
 
     def grad_state_payload(self, state):
-        """Every rank writes its own shards; where they lie is in its optimizer layout."""
-        return dict(state)
+        """Every rank of the first node writes its own shards; where they lie is in its
+        optimizer layout."""
+        return dict(state) if self.first_replica else {}
 
     @classmethod
     def grad_state_full(cls, read, meta):
-        """Each parameter's tensor put together from every rank's owned part of it."""
-        files = [read(rank) for rank in range(meta["world_size"])]
+        """Each parameter's tensor put together from every shard's owned part of it."""
+        files = [read(rank) for rank in range(shard_count(read))]
         full = {key: {} for key in files[0]["grad_state"]}
         for name, param in files[0]["optimizer"]["params"].items():
             start, end = param["range"]
@@ -97,13 +107,17 @@ class ZeroEngine(Engine):
     def checkpoint_state(self):
         self.restore()  # the weights rank 0 saves are the mean (a sampling step defers its gather)
         rank = dist.get_rank() if dist.is_initialized() else 0
-        state = {"optimizer": self.optimizer.state_dict()}  # this rank's shard + its layout
+        # this rank's shard + its layout, written by the first node (the others hold the same)
+        state = {"optimizer": self.optimizer.state_dict()} if self.first_replica else {}
         if rank == 0:
             state["model"] = self.model.state_dict()
         return state
 
     def _load_own_shard(self, read, meta):
-        if meta["engine"] != self.name or meta["world_size"] != self.optimizer.world_size:
+        """Each rank loads the shard of its rank in the shard group when the checkpoint was cut
+        into as many shards (e.g. 2 ranks, or 2 nodes x 2 with engine.shard_within=node, for a
+        run at 2 ranks per shard group) with the same layout."""
+        if meta["engine"] != self.name or shard_count(read) != self.optimizer.world_size:
             return False
         saved = read(self.optimizer.rank)["optimizer"]
         layout = self.optimizer.layout()
@@ -126,9 +140,9 @@ class ZeroEngine(Engine):
 
     @classmethod
     def _full_state_parts(cls, read, meta):
-        """The full form of a ZeRO checkpoint: every rank's flat shards consolidated."""
+        """The full form of a ZeRO checkpoint: every shard consolidated."""
         model = read(0)["model"]
-        shards = [read(rank)["optimizer"] for rank in range(meta["world_size"])]
+        shards = [read(rank)["optimizer"] for rank in range(shard_count(read))]
         optimizer, master = {}, {}
         for name, state in consolidate(shards).items():
             fp32 = state.pop("master")
@@ -137,3 +151,9 @@ class ZeroEngine(Engine):
             optimizer[name] = state
         groups = [{**hyperparameters(g), "param_names": g["param_names"]} for g in shards[0]["param_groups"]]
         return {"model": model, "master": master, "optimizer": optimizer, "param_groups": groups}
+
+
+def shard_count(read) -> int:
+    """How many shards a ZeRO checkpoint holds: one per rank of its shard group (the world,
+    or a node), written by ranks 0 .. count - 1."""
+    return read(0)["optimizer"]["world_size"]

@@ -15,6 +15,11 @@ given the same averaged gradient.
   launched from post-accumulate-grad hooks while backward still runs, each `.grad` is freed
   as soon as it is copied into its bucket, and each rank keeps only its reduced slice.
 
+Hierarchical sharding: with a `replicate_group` (the ranks of other nodes that hold the same
+shard), `process_group` is this node's ranks; stage 2 then all-reduces each reduce-scattered
+slice over `replicate_group` (stage 1's DDP averages over the world), and the all-gather of
+the parameters stays inside the node.
+
 Gradients are reduced in `reduce_dtype` (fp32 by default, also for bf16 models) and the
 masters are fp32; the all-gather writes them back in the parameters' own dtype.
 An inner optimizer that trains at weight samples (IVON) is driven through `sample`,
@@ -62,7 +67,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable, optimizer_class: type, *, stage: int = 2,
-                 process_group: dist.ProcessGroup | None = None, bucket_cap_mb: float = 25.0,
+                 process_group: dist.ProcessGroup | None = None,
+                 replicate_group: dist.ProcessGroup | None = None, bucket_cap_mb: float = 25.0,
                  reduce_dtype: torch.dtype = torch.float32, **optimizer_kwargs: Any):
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 (DDP-averaged gradients) or 2 (sharded gradients), got {stage!r}")
@@ -78,8 +84,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                "before building a ZeroOptimizer")
         self.stage = stage
         self.process_group = process_group
+        self.replicate_group = replicate_group
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
+        self.replicas = dist.get_world_size(replicate_group) if replicate_group is not None else 1
         if self.rank < 0:
             raise ValueError("this process is not a member of `process_group`: build the "
                              "ZeroOptimizer only on the group's ranks")
@@ -211,14 +219,21 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._copy_owned_grads()
         else:
             self._reduce_remaining_buckets()
+            reduced = []
             for bucket_index in sorted(self._in_flight):
                 work, _, output = self._in_flight.pop(bucket_index)
                 work.wait()
+                across = (dist.all_reduce(output, op=dist.ReduceOp.SUM, group=self.replicate_group, async_op=True)
+                          if self.replicas > 1 else None)  # the node's sum of this slice, summed over the nodes
+                reduced.append((bucket_index, across, output))
+            for bucket_index, across, output in reduced:
+                if across is not None:
+                    across.wait()
                 target = self._grad_shards[bucket_index]
                 if output is not target:
                     target.copy_(output)
             for grad in self._grad_shards:
-                grad.div_(self.world_size)
+                grad.div_(self.world_size * self.replicas)
         for master, grad in zip(self.masters, self._grad_shards):
             master.grad = grad
         self._grads_ready = True

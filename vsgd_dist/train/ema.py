@@ -44,6 +44,6 @@ class WeightEMA:
         shapes = [tuple(a.shape) for a in averages]
         if shapes != [tuple(a.shape) for a in self.averages]:
             raise ValueError("the checkpoint's weight EMA was saved with another sharding of the weights "
-                             "(FSDP2 at another world size); resume at the world size it was written with, "
-                             "or with train.ema_decay=0")
+                             "(FSDP2 at another world size or engine.shard_within); resume with the layout it "
+                             "was written with, or with train.ema_decay=0")
         torch._foreach_copy_(self.averages, [a.float() for a in averages])

@@ -303,7 +303,8 @@ class Trainer:
         `<optimizer>/<stat>/<layer group>` means and `<optimizer>_hist/<stat>` histograms."""
         diagnostics, name = self.log_diagnostics, self.cfg.optim.name
         means, histograms = reduced_diagnostics(diagnostics, self.engine.state_pieces(diagnostics.state_keys),
-                                                layer_group, reduce=self.engine.sharded_state, device=self.device)
+                                                layer_group, reduce=self.engine.sharded_state, device=self.device,
+                                                process_group=self.engine.shard_group)
         self.logger.scalars({f"{name}/{stat}/{group}": stats[stat] for group, stats in means.items()
                              for stat in diagnostics.histograms}, self.step)
         for stat, counts in histograms.items():

@@ -209,7 +209,7 @@ class AlphaSVRG(GradientTransform):
         if pending:
             summed = torch.cat(pending)
             if self.engine.sharded_grads:
-                summed = all_reduce(summed)
+                summed = all_reduce(summed, process_group=self.engine.shard_group)
             values.update(zip(names, summed.tolist()))
         self._variance = self._snapshot_variance = None
         return values
