@@ -1,21 +1,20 @@
-"""Fused VSGD on CUDA (one torch.compile'd Triton kernel per tensor) against the per-tensor
-path, in fp32 and with bf16 parameters (fp32 state), and without host syncs.
+"""Fused VSGD on CUDA (one Triton launch over the whole list, `vsgd_triton`) against the
+per-tensor path, in fp32 and with bf16 parameters (fp32 state), and without host syncs.
 
 Tolerances, as tests/test_vsgd.py states them for the CPU kernel: the fused kernel shares
-one division between mu and sigma2 and Inductor may contract multiply-adds, so it rounds
+one division between mu and sigma2 and Triton may contract multiply-adds, so it rounds
 differently from the per-tensor ops (~1e-7 relative per step); after 100 steps fp32
 parameters agree to rtol 1e-5 (atol 1e-6), the states to rtol 1e-4 or 1e-6 of the tensor's
 largest value (mug is a posterior mean and crosses zero, where relative error means
 nothing). The state never depends on the parameters (weight decay is decoupled), so with
-bf16 parameters it keeps those tolerances. The bf16 parameters are fp32 results rounded to
-bf16 where they can straddle a rounding boundary, and a step of lr 1e-2 moves a weight by
-about one bf16 step, so a flip is never undone: they may differ by one bf16 step at the
-tensor's largest magnitude, on under 0.1% of the elements (on CPU, C++ kernel vs per-tensor:
-one step of 2^-7 on 0.003% of a 2M-element tensor after 100 steps).
+bf16 parameters it keeps those tolerances. bf16 parameters are not compared after 100
+steps: a step of lr 1e-2 moves a weight by about one bf16 step, so once the two paths round
+one weight apart (its fp32 values straddling a rounding midpoint), their later roundings of
+that weight are independent and the gap walks (seen: 9 steps of 2^-8 near 1.0). What holds
+is that one step from the same state rounds the same fp32 update, so they differ by at most
+one bf16 step, on a few elements in 100,000.
 """
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -53,10 +52,29 @@ def test_fused_triton_kernel_matches_the_per_tensor_path(dtype):
                                        atol=1e-6 * expected.abs().max().item())
         if dtype == torch.float32:
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-        else:
-            one_step = 2.0 ** (math.floor(math.log2(q.detach().abs().max().item())) - 7)
-            diff = (p.detach().float() - q.detach().float()).abs()
-            assert diff.max().item() <= one_step and (diff > 0).float().mean().item() < 1e-3
+
+
+def test_bf16_parameters_are_one_rounding_of_the_same_update():
+    fused, fused_opt = train(torch.bfloat16, fused=True)
+    plain = [p.detach().clone().requires_grad_() for p in fused]
+    plain_opt = VSGD(plain, lr=1e-2, weight_decay=0.05, foreach=False)
+    plain_opt.load_state_dict(fused_opt.state_dict())
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    for p, q in zip(fused, plain):
+        p.grad = (torch.randn(p.shape, device="cuda", generator=gen) * 1e-2).to(torch.bfloat16)
+        q.grad = p.grad.clone()
+    fused_opt.step()
+    plain_opt.step()
+    differing = total = 0
+    for p, q in zip(fused, plain):
+        p, q = p.detach().float(), q.detach().float()
+        magnitude = torch.maximum(p.abs(), q.abs()).clamp_min(2.0 ** -126)
+        one_step = torch.exp2(torch.floor(torch.log2(magnitude)) - 7)  # bf16 keeps 8 significant bits
+        diff = (p - q).abs()
+        assert (diff <= one_step).all(), f"{(diff / one_step).max().item()} bf16 steps apart"
+        differing += int((diff > 0).sum())
+        total += p.numel()
+    assert differing / total < 1e-3, f"{differing} of {total} weights differ"
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "per-tensor"])

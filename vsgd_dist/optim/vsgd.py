@@ -18,9 +18,9 @@ Three code paths compute the same update:
   ~8 temporaries stay in cache instead of being allocated (and page-faulted) per tensor;
 - fused (`fused=True`): one pass over memory that reads param, grad and state once and
   writes them once (36 bytes per fp32 element). On CPU a small C++ kernel walks the whole
-  list of tensors in one call (built once per machine, ~2 s, see `cpp_kernel`); on CUDA a
-  `torch.compile`d (Triton) kernel per tensor, its scalars passed as Python floats (no
-  host-to-device copy, no recompilation when lr or t change). It shares one division
+  list of tensors in one call (built once per machine, ~2 s, see `cpp_kernel`); on CUDA one
+  Triton launch updates the whole list (`vsgd_triton`), its scalars passed as Python floats
+  (no host-to-device copy, no recompilation when lr or t change). It shares one division
   between mu and sigma2, so it agrees with the others to ~1e-7 relative per step. Where it
   cannot be built (no compiler) the unfused path runs instead, after one warning.
 """
@@ -194,30 +194,40 @@ class VSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
+        for index, group in enumerate(self.param_groups):
+            self._step_group(index, group)
         return loss
 
-    def _step_group(self, group: dict) -> None:
-        # Bucket by everything a single multi-tensor call must share.
-        buckets: dict[tuple, list[torch.Tensor]] = {}
+    def _step_group(self, index: int, group: dict) -> None:
+        # Per-parameter host work is kept to attribute reads: with 161 tensors (ResNet-50) it
+        # is what a fused CUDA step costs, the kernel being one launch.
+        with_grad, states = [], []
         for param in group["params"]:
             if param.grad is None:
                 continue
             if param.grad.is_sparse:
                 raise RuntimeError("VSGD does not support sparse gradients; use dense gradients")
-            state = self.state[param] or self._init_state(group, param)
-            state["step"] += 1
-            key = (param.device, param.dtype, state["mug"].dtype, int(state["step"]))
-            buckets.setdefault(key, []).append(param)
+            with_grad.append(param)
+            states.append(self.state[param] or self._init_state(group, param))
+        if not with_grad:
+            return
+        steps = [state["step"] for state in states]
+        torch._foreach_add_(steps, 1)  # host tensors: one call for all
+        # Bucket by everything a single multi-tensor call must share.
+        buckets: dict[tuple, list[tuple]] = {}
+        for param, state, t in zip(with_grad, states, torch.stack(steps).tolist()):
+            grad, mug = param.grad, state["mug"]
+            key = (param.device, param.dtype, grad.dtype, mug.dtype, t)
+            buckets.setdefault(key, []).append((param, grad, mug, state["bg"], state["bhg"]))
 
-        for (device, _, _, t), params in buckets.items():
-            scalars = _StepScalars.of(group, t)
-            columns = [params, [p.grad for p in params], *([self.state[p][k] for p in params] for k in _STATE_KEYS)]
-            done = _fused_update(*columns, scalars, group["maximize"]) if group["fused"] else 0
-            if done < len(params):
-                foreach = group["foreach"] or (group["foreach"] is None and device.type == "cuda")
-                _unfused_update(*(c[done:] for c in columns), scalars, group["maximize"], foreach)
+        launchers = self.__dict__.setdefault("_cuda_launchers", {})  # per bucket, kept across steps
+        for key, rows in buckets.items():
+            scalars = _StepScalars.of(group, key[-1])
+            columns = [list(column) for column in zip(*rows)]
+            fused = group["fused"] and _fused_update(*columns, scalars, group["maximize"], launchers, (index, *key[:-1]))
+            if not fused:
+                foreach = group["foreach"] or (group["foreach"] is None and key[0].type == "cuda")
+                _unfused_update(*columns, scalars, group["maximize"], foreach)
 
     # ---------------------------------------------------------------------- diagnostics
     @torch.no_grad()
@@ -388,24 +398,30 @@ _fused_unavailable = ""
 """Why the fused kernel cannot run in this process (empty: it can); warned about once."""
 
 
-def _fused_update(params, grads, mugs, bgs, bhgs, s: _StepScalars, maximize: bool) -> int:
-    """Update with the fused kernel; return how many of the tensors it updated: all of them,
-    or, when the kernel cannot be built, those before (the caller runs the rest unfused)."""
+def _fused_update(params, grads, mugs, bgs, bhgs, s: _StepScalars, maximize: bool, launchers: dict,
+                  key: tuple) -> bool:
+    """Update the whole list with the fused kernel; False, having written nothing, when it
+    cannot run here (the caller then runs the unfused path). `launchers[key]` is the CUDA
+    launcher of this list, made on its first step."""
     global _fused_unavailable
     if _fused_unavailable:
-        return 0
-    done = 0
+        return False
     try:
         if params[0].device.type == "cpu":
             _cpu_fused_update(params, grads, mugs, bgs, bhgs, s, maximize)
-            return len(params)
-        for done, tensors in enumerate(zip(params, grads, mugs, bgs, bhgs)):
-            _compiled_update(tensors, s, maximize)
-        return len(params)
+            return True
+        from vsgd_dist.optim import vsgd_triton  # Triton: imported where a CUDA list steps
+
+        if not {params[0].dtype, grads[0].dtype} <= vsgd_triton.SUPPORTED or mugs[0].dtype != torch.float32:
+            return False  # fp64 on CUDA: the foreach path
+        if key not in launchers:
+            launchers[key] = vsgd_triton.MultiTensorVSGD()
+        _triton_fused_update(launchers[key], params, grads, mugs, bgs, bhgs, s, maximize)
+        return True
     except Exception as e:  # noqa: BLE001 - any build failure: the unfused path computes the same
         _fused_unavailable = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         logger.warning("VSGD: fused kernel unavailable (%s); using the unfused path", _fused_unavailable)
-        return done
+        return False
 
 
 # Scalars (double): lr, decay, inv_a, bg0, bh0, rho1, 1 - rho1, rho2, 1 - rho2, eps, bg_first,
@@ -498,46 +514,29 @@ def _cpu_fused_update(params, grads, mugs, bgs, bhgs, s: _StepScalars, maximize:
         destination.copy_(copy)
 
 
-def _vsgd_kernel(param, grad, mug, bg, bhg, lr, decay, inv_a, bg0, bh0, rho1, keep1, rho2, keep2, eps,
-                 bg_first, bh_first, sign, first):
-    """The C++ kernel's update for torch.compile (Triton on CUDA), on 1-D tensors.
-
-    Scalars are Python floats: Dynamo passes them as kernel arguments, so a new lr or t
-    neither recompiles nor copies anything to the device. `first` is 0.0 or 1.0 (a float,
-    not a bool, so t = 1 and t > 1 share one compiled kernel).
-    """
-    dtype = mug.dtype
-    p = param.to(dtype) * decay
-    g = grad.to(dtype) * sign
-    # B = bg_first at t = 1 (exactly: bg is 0 then), else bg.
-    b = bg * (1.0 - first) + first * bg_first
-    h = bhg * (1.0 - first) + first * bh_first
-    inv_bsum = 1.0 / (b + h)  # v = B / A; A cancels in mu and appears once in sigma2
-    mu = (g * b + mug * h) * inv_bsum
-    sigma2 = b * h * inv_bsum * inv_a
-    bg_new = bg * keep1 + rho1 * ((mu - mug) * (mu - mug) + sigma2 + bg0)
-    bh_new = bhg * keep2 + rho2 * ((mu - g) * (mu - g) + sigma2 + bh0)
-    p = p - lr * mu / (torch.sqrt(mu * mu + sigma2) + eps)
-    param.copy_(p.to(param.dtype))
-    mug.copy_(mu)
-    bg.copy_(bg_new)
-    bhg.copy_(bh_new)
-
-
-@functools.cache
-def _compiled_kernel():
-    # dynamic_threads: the first tensor traced may be tiny; without it Inductor sizes the
-    # parallel loop from that hint and emits a single-threaded kernel for every size.
-    return torch.compile(_vsgd_kernel, dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True})
-
-
-def _compiled_update(tensors, s: _StepScalars, maximize: bool) -> None:
-    """One tensor through the compiled kernel (compiled on the first call)."""
-    views, back = _kernel_operands(tensors, None)
-    # Detached: Dynamo guards on a view's base, so bases of another rank would recompile.
-    _compiled_kernel()(*(v.detach() for v in views), *s.fused_values(maximize), float(s.first))
+def _triton_fused_update(launcher, params, grads, mugs, bgs, bhgs, s: _StepScalars, maximize: bool) -> None:
+    """The whole list in one Triton launch; tensors whose five layouts differ go through
+    contiguous copies, written back after it."""
+    operands, back = [], []
+    for tensors in zip(params, grads, mugs, bgs, bhgs):
+        if hasattr(tensors[0], "to_local"):  # DTensors (FSDP2): their local shards
+            tensors = tuple(t.to_local() for t in tensors)
+        if not _one_dense_layout(tensors):
+            tensors, staged = _kernel_operands(tensors, None)
+            back += staged
+        operands.append(tensors)
+    launcher(operands, s.fused_values(maximize), s.first)
     for destination, copy in back:
         destination.copy_(copy)
+
+
+def _one_dense_layout(tensors) -> bool:
+    """Element k of each tensor's memory is the same element of each, with no gaps (the
+    common case, checked without building views)."""
+    param, grad, mug, bg, bhg = tensors
+    stride = param.stride()
+    return (grad.stride() == stride == mug.stride() == bg.stride() == bhg.stride()
+            and (param.is_contiguous() or param.is_contiguous(memory_format=torch.channels_last)))
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,97 @@
+"""Fused VSGD on CUDA: one Triton launch updates every tensor of a list.
+
+A launch per tensor costs more host time than the update itself: ResNet-50's 161 tensors
+took 30 ms per step through one compiled kernel each, against 0.9 ms for torch's fused
+AdamW. Here a table of pointers (param, grad, mug, bg, bhg, numel per tensor) lives on the
+device, and each Triton program updates one block of one tensor; the table is rebuilt only
+when a pointer changes (a step with new gradient buffers), and then copied from pinned
+memory without making the host wait. A flat ZeRO shard is the one-tensor case.
+
+The arithmetic is the C++ kernel's (`vsgd._CPU_SOURCE`) in the state's dtype (fp32): one
+division shared by mu and sigma2, parameters read and written in their own dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 2048
+"""Elements per program: 8 KiB of each fp32 operand, enough in flight to cover memory latency."""
+_COLUMNS = 6  # param, grad, mug, bg, bhg pointers and the tensor's numel, per table row
+
+_TL_TYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+SUPPORTED = frozenset(_TL_TYPES)
+"""Parameter and gradient dtypes the kernel reads and writes; the state is fp32."""
+
+
+@triton.jit
+def _vsgd_blocks(table, block_tensor, block_start, lr, decay, inv_a, bg0, bh0, rho1, keep1, rho2, keep2, eps,
+                 bg_first, bh_first, sign, first, PARAM: tl.constexpr, GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    row = table + tl.load(block_tensor + pid).to(tl.int64) * 6
+    offsets = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+    mask = offsets < tl.load(row + 5)
+    param_ptr = tl.load(row).to(tl.pointer_type(PARAM)) + offsets
+    grad_ptr = tl.load(row + 1).to(tl.pointer_type(GRAD)) + offsets
+    mug_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32)) + offsets
+    bg_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32)) + offsets
+    bhg_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32)) + offsets
+
+    p = tl.load(param_ptr, mask=mask).to(tl.float32) * decay
+    g = tl.load(grad_ptr, mask=mask).to(tl.float32) * sign
+    m = tl.load(mug_ptr, mask=mask)
+    bg = tl.load(bg_ptr, mask=mask, other=1.0)  # masked lanes: no division by zero
+    bhg = tl.load(bhg_ptr, mask=mask, other=1.0)
+    b = bg * (1.0 - first) + first * bg_first  # at t = 1 bg is 0: B is the prior's
+    h = bhg * (1.0 - first) + first * bh_first
+    inv_bsum = 1.0 / (b + h)
+    mu = (g * b + m * h) * inv_bsum
+    sigma2 = b * h * inv_bsum * inv_a
+    tl.store(bg_ptr, bg * keep1 + rho1 * ((mu - m) * (mu - m) + sigma2 + bg0), mask=mask)
+    tl.store(bhg_ptr, bhg * keep2 + rho2 * ((mu - g) * (mu - g) + sigma2 + bh0), mask=mask)
+    tl.store(mug_ptr, mu, mask=mask)
+    tl.store(param_ptr, (p - lr * mu / (tl.sqrt_rn(mu * mu + sigma2) + eps)).to(PARAM, fp_downcast_rounding="rtne"),
+             mask=mask)
+
+
+class _Table:
+    """The device-side pointer table and block map of one list of tensors."""
+
+    def __init__(self, key: tuple[int, ...], pointers: list[int], numels: list[int], device: torch.device):
+        self.key = key
+        rows, tensor_of_block, start_of_block = [], [], []
+        for index, numel in enumerate(numels):
+            rows += [*pointers[5 * index:5 * index + 5], numel]
+            starts = range(0, numel, BLOCK)
+            tensor_of_block += [index] * len(starts)
+            start_of_block += starts
+        self.blocks = len(tensor_of_block)
+        host = [torch.tensor(values, dtype=dtype) for values, dtype in
+                ((rows, torch.int64), (tensor_of_block, torch.int32), (start_of_block, torch.int64))]
+        if device.type == "cuda":  # pinned memory stays reserved until the copy that reads it has run
+            host = [t.pin_memory() for t in host]
+        self.table, self.block_tensor, self.block_start = (t.to(device, non_blocking=True) for t in host)
+
+
+class MultiTensorVSGD:
+    """Launches `_vsgd_blocks` over one list of CUDA tensors of one (param, grad) dtype pair,
+    keeping its table while the pointers and sizes stay the same: one instance per list that
+    an optimizer steps (a bucket of a param group), so lists never evict each other's table."""
+
+    def __init__(self):
+        self._table: _Table | None = None
+
+    def __call__(self, operands: list[list[torch.Tensor]], scalars: tuple[float, ...], first: bool) -> None:
+        """`operands`: [param, grad, mug, bg, bhg] per tensor, each with one dense layout (element
+        k of each tensor's memory is the same element of each); `scalars`:
+        `_StepScalars.fused_values` (13 floats)."""
+        pointers = [t.data_ptr() for tensors in operands for t in tensors]
+        numels = [tensors[0].numel() for tensors in operands]
+        key = tuple(pointers + numels)
+        if self._table is None or self._table.key != key:
+            self._table = _Table(key, pointers, numels, operands[0][0].device)
+        table = self._table
+        _vsgd_blocks[(table.blocks,)](table.table, table.block_tensor, table.block_start, *scalars, float(first),
+                                      PARAM=_TL_TYPES[operands[0][0].dtype], GRAD=_TL_TYPES[operands[0][1].dtype],
+                                      BLOCK=BLOCK)
