@@ -8,6 +8,7 @@ multiply-add, so they are held to 1e-6 relative. Chunking the unfused path cuts 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import subprocess
@@ -131,25 +132,26 @@ def test_cpu_kernel_builds_once_per_machine(fresh_fused_state, tmp_path):
 @pytest.fixture
 def use_triton_on_cpu(monkeypatch):
     """A function that puts fused VSGD's CUDA path (`vsgd_triton`) in place of the C++ kernel
-    for CPU tensors, its kernel run by Triton's interpreter; it returns the launchers made."""
+    for CPU tensors, its kernels run by Triton's interpreter; it returns the launchers made."""
     pytest.importorskip("triton", reason="Triton comes with requirements-dev.txt")
-    from triton.runtime.interpreter import InterpretedFunction
-
     from vsgd_dist.optim import vsgd_triton
 
     def use() -> list:
-        monkeypatch.setattr(vsgd_triton, "_vsgd_blocks", InterpretedFunction(vsgd_triton._vsgd_blocks.fn))
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # read where @triton.jit runs: on (re)import
+        interpreted = importlib.reload(vsgd_triton)
         launchers: list = []
 
         def triton_path(*columns_and_scalars):
             if not launchers:
-                launchers.append(vsgd_triton.MultiTensorVSGD())
+                launchers.append(interpreted.MultiTensorVSGD())
             vsgd_module._triton_fused_update(launchers[0], *columns_and_scalars)
 
         monkeypatch.setattr(vsgd_module, "_cpu_fused_update", triton_path)
         return launchers
 
-    return use
+    yield use
+    monkeypatch.undo()
+    importlib.reload(vsgd_triton)
 
 
 def test_triton_kernel_matches_the_cpu_kernel_on_every_layout(use_triton_on_cpu):
@@ -180,6 +182,27 @@ def test_triton_table_is_kept_while_the_pointers_stay(use_triton_on_cpu):
         p.grad = torch.ones_like(p)
     opt.step()
     assert launchers[0]._table is not table and old_grads
+
+
+def test_triton_kernel_is_told_of_alignment_only_when_every_pointer_has_it(use_triton_on_cpu):
+    """A parameter that is a view 4 bytes into its buffer (as a flat bucket's slices can be)
+    takes the kernel without the 16-byte hint, with the C++ kernel's numbers."""
+    def views_at(offset: int):
+        base = torch.randn(5001, generator=torch.Generator().manual_seed(0))
+        params = [base[offset:offset + 5000].detach().requires_grad_()]
+        opt = VSGD(params, lr=0.01, fused=True)
+        for step in range(3):
+            params[0].grad = torch.full_like(params[0], 0.1 * (step + 1))
+            opt.step()
+        return params, opt
+
+    cpu, opt_cpu = views_at(1)
+    launchers = use_triton_on_cpu()
+    misaligned, opt_misaligned = views_at(1)
+    assert misaligned[0].data_ptr() % 16 != 0 and not launchers[0]._table.aligned
+    assert_same(cpu, misaligned, opt_cpu, opt_misaligned, rtol=1e-6, atol=1e-9)
+    views_at(0)  # the same launcher, a new table
+    assert launchers[0]._table.aligned
 
 
 # ------------------------------------------------------------------------------ allocator
