@@ -46,6 +46,10 @@ class ModelConfig:
     blurpool: bool = False
     """Blur ([1,2,1] x [1,2,1] / 16) before every strided convolution with >= 16 input channels,
     as ffcv-imagenet's ResNets do (`vsgd_dist.models.blurpool`); no effect on ViTs."""
+    drop_path: float = 0.0
+    """Stochastic depth of the ViTs: each block's attention and MLP branch dropped per sample
+    at rates rising over the blocks from 0 to this (DeiT-S/B: 0.1), draws keyed by train.seed
+    and the micro-batch (`vsgd_dist.models.drop_path`); 0: off."""
 
 
 @dataclass
@@ -211,6 +215,11 @@ class RunConfig:
                 raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}{suggest(value, allowed)}")
         self._check_optimizer()
         self._check_resolutions()
+        if not 0.0 <= self.model.drop_path < 1.0:
+            raise ConfigError(f"model.drop_path={self.model.drop_path} must be in [0, 1) (0: off; DeiT-S/B: 0.1)")
+        if self.model.drop_path and not MODELS.get(self.model.name).drop_path:
+            raise ConfigError(f"model.drop_path={self.model.drop_path}: model {self.model.name} has no stochastic "
+                              f"depth (the ViTs have); set model.drop_path=0")
         self._check_transforms()
         if self.engine.name == "deepspeed" and self.model.channels_last:
             raise ConfigError("engine.name=deepspeed needs model.channels_last=false: DeepSpeed broadcasts the "

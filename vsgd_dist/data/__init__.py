@@ -1,7 +1,9 @@
 """FFCV data layer: write ImageFolder trees to .beton, load them per rank, resume mid-epoch.
 
-Train crops and flips are a function of (seed, epoch, sample index) (augment.py), so a seed
-repeats a run and a resumed run continues bitwise, at any thread count.
+Train crops, flips and the DeiT augmentations (RandAugment and random erasing in the decoder,
+repeated augmentation in the order, Mixup/CutMix per batch on the device: augment.py,
+randaugment.py, repeated.py, mixup.py) are functions of (seed, epoch, draw index) or (seed,
+epoch, step), so a seed repeats a run and a resumed run continues bitwise, at any thread count.
 
 Trainer usage:
     files = resolve_dataset(cfg)                 # classes: files.manifest.classes

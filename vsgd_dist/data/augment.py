@@ -1,11 +1,14 @@
-"""Decoders for ffcv: seeded random-resized-crop + horizontal flip (train), center crop (val),
-both checking that every JPEG decodes.
+"""Decoders for ffcv: seeded random-resized-crop + horizontal flip (train), optionally followed
+by RandAugment and random erasing (randaugment.py), and center crop (val), all checking that
+every JPEG decodes.
 
 ffcv 1.0.2's RandomResizedCropRGBImageDecoder and RandomHorizontalFlip draw from numba's
 per-thread generator, which nothing seeds: two runs with one seed differ, and a resumed run
-does not continue the one it replaces. Here every draw for an image is a hash (splitmix64) of
-(data seed, epoch, sample index, draw number), so it does not depend on the decoding thread,
-the batch the image lands in, or the world size.
+does not continue the one it replaces. Here every draw for an image is a hash (splitmix64,
+draws.py) of (data seed, epoch, draw index, draw number), so it does not depend on the
+decoding thread, the batch the image lands in, or the world size. The draw index is the
+sample index, or sample index + copy * number of samples for the copies of repeated
+augmentation (repeated.py): the decoders read sample `draw index % number of samples`.
 
 ffcv compiles the pipeline once, and numba freezes closed-over values (numpy arrays
 included) into the machine code. So the epoch, which changes at run time, lives in a one-element
@@ -32,15 +35,14 @@ from ffcv.pipeline.compiler import Compiler
 from numba.core import types
 from numba.extending import intrinsic
 
+from . import ffcv_fixes  # noqa: F401 - before any loader compiles its reader
+from .draws import image_key, uniform
 from .errors import DataError
+from .randaugment import rand_augment, random_erase
 
 RATIO = (3 / 4, 4 / 3)
 """Aspect-ratio range of the crops (torchvision's and ffcv's default)."""
 TRIES = 10
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
-_MUL2 = np.uint64(0x94D049BB133111EB)
 
 
 @intrinsic
@@ -58,26 +60,6 @@ def _store_int64(typingctx, address, value):
         builder.store(args[1], builder.inttoptr(args[0], context.get_value_type(types.int64).as_pointer()))
         return context.get_dummy_value()
     return types.void(types.uint64, types.int64), codegen
-
-
-@numba.njit(nogil=True)
-def _mix(z):
-    """splitmix64's finalizer: a bijection of uint64 whose outputs look independent."""
-    z = (z ^ (z >> np.uint64(30))) * _MUL1
-    z = (z ^ (z >> np.uint64(27))) * _MUL2
-    return z ^ (z >> np.uint64(31))
-
-
-@numba.njit(nogil=True)
-def image_key(seed, epoch, index):
-    """The key all draws of one image in one epoch derive from."""
-    return _mix(_mix(_mix(np.uint64(seed) + _GOLDEN) ^ np.uint64(epoch)) ^ np.uint64(index))
-
-
-@numba.njit(nogil=True)
-def uniform(key, draw):
-    """Draw number `draw` of an image's stream, uniform in [0, 1) (53 random bits)."""
-    return float(_mix(key + np.uint64(draw + 1) * _GOLDEN) >> np.uint64(11)) * 2.0 ** -53
 
 
 @numba.njit(nogil=True)
@@ -117,9 +99,9 @@ def mirror(image):
 
 
 class CropResizeDecoder(SimpleRGBImageDecoder):
-    """Decode each image (JPEG or raw pixels), crop the box that the subclass's `box_function`
-    picks, resize it to `output_size` and mirror it if the box says so. `output_size` may
-    change between epochs (ffcv sizes its buffers per epoch)."""
+    """Decode each image (JPEG or raw pixels) and hand it to the subclass's `place_function`,
+    which crops, resizes and augments it into its batch slot. `output_size` may change between
+    epochs (ffcv sizes its buffers per epoch)."""
 
     def __init__(self, output_size: tuple[int, int]):
         super().__init__()
@@ -136,8 +118,11 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
     def epoch(self, value: int) -> None:
         self._epoch[0] = value
 
-    def box_function(self):
-        """A numba function (epoch, sample index, height, width) -> (top, left, h, w, mirror)."""
+    def place_function(self, resize_crop_c):
+        """A numba function (epoch, draw index, source, destination, scratch) writing the
+        (H, W, 3) uint8 `source` image, cropped and resized with `resize_crop_c(source, top,
+        bottom, left, right, destination)`, into `destination`; `scratch` is a uint8 buffer of
+        at least the destination's size that it may use."""
         raise NotImplementedError
 
     def check_decoded(self, path: str) -> None:
@@ -150,14 +135,16 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
     def declare_state_and_memory(self, previous_state):
         pixels = self.metadata["height"].astype(np.int64) * self.metadata["width"]
         shape, uint8 = (*self.output_size, 3), np.dtype("u1")
-        # second buffer: one decoded source image per batch slot (JPEGs are decoded, then cropped)
+        # second buffer, per batch slot: the decoded source image (JPEGs are decoded, then
+        # cropped), then free for the place function's scratch
+        scratch = 3 * max(int(pixels.max()), self.output_size[0] * self.output_size[1])
         return (replace(previous_state, jit_mode=True, shape=shape, dtype=uint8),
-                (AllocationQuery(shape, uint8), AllocationQuery((3 * int(pixels.max()),), uint8)))
+                (AllocationQuery(shape, uint8), AllocationQuery((scratch,), uint8)))
 
     def generate_code(self):
         read, loop = self.memory_read, Compiler.get_iterator()
-        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
-        jpg, box = IMAGE_MODES["jpg"], self.box_function()
+        imdecode_c = Compiler.compile(imdecode)
+        jpg, place = IMAGE_MODES["jpg"], self.place_function(Compiler.compile(resize_crop))
         epoch_address = np.uint64(self._epoch.ctypes.data)
         corrupt_address = np.uint64(self._corrupt.ctypes.data)
 
@@ -165,20 +152,18 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
             epoch = _load_int64(epoch_address)
             destination, scratch = storage
             for k in loop(len(batch_indices)):
-                index = batch_indices[k]
-                field = metadata[index]
+                index = np.int64(batch_indices[k])  # the draw index; the sample is index % samples
+                sample = index % len(metadata)
+                field = metadata[sample]
                 data = read(field["data_ptr"], storage_state)
                 height, width = int(field["height"]), int(field["width"])
                 if field["mode"] == jpg:
                     pixels = scratch[k][:3 * height * width].reshape(height, width, 3)
                     if imdecode_c(data, pixels, height, width, height, width, 0, 0, 1, 1, False, False) != 0:
-                        _store_int64(corrupt_address, np.int64(index))
+                        _store_int64(corrupt_address, sample)
                 else:
                     pixels = data.reshape(height, width, 3)
-                top, left, h, w, flip = box(epoch, index, height, width)
-                resize_crop_c(pixels, top, top + h, left, left + w, destination[k])
-                if flip:
-                    mirror(destination[k])
+                place(epoch, index, pixels, destination[k], scratch[k])
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
@@ -186,23 +171,34 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
 
 
 class SeededCropFlipDecoder(CropResizeDecoder):
-    """RandomResizedCrop + RandomHorizontalFlip(0.5) whose draws depend only on (seed, epoch,
-    sample index). Set `epoch` before iterating an epoch."""
+    """RandomResizedCrop + RandomHorizontalFlip(0.5), then RandAugment (`randaugment`: ops
+    per image, magnitude, magnitude std; 0 ops: off) and random erasing (`erase_prob`), whose
+    draws depend only on (seed, epoch, draw index). Set `epoch` before iterating an epoch."""
 
     def __init__(self, output_size: tuple[int, int], seed: int, scale_min: float = 0.08,
-                 flip: bool = True):
+                 flip: bool = True, randaugment: tuple[int, float, float] = (0, 0.0, 0.0),
+                 erase_prob: float = 0.0):
         super().__init__(output_size)
         self.seed, self.scale_min, self.flip = seed, scale_min, flip
+        self.randaugment, self.erase_prob = randaugment, erase_prob
 
-    def box_function(self):
-        seed, scale_min, flip = np.uint64(self.seed), float(self.scale_min), bool(self.flip)
+    def place_function(self, resize_crop_c):
+        seed, scale_min, flip, erase_prob = np.uint64(self.seed), float(self.scale_min), bool(self.flip), \
+            float(self.erase_prob)
+        ops, magnitude, magnitude_std = int(self.randaugment[0]), float(self.randaugment[1]), float(self.randaugment[2])
 
         @numba.njit(nogil=True)
-        def box(epoch, index, height, width):
+        def place(epoch, index, source, destination, scratch):
             key = image_key(seed, epoch, index)
-            top, left, h, w = crop_box(key, height, width, scale_min)
-            return top, left, h, w, flip and uniform(key, 0) < 0.5
-        return box
+            top, left, h, w = crop_box(key, source.shape[0], source.shape[1], scale_min)
+            resize_crop_c(source, top, top + h, left, left + w, destination)
+            if flip and uniform(key, 0) < 0.5:
+                mirror(destination)
+            if ops:
+                rand_augment(destination, scratch, key, ops, magnitude, magnitude_std)
+            if erase_prob:
+                random_erase(destination, key, erase_prob)
+        return place
 
 
 class CenterCropDecoder(CropResizeDecoder):
@@ -213,14 +209,16 @@ class CenterCropDecoder(CropResizeDecoder):
         super().__init__(output_size)
         self.ratio = ratio
 
-    def box_function(self):
+    def place_function(self, resize_crop_c):
         ratio = float(self.ratio)
 
         @numba.njit(nogil=True)
-        def box(epoch, index, height, width):
+        def place(epoch, index, source, destination, scratch):
+            height, width = source.shape[0], source.shape[1]
             side = int(ratio * min(height, width))
-            return (height - side) // 2, (width - side) // 2, side, side, False
-        return box
+            top, left = (height - side) // 2, (width - side) // 2
+            resize_crop_c(source, top, top + side, left, left + side, destination)
+        return place
 
 
 def checked_batches(loader, batches):

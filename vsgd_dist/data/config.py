@@ -49,6 +49,29 @@ class DataConfig:
     ...): choose hyperparameters on it, report val. 0: off, all train images are trained on."""
     minival_seed: int = 0
     """Seed of the minival split (not train.seed: every seed of a sweep holds out the same images)."""
+    randaugment_n: int = 0
+    """RandAugment: ops per train image, from timm's rand-increasing set (DeiT's
+    rand-m9-mstd0.5-inc1: 2), in the decoding threads after the crop (randaugment.py); 0: off."""
+    randaugment_m: float = 9.0
+    """RandAugment magnitude in [0, 10] (DeiT: 9)."""
+    randaugment_mstd: float = 0.5
+    """Standard deviation of each op's magnitude around randaugment_m (DeiT: 0.5; 0: fixed)."""
+    erase_prob: float = 0.0
+    """Random erasing: probability that a box of 2-33% of a train image is replaced by
+    Gaussian noise of the normalized image (DeiT: 0.25); 0: off."""
+    repeated_aug: int = 1
+    """Repeated augmentation: each image an epoch draws is shown this many times, differently
+    augmented, on different ranks, the epoch keeping its length (DeiT's RASampler: 3;
+    repeated.py); 1: off."""
+    mixup_alpha: float = 0.0
+    """Mixup: each train batch blended with itself reversed, weight ~ Beta(alpha, alpha), soft
+    targets mixed alike (DeiT: 0.8; on the device, mixup.py); 0: off."""
+    cutmix_alpha: float = 0.0
+    """CutMix: a box of each train image replaced by the same box of its partner in the
+    reversed batch, area fraction ~ Beta(alpha, alpha), targets mixed by area (DeiT: 1.0); 0: off."""
+    mix_switch_prob: float = 0.5
+    """With Mixup and CutMix both on: probability that a batch gets CutMix rather than Mixup
+    (DeiT: 0.5)."""
 
     def __post_init__(self):
         self.check()
@@ -77,5 +100,23 @@ class DataConfig:
             problems.append(f"minival {self.minival} must be 0 (off) or a number of train images")
         if not isinstance(self.flip, bool):
             problems.append(f"flip {self.flip!r} must be true or false")
+        if self.randaugment_n < 0:
+            problems.append(f"randaugment_n {self.randaugment_n} must be >= 0 ops per image (0: off; DeiT: 2)")
+        if not 0.0 <= self.randaugment_m <= 10.0:
+            problems.append(f"randaugment_m {self.randaugment_m} must be a magnitude in [0, 10] (DeiT: 9)")
+        if self.randaugment_mstd < 0:
+            problems.append(f"randaugment_mstd {self.randaugment_mstd} must be >= 0 (DeiT: 0.5)")
+        if not 0.0 <= self.erase_prob <= 1.0:
+            problems.append(f"erase_prob {self.erase_prob} must be a probability in [0, 1] (DeiT: 0.25)")
+        if self.repeated_aug < 1:
+            problems.append(f"repeated_aug {self.repeated_aug} must be >= 1 (1: off; DeiT: 3)")
+        elif self.repeated_aug > 1 and not self.os_cache:
+            problems.append(f"repeated_aug {self.repeated_aug} needs os_cache=true (ffcv's process cache reads "
+                            f"by sample index, and the repeated order holds copies)")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if not getattr(self, name) >= 0:
+                problems.append(f"{name} {getattr(self, name)} must be >= 0 (0: off)")
+        if not 0.0 <= self.mix_switch_prob <= 1.0:
+            problems.append(f"mix_switch_prob {self.mix_switch_prob} must be a probability in [0, 1]")
         if problems:
             raise DataError("invalid data config: " + "; ".join(problems))

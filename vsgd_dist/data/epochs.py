@@ -4,8 +4,9 @@ ffcv's order for an epoch is a pure function of (seed, epoch, world size, datase
 np.random.default_rng(seed + epoch) in one process, torch's DistributedSampler(seed) with
 set_epoch(epoch) across ranks. So resuming needs only the epoch and the number of batches
 already consumed: save both in the checkpoint and pass them back here with the same seed,
-batch size and world size. Skipped batches are not decoded. Crops and flips are a function of
-(seed, epoch, sample index) (augment.py), so the resumed batches are bitwise the same too.
+batch size and world size (repeated augmentation's order, repeated.py, is a function of (seed,
+epoch) too). Skipped batches are not decoded. Crops, flips, RandAugment and erasing are a
+function of (seed, epoch, draw index) (augment.py), so the resumed batches are bitwise the same too.
 """
 from __future__ import annotations
 

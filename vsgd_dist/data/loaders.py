@@ -33,8 +33,10 @@ def resolve_dataset(cfg: DataConfig) -> DatasetFiles:
 def build_train_loader(cfg: DataConfig, device: torch.device | str, *, batch_size: int, seed: int = 0,
                        distributed: bool = False):
     """Random-resized-crop + flip loader over this rank's shard, `batch_size` images per
-    batch, full batches only. Order, crops and flips are seeded by (seed, epoch, sample
-    index), the same seed on every rank, so runs repeat and resume exactly.
+    batch, full batches only, with the DeiT augmentations cfg turns on: RandAugment and
+    random erasing in the decoder, repeated augmentation in the order (Mixup/CutMix work on
+    device batches: mixup.py). Order, crops and augmentations are seeded by (seed, epoch,
+    draw index), the same seed on every rank, so runs repeat and resume exactly.
 
     Returns an ffcv Loader; iterate it with `train_epoch` (sets the epoch's resolution, order
     and crops, and resumes mid-epoch). distributed=True needs torch.distributed initialized.
@@ -42,6 +44,7 @@ def build_train_loader(cfg: DataConfig, device: torch.device | str, *, batch_siz
     from ffcv.loader import OrderOption
 
     from .augment import CheckedLoader, SeededCropFlipDecoder
+    from .repeated import RepeatedOrder
 
     cfg.check()
     if distributed and not cfg.os_cache:
@@ -59,12 +62,17 @@ def build_train_loader(cfg: DataConfig, device: torch.device | str, *, batch_siz
     if distributed:
         _check_same_seed(seed)
     decoder = SeededCropFlipDecoder((cfg.start_res, cfg.start_res), seed=seed,
-                                    scale_min=cfg.crop_scale_min, flip=cfg.flip)
+                                    scale_min=cfg.crop_scale_min, flip=cfg.flip,
+                                    randaugment=(cfg.randaugment_n, cfg.randaugment_m, cfg.randaugment_mstd),
+                                    erase_prob=cfg.erase_prob)
+    if cfg.repeated_aug > 1:
+        order = RepeatedOrder(cfg.repeated_aug, info.num_samples)
+    else:
+        order = OrderOption.RANDOM if cfg.os_cache else OrderOption.QUASI_RANDOM
     return CheckedLoader(
         str(files.train), batch_size=batch_size, num_workers=cfg.num_workers,
         os_cache=cfg.os_cache, distributed=distributed, seed=seed, drop_last=True, indices=indices,
-        order=OrderOption.RANDOM if cfg.os_cache else OrderOption.QUASI_RANDOM,
-        pipelines=_pipelines(info, [decoder], cfg, device))
+        order=order, pipelines=_pipelines(info, [decoder], cfg, device))
 
 
 def build_val_loader(cfg: DataConfig, device: torch.device | str, *, batch_size: int, distributed: bool = False,
@@ -112,8 +120,9 @@ def normalizes_on_device(device: torch.device) -> bool:
 
 
 def _pipelines(info: BetonInfo, image_ops: list, cfg: DataConfig, device: torch.device) -> dict:
-    from ffcv.fields.basics import IntDecoder
     from ffcv.transforms import Convert, NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+    from .repeated import LabelDecoder
 
     if normalizes_on_device(device):
         image = [*image_ops, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True),
@@ -126,7 +135,7 @@ def _pipelines(info: BetonInfo, image_ops: list, cfg: DataConfig, device: torch.
                  ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
         if cfg.dtype == "bf16":
             image.append(Convert(torch.bfloat16))
-    label = [IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
+    label = [LabelDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
     unused = {name: None for name in info.field_names if name not in ("image", "label")}
     return {"image": image, "label": label, **unused}
 

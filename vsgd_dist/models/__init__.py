@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vsgd_dist.models.blurpool import apply_blurpool
+from vsgd_dist.models.drop_path import add_drop_path
 from vsgd_dist.models.torchvision_import import import_torchvision
 from vsgd_dist.registry import Registry
 
@@ -20,15 +21,25 @@ class ModelEntry:
     fixed_resolution: bool = False
     """True when the model only takes `image_size` inputs (ViT position embeddings), so the
     recipe's training and validation resolutions must all equal it."""
+    drop_path: bool = False
+    """True when the model is a torchvision VisionTransformer, which `model.drop_path`
+    (stochastic depth, `drop_path.py`) applies to."""
 
 
 MODELS: Registry[ModelEntry] = Registry("model")
 
 
-def build_model(name: str, num_classes: int, image_size: int = 224, blurpool: bool = False) -> nn.Module:
+def build_model(name: str, num_classes: int, image_size: int = 224, blurpool: bool = False,
+                drop_path: float = 0.0, seed: int = 0) -> nn.Module:
     """The registered model; `blurpool`: with a blur before each strided convolution (ffcv-imagenet's
-    ResNets, see `blurpool.py`)."""
-    model = MODELS.get(name).build(num_classes, image_size)
+    ResNets, see `blurpool.py`); `drop_path`: with stochastic depth at this rate, its draws
+    keyed by `seed` (ViTs, see `drop_path.py`)."""
+    entry = MODELS.get(name)
+    if drop_path and not entry.drop_path:
+        raise ValueError(f"model {name} has no stochastic depth (drop_path); set it to 0")
+    model = entry.build(num_classes, image_size)
+    if drop_path:
+        model = add_drop_path(model, drop_path, seed)
     return apply_blurpool(model) if blurpool else model
 
 
@@ -55,8 +66,9 @@ def _tiny_resnet(num_classes: int, image_size: int) -> nn.Module:
 MODELS.register("resnet_tiny", ModelEntry(_tiny_resnet))
 MODELS.register("resnet18", ModelEntry(_torchvision_resnet("resnet18")))
 MODELS.register("resnet50", ModelEntry(_torchvision_resnet("resnet50")))
-MODELS.register("vit_s16", ModelEntry(_vit(num_heads=6, hidden_dim=384), fixed_resolution=True))  # DeiT-S
-MODELS.register("vit_b16", ModelEntry(_vit(num_heads=12, hidden_dim=768), fixed_resolution=True))
+MODELS.register("vit_s16", ModelEntry(_vit(num_heads=6, hidden_dim=384), fixed_resolution=True,  # DeiT-S
+                                      drop_path=True))
+MODELS.register("vit_b16", ModelEntry(_vit(num_heads=12, hidden_dim=768), fixed_resolution=True, drop_path=True))
 
 
 class TinyResNet(nn.Module):

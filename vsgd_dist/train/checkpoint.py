@@ -44,6 +44,7 @@ FIXED_ON_RESUME = {
     "data.data_dir": "the checkpoint's data position is in this dataset",
     "data.minival": "the checkpoint's data position counts the training images left after the held-out ones",
     "data.minival_seed": "the held-out images (and so the training images) follow this seed",
+    "data.repeated_aug": "the checkpoint's data position is in the order this many copies per image give",
 }
 
 

@@ -20,12 +20,14 @@ from torch import nn
 
 from vsgd_dist.config import RunConfig, config_from_dict
 from vsgd_dist.data import build_train_loader, build_val_loader, resolve_dataset, train_epoch
+from vsgd_dist.data.mixup import BatchMixer
 from vsgd_dist.data.schedule import resolution_at_epoch
 from vsgd_dist.distributed import (all_reduce, close_process_group, configure_device, init_process_group_from_env,
                                    pick_device, rank_and_world, reduce_host_values)
 from vsgd_dist.engines import build_engine
 from vsgd_dist.metrics import RunLogger, StepTimer, memory_stats
 from vsgd_dist.models import build_model, layer_group
+from vsgd_dist.models.drop_path import drop_path_draws
 from vsgd_dist.optim import OPTIMIZERS
 from vsgd_dist.optim.diagnostics import reduced_diagnostics
 from vsgd_dist.train.checkpoint import Checkpointer, open_run_dir
@@ -113,7 +115,11 @@ class Trainer:
         self.total_steps = tc.max_steps or tc.epochs * self.steps_per_epoch
 
         model = build_model(cfg.model.name, len(self.classes), image_size=cfg.data.end_res,
-                            blurpool=cfg.model.blurpool).to(self.device)
+                            blurpool=cfg.model.blurpool, drop_path=cfg.model.drop_path, seed=tc.seed).to(self.device)
+        self.drop_path = drop_path_draws(model)  # stochastic depth's masks, drawn per micro-batch
+        d = cfg.data
+        self.mixer = (BatchMixer(len(self.classes), tc.seed, d.mixup_alpha, d.cutmix_alpha, d.mix_switch_prob)
+                      if d.mixup_alpha or d.cutmix_alpha else None)
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         scale = tc.global_batch / cfg.optim.lr_base_batch if cfg.optim.lr_base_batch else 1.0
@@ -188,20 +194,31 @@ class Trainer:
                     yield micro_batches
 
     def _steps_from(self, epoch: int, batch: int):
-        """Steps `batch`, `batch` + 1, ... of `epoch`, each a list of train.accum_steps (images,
-        labels) micro-batches (an incomplete step at the epoch's end is dropped). Held
-        micro-batches are copied: ffcv reuses its batch buffers."""
+        """Steps `batch`, `batch` + 1, ... of `epoch`, each a list of train.accum_steps micro-batches
+        (an incomplete step at the epoch's end is dropped), see `_micro_batch`."""
         accum = self.cfg.train.accum_steps
         batches = train_epoch(self.train_loader, self.cfg.data, epoch, batch * accum)
         try:
-            while True:
-                micro_batches = [[t.clone() if accum > 1 else t for t in b] for b in itertools.islice(batches, accum)]
+            for step in itertools.count(batch):
+                micro_batches = [self._micro_batch(images, labels, (epoch, step, i))
+                                 for i, (images, labels) in enumerate(itertools.islice(batches, accum))]
                 if len(micro_batches) < accum:
                     return
                 yield micro_batches
         finally:
             if hasattr(batches, "close"):
                 batches.close()  # stops the loader's decoding thread
+
+    def _micro_batch(self, images: torch.Tensor, labels: torch.Tensor, position: tuple[int, int, int]) -> tuple:
+        """(images, targets, position): with Mixup/CutMix the mixed images and soft targets
+        (drawn per (seed, epoch, step)), else the labels; `position` = (epoch, step in the
+        epoch, micro-batch) keys the drop-path masks. A micro-batch held while the next is read
+        is a copy: ffcv reuses its batch buffers."""
+        if self.mixer is not None:
+            images, labels = self.mixer(images, labels, position[0], position[1])
+        elif self.cfg.train.accum_steps > 1:
+            images, labels = images.clone(), labels.clone()
+        return images, labels, position
 
     def _steps_ahead(self, count: int):
         """The next `count` steps from the current position on (across epoch ends), read again
@@ -245,10 +262,12 @@ class Trainer:
         the gradients add up to the batch mean, synchronized by the last backward only; returns
         the losses."""
         losses, accum = [], len(micro_batches)
-        for i, (images, labels) in enumerate(micro_batches):
+        for i, (images, targets, (epoch, step, micro)) in enumerate(micro_batches):
+            if self.drop_path is not None:
+                self.drop_path.draw(images.shape[0], epoch, step, self.rank * accum + micro, self.device)
             with self.engine.no_sync() if i + 1 < accum else contextlib.nullcontext():
                 with self.autocast:
-                    loss = self.criterion(self.forward(images), labels)
+                    loss = self.criterion(self.forward(images), targets)
                 self.engine.backward(loss / accum)
             losses.append(loss.detach())
         return losses

@@ -1,0 +1,274 @@
+"""RandAugment and random erasing of uint8 (H, W, 3) train images, in the decoding threads.
+
+Why here (numba, after the crop in the decoder) rather than on the device: both work on one
+image at a time, so each draw can be keyed like the crop by (seed, epoch, draw index) and an
+image is augmented the same way on any rank, at any world size, thread count or batch
+position, and again after a resume; the decoding threads run them in parallel with JPEG
+decoding, and images still leave the host as uint8 (a quarter of fp32's bytes).
+
+RandAugment is timm's `rand-m9-mstd0.5-inc1`, DeiT's default: `n` ops drawn uniformly, with
+replacement, from the 15 of OPS, each applied with probability 0.5 at a magnitude drawn from
+N(m, mstd), clipped to [0, 10]; signed ops get a random sign; geometric ops fill uncovered
+pixels with FILL. The ops are PIL's (which timm calls), rewritten here; their pixels agree
+with PIL's to within 1 of 255 (tests/test_augment.py). One difference from DeiT: geometric
+ops interpolate bilinearly, where DeiT's hparams ask PIL for bicubic.
+
+Random erasing is timm's RandomErasing(mode="pixel", count 1): with probability p, a box of
+2% to 1/3 of the image, aspect ratio log-uniform in [0.3, 1/0.3] (10 tries to fit), is
+filled with per-pixel, per-channel standard normals of the normalized image. timm erases the
+normalized fp32 tensor; here the noise is written as the uint8 value that normalizes to it
+(mean + std * z, rounded, clipped to [0, 255]), so it is quantized to 1/std (~1/57) and
+clipped near -2.1 and +2.2..2.6.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from .draws import normal, subkey, uniform
+from .normalize import IMAGENET_MEAN, IMAGENET_STD
+
+OPS = ("auto_contrast", "equalize", "invert", "rotate", "posterize", "solarize", "solarize_add", "color",
+       "contrast", "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
+"""timm's _RAND_INCREASING_TRANSFORMS, in its order; magnitude 10 means: rotate 30 degrees,
+posterize to 0 bits, solarize above 0, solarize_add +110 below 128, color/contrast/
+brightness/sharpness factor 1 +- 0.9, shear 0.3, translate 45% of the side."""
+NUM_OPS = len(OPS)
+FILL = np.array([124, 116, 104], np.uint8)
+"""ImageNet's mean in 0-255, timm's fill for pixels a geometric op uncovers (DeiT's img_mean)."""
+MAX_LEVEL = 10.0
+ERASE_AREA = (0.02, 1 / 3)
+ERASE_LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
+ERASE_TRIES = 10
+_RANDAUGMENT, _ERASE = 1, 2  # subkey tags
+_MEAN, _STD = IMAGENET_MEAN.astype(np.float64), IMAGENET_STD.astype(np.float64)
+
+
+@numba.njit(nogil=True, cache=True)
+def _clip8(value):
+    """PIL's rounding of blends and bilinear samples: truncate, then clip to [0, 255]."""
+    return np.uint8(0 if value <= 0.0 else (255 if value >= 255.0 else int(value)))
+
+
+@numba.njit(nogil=True, cache=True)
+def _apply_lut(image, lut):
+    for y in range(image.shape[0]):
+        for x in range(image.shape[1]):
+            for c in range(3):
+                image[y, x, c] = lut[image[y, x, c], c]
+
+
+@numba.njit(nogil=True, cache=True)
+def _histograms(image):
+    counts = np.zeros((256, 3), np.int64)
+    for y in range(image.shape[0]):
+        for x in range(image.shape[1]):
+            for c in range(3):
+                counts[image[y, x, c], c] += 1
+    return counts
+
+
+@numba.njit(nogil=True, cache=True)
+def auto_contrast(image):
+    """PIL's ImageOps.autocontrast: stretch each channel's [min, max] to [0, 255]."""
+    counts, lut = _histograms(image), np.empty((256, 3), np.uint8)
+    for c in range(3):
+        lo, hi = 0, 255
+        while lo < 255 and counts[lo, c] == 0:
+            lo += 1
+        while hi > 0 and counts[hi, c] == 0:
+            hi -= 1
+        for v in range(256):
+            if hi <= lo:
+                lut[v, c] = v
+            else:
+                scale = 255.0 / (hi - lo)
+                lut[v, c] = min(255, max(0, int(v * scale - lo * scale)))
+    _apply_lut(image, lut)
+
+
+@numba.njit(nogil=True, cache=True)
+def equalize(image):
+    """PIL's ImageOps.equalize: per channel, values spread by their cumulative histogram."""
+    counts, lut = _histograms(image), np.empty((256, 3), np.uint8)
+    for c in range(3):
+        last, total, used = 0, 0, 0
+        for v in range(256):
+            if counts[v, c]:
+                last, total, used = counts[v, c], total + counts[v, c], used + 1
+        step = (total - last) // 255
+        n = step // 2
+        for v in range(256):
+            lut[v, c] = v if used <= 1 or step == 0 else min(255, n // step)
+            n += counts[v, c]
+    _apply_lut(image, lut)
+
+
+@numba.njit(nogil=True, cache=True)
+def posterize(image, bits):
+    """Keep the `bits` most significant bits of every value (0 bits: black)."""
+    mask = (0xFF << (8 - bits)) & 0xFF
+    for y in range(image.shape[0]):
+        for x in range(image.shape[1]):
+            for c in range(3):
+                image[y, x, c] = image[y, x, c] & mask
+
+
+@numba.njit(nogil=True, cache=True)
+def solarize(image, threshold, add):
+    """add 0: invert values >= threshold (PIL's solarize). add > 0: add `add` to values below
+    `threshold`, clipped (timm's solarize_add)."""
+    for y in range(image.shape[0]):
+        for x in range(image.shape[1]):
+            for c in range(3):
+                v = image[y, x, c]
+                if add == 0 and v >= threshold:
+                    image[y, x, c] = 255 - v
+                elif add > 0 and v < threshold:
+                    image[y, x, c] = min(255, v + add)
+
+
+@numba.njit(nogil=True, cache=True)
+def _gray(pixel):
+    """PIL's RGB -> L: (19595 R + 38470 G + 7471 B + 0x8000) >> 16."""
+    return (19595 * np.int64(pixel[0]) + 38470 * np.int64(pixel[1]) + 7471 * np.int64(pixel[2]) + 0x8000) >> 16
+
+
+@numba.njit(nogil=True, cache=True)
+def enhance(image, scratch, kind, factor):
+    """PIL's ImageEnhance, degenerate + factor * (image - degenerate), where the degenerate
+    image is, by kind: 0 (Color) the grayscale image, 1 (Contrast) its mean gray, 2
+    (Brightness) black, 3 (Sharpness) the image smoothed by PIL's SMOOTH 3x3 kernel (border
+    pixels unchanged)."""
+    height, width = image.shape[0], image.shape[1]
+    mean = 0.0
+    if kind == 1:
+        for y in range(height):
+            for x in range(width):
+                mean += _gray(image[y, x])
+        mean = float(int(mean / (height * width) + 0.5))
+    source = scratch[:height * width * 3].reshape(height, width, 3)
+    if kind == 3:
+        source[:] = image
+    for y in range(height):
+        for x in range(width):
+            gray = float(_gray(image[y, x])) if kind == 0 else mean
+            for c in range(3):
+                v = float(image[y, x, c])
+                if kind <= 1:
+                    degenerate = gray
+                elif kind == 2:
+                    degenerate = 0.0
+                elif 0 < y < height - 1 and 0 < x < width - 1:
+                    total = 4.0 * float(source[y, x, c])
+                    for dy in range(-1, 2):
+                        for dx in range(-1, 2):
+                            total += float(source[y + dy, x + dx, c])
+                    degenerate = float(int(total / 13.0 + 0.5))
+                else:
+                    degenerate = v
+                image[y, x, c] = _clip8(degenerate + factor * (v - degenerate))
+
+
+@numba.njit(nogil=True, cache=True)
+def warp_affine(image, scratch, a, b, c, d, e, f):
+    """out(x, y) = image(a x + b y + c, d x + e y + f), PIL's AFFINE transform on pixel
+    centers, bilinear and truncated as PIL's; points outside the image get FILL."""
+    height, width = image.shape[0], image.shape[1]
+    source = scratch[:height * width * 3].reshape(height, width, 3)
+    source[:] = image
+    for y in range(height):
+        for x in range(width):
+            u = a * (x + 0.5) + b * (y + 0.5) + c
+            v = d * (x + 0.5) + e * (y + 0.5) + f
+            if not (0.0 <= u < width and 0.0 <= v < height):
+                for ch in range(3):
+                    image[y, x, ch] = FILL[ch]
+                continue
+            u, v = u - 0.5, v - 0.5
+            x0, y0 = int(math.floor(u)), int(math.floor(v))
+            fx, fy = u - x0, v - y0
+            xa, xb = max(x0, 0), min(x0 + 1, width - 1)
+            ya, yb = max(y0, 0), min(y0 + 1, height - 1)
+            for ch in range(3):
+                top = (1.0 - fx) * source[ya, xa, ch] + fx * source[ya, xb, ch]
+                bottom = (1.0 - fx) * source[yb, xa, ch] + fx * source[yb, xb, ch]
+                image[y, x, ch] = _clip8((1.0 - fy) * top + fy * bottom)
+
+
+@numba.njit(nogil=True, cache=True)
+def apply_op(image, scratch, op, level, sign):
+    """Op number `op` of OPS at magnitude `level` in [0, 1] (of MAX_LEVEL), signed ops
+    turned by `sign` (+1 or -1)."""
+    height, width = image.shape[0], image.shape[1]
+    if op == 0:
+        auto_contrast(image)
+    elif op == 1:
+        equalize(image)
+    elif op == 2:
+        for y in range(height):
+            for x in range(width):
+                for c in range(3):
+                    image[y, x, c] = 255 - image[y, x, c]
+    elif op == 3:  # PIL's rotate about the center
+        angle = -math.radians(sign * level * 30.0)
+        cos, sin = math.cos(angle), math.sin(angle)
+        cx, cy = width / 2.0, height / 2.0
+        warp_affine(image, scratch, cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy)
+    elif op == 4:
+        posterize(image, 4 - int(level * 4))
+    elif op == 5:
+        solarize(image, 256 - int(level * 256), 0)
+    elif op == 6:
+        solarize(image, 128, int(level * 110))
+    elif op <= 10:
+        enhance(image, scratch, op - 7, 1.0 + sign * level * 0.9)
+    elif op == 11:
+        warp_affine(image, scratch, 1.0, sign * level * 0.3, 0.0, 0.0, 1.0, 0.0)
+    elif op == 12:
+        warp_affine(image, scratch, 1.0, 0.0, 0.0, sign * level * 0.3, 1.0, 0.0)
+    elif op == 13:
+        warp_affine(image, scratch, 1.0, 0.0, sign * level * 0.45 * width, 0.0, 1.0, 0.0)
+    else:
+        warp_affine(image, scratch, 1.0, 0.0, 0.0, 0.0, 1.0, sign * level * 0.45 * height)
+
+
+@numba.njit(nogil=True, cache=True)
+def rand_augment(image, scratch, key, n, m, mstd):
+    """RandAugment of one image in place; `key`: the image's key (draws.image_key), `scratch`:
+    a uint8 buffer of at least the image's size."""
+    stream = subkey(key, _RANDAUGMENT)
+    for k in range(n):
+        draw = 6 * k
+        op = min(int(uniform(stream, draw) * NUM_OPS), NUM_OPS - 1)
+        if uniform(stream, draw + 1) >= 0.5:
+            continue
+        level = m + mstd * normal(stream, draw + 2) if mstd > 0 else m
+        level = min(MAX_LEVEL, max(0.0, level)) / MAX_LEVEL
+        apply_op(image, scratch, op, level, 1.0 if uniform(stream, draw + 4) < 0.5 else -1.0)
+
+
+@numba.njit(nogil=True, cache=True)
+def random_erase(image, key, probability):
+    """Random erasing of one image in place, with the image's key (draws.image_key)."""
+    stream = subkey(key, _ERASE)
+    if uniform(stream, 0) >= probability:
+        return
+    height, width = image.shape[0], image.shape[1]
+    for attempt in range(ERASE_TRIES):
+        draw = 1 + 4 * attempt
+        area = height * width * (ERASE_AREA[0] + (ERASE_AREA[1] - ERASE_AREA[0]) * uniform(stream, draw))
+        aspect = math.exp(ERASE_LOG_ASPECT[0] + (ERASE_LOG_ASPECT[1] - ERASE_LOG_ASPECT[0]) * uniform(stream, draw + 1))
+        h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if 0 < h < height and 0 < w < width:
+            top = int(uniform(stream, draw + 2) * (height - h + 1))
+            left = int(uniform(stream, draw + 3) * (width - w + 1))
+            noise = subkey(stream, attempt + 1)
+            for y in range(top, top + h):
+                for x in range(left, left + w):
+                    for c in range(3):
+                        z = normal(noise, 2 * ((y * width + x) * 3 + c))
+                        image[y, x, c] = _clip8(_MEAN[c] + _STD[c] * z + 0.5)
+            return
