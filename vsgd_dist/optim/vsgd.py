@@ -515,17 +515,23 @@ def _cpu_fused_update(params, grads, mugs, bgs, bhgs, s: _StepScalars, maximize:
 
 
 def _triton_fused_update(launcher, params, grads, mugs, bgs, bhgs, s: _StepScalars, maximize: bool) -> None:
-    """The whole list in one Triton launch; tensors whose five layouts differ go through
-    contiguous copies, written back after it."""
+    """The whole list in one Triton launch. A step on the tensors of the last one reuses its
+    device table after reading their addresses; otherwise layouts are checked, and tensors
+    whose five layouts differ go through contiguous copies, written back after the launch."""
+    columns = (params, grads, mugs, bgs, bhgs)
+    if hasattr(params[0], "to_local"):  # DTensors (FSDP2): their local shards
+        columns = tuple([t.to_local() for t in column] for column in columns)
+    scalars = s.fused_values(maximize)
+    identity_now = launcher.identity(columns)
+    if launcher.launch_kept(identity_now, scalars, s.first):
+        return
     operands, back = [], []
-    for tensors in zip(params, grads, mugs, bgs, bhgs):
-        if hasattr(tensors[0], "to_local"):  # DTensors (FSDP2): their local shards
-            tensors = tuple(t.to_local() for t in tensors)
+    for tensors in zip(*columns):
         if not _one_dense_layout(tensors):
             tensors, staged = _kernel_operands(tensors, None)
             back += staged
-        operands.append(tensors)
-    launcher(operands, s.fused_values(maximize), s.first)
+        operands.append(tuple(tensors))
+    launcher.launch(operands, scalars, s.first, None if back else identity_now)
     for destination, copy in back:
         destination.copy_(copy)
 

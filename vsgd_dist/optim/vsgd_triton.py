@@ -61,41 +61,61 @@ def _vsgd_blocks(table, block_tensor, block_start, lr, decay, inv_a, bg0, bh0, r
 class _Table:
     """The device-side pointer table and block map of one list of tensors."""
 
-    def __init__(self, key: tuple[int, ...], pointers: list[int], numels: list[int], device: torch.device):
-        self.key = key
+    def __init__(self, operands: list[tuple[torch.Tensor, ...]]):
         self.block = BLOCK
+        self.param_type = _TL_TYPES[operands[0][0].dtype]
+        self.grad_type = _TL_TYPES[operands[0][1].dtype]
         rows, tensor_of_block, start_of_block = [], [], []
-        for index, numel in enumerate(numels):
-            rows += [*pointers[5 * index:5 * index + 5], numel]
+        for index, tensors in enumerate(operands):
+            numel = tensors[0].numel()
+            rows += [*(t.data_ptr() for t in tensors), numel]
             starts = range(0, numel, self.block)
             tensor_of_block += [index] * len(starts)
             start_of_block += starts
         self.blocks = len(tensor_of_block)
+        device = operands[0][0].device
         host = [torch.tensor(values, dtype=dtype) for values, dtype in
                 ((rows, torch.int64), (tensor_of_block, torch.int32), (start_of_block, torch.int64))]
         if device.type == "cuda":  # pinned memory stays reserved until the copy that reads it has run
             host = [t.pin_memory() for t in host]
         self.table, self.block_tensor, self.block_start = (t.to(device, non_blocking=True) for t in host)
 
+    def launch(self, scalars: tuple[float, ...], first: bool) -> None:
+        _vsgd_blocks[(self.blocks,)](self.table, self.block_tensor, self.block_start, *scalars, float(first),
+                                     PARAM=self.param_type, GRAD=self.grad_type, BLOCK=self.block,
+                                     num_warps=NUM_WARPS)
+
 
 class MultiTensorVSGD:
-    """Launches `_vsgd_blocks` over one list of CUDA tensors of one (param, grad) dtype pair,
-    keeping its table while the pointers and sizes stay the same: one instance per list that
-    an optimizer steps (a bucket of a param group), so lists never evict each other's table."""
+    """Launches `_vsgd_blocks` over one list of CUDA tensors of one (param, grad) dtype pair.
+    One instance per list that an optimizer steps (a bucket of a param group) keeps that
+    list's table, so a step whose tensors are those of the last costs one launch."""
 
     def __init__(self):
         self._table: _Table | None = None
+        self._identity: tuple | None = None
 
-    def __call__(self, operands: list[list[torch.Tensor]], scalars: tuple[float, ...], first: bool) -> None:
-        """`operands`: [param, grad, mug, bg, bhg] per tensor, each with one dense layout (element
-        k of each tensor's memory is the same element of each); `scalars`:
-        `_StepScalars.fused_values` (13 floats)."""
-        pointers = [t.data_ptr() for tensors in operands for t in tensors]
-        numels = [tensors[0].numel() for tensors in operands]
-        key = tuple(pointers + numels)
-        if self._table is None or self._table.key != key:
-            self._table = _Table(key, pointers, numels, operands[0][0].device)
-        table = self._table
-        _vsgd_blocks[(table.blocks,)](table.table, table.block_tensor, table.block_start, *scalars, float(first),
-                                      PARAM=_TL_TYPES[operands[0][0].dtype], GRAD=_TL_TYPES[operands[0][1].dtype],
-                                      BLOCK=table.block, num_warps=NUM_WARPS)
+    @staticmethod
+    def identity(columns: tuple[list[torch.Tensor], ...]) -> tuple:
+        """What must not change for a table to stay valid: every tensor's address, the sizes,
+        and the gradients' strides (parameters and state keep theirs while their address
+        holds). `columns`: the lists of params, grads, mugs, bgs, bhgs."""
+        params, grads = columns[0], columns[1]
+        return (*(t.data_ptr() for column in columns for t in column), *(p.numel() for p in params),
+                *(g.stride() for g in grads))
+
+    def launch_kept(self, identity_now: tuple, scalars: tuple[float, ...], first: bool) -> bool:
+        """Launch on the kept table if it was built for tensors of this `identity`."""
+        if self._table is None or identity_now != self._identity:
+            return False
+        self._table.launch(scalars, first)
+        return True
+
+    def launch(self, operands: list[tuple[torch.Tensor, ...]], scalars: tuple[float, ...], first: bool,
+               identity_kept: tuple | None) -> None:
+        """Build a table and launch. `operands`: (param, grad, mug, bg, bhg) per tensor, each
+        with one dense layout (element k of each tensor's memory is the same element of each);
+        `scalars`: `_StepScalars.fused_values` (13 floats); `identity_kept`: the identity under
+        which later steps may reuse the table (None: they may not, e.g. staged copies)."""
+        self._table, self._identity = _Table(operands), identity_kept
+        self._table.launch(scalars, first)
