@@ -27,7 +27,7 @@ from launch.clusters import ClusterProfile, LaunchError, load_profile
 from launch.job import check_master_addr
 from launch.slurm import build_spec
 from slurm_helpers import (REPO, Cluster, assert_same_checkpoint, assert_same_scalars, checkpoint_dir, job_id,
-                           preempt_after, submit_demo, wait_for)
+                           preempt_after, scalars, submit_demo, wait_for)
 
 NODES = 3
 CLUSTER_PORTS = {"SLURM_LOCAL_CTLD_PORT": "6837", "SLURM_LOCAL_SLURMD_PORT": "6838", "SLURM_LOCAL_DBD_PORT": "6839",
@@ -37,6 +37,12 @@ DEMO = ["optimizer=vsgd", "max_steps=40", "train.global_batch=48", "train.ckpt_e
 """The demo recipe, short; 48 images per step split evenly over 3 or 4 ranks."""
 LOST_NODE_BOUND_S = 120
 """A lost node's job ends within this (SlurmdTimeout=30 s on the local multi-node cluster)."""
+NODE_LAYOUT_ATOL, NODE_LAYOUT_LOSS_RTOL = 3e-2, 5e-3
+"""engine.shard_within=node against world, 20 steps after the same checkpoint: weights (O(0.1-1))
+and train/loss. The gradient is summed inside each node, then across, in another order than
+the world's, and VSGD's normalised step (lr 0.01) turns a last-bit difference in a near-zero
+gradient into up to ~lr in that weight. Measured: node 6.0e-3 and 8.1e-4; the world layout
+resumed with engine.bucket_mb=0.05 (only the summation order changes) 1.4e-2 and 1.1e-3."""
 
 
 # --- fixtures and helpers -----------------------------------------------------------------
@@ -261,6 +267,35 @@ def test_a_lost_node_ends_the_run_and_the_requeued_job_resumes(cluster, nodes2x2
     assert resumed in (15, 25), resumed  # from the checkpoint of step 10 (or 20), not from scratch
     assert_same_checkpoint(nodes2x2 / "run", out / "run", 40)
     assert_same_scalars(nodes2x2 / "run", out / "run")
+
+
+@pytest.mark.timeout(1800)
+def test_shard_within_node_on_two_nodes_continues_the_world_run_within_tolerance(cluster, nodes2x2, tmp_path):
+    """engine.shard_within=node on 2 nodes x 2 tasks resumes the world layout's step-20
+    checkpoint (resharding world -> node): every rank holds half the optimizer state (world:
+    a quarter), only node 1's ranks write shards, and steps 21-40 end within the tolerances
+    above of the world run."""
+    from vsgd_dist.engines import full_state
+    from vsgd_dist.train.checkpoint import open_checkpoint
+
+    job = tmp_path / "job"
+    seeded(job / "run", nodes2x2 / "run", 20)
+    jid = submit_demo(cluster, job, "--nodes", "2", "--tasks-per-node", "2", *DEMO, "engine.shard_within=node")
+    assert cluster.wait_done(jid, timeout=900) == {jid: "COMPLETED"}
+    assert first_steps(job / "run") == [25]
+    (meta, read), (world_meta, world_read) = (open_checkpoint(checkpoint_dir(run, 40)) for run in (job / "run",
+                                                                                                    nodes2x2 / "run"))
+    assert [2 * b for b in meta["state_bytes_per_rank"]] == pytest.approx(
+        [4 * b for b in world_meta["state_bytes_per_rank"]], rel=1e-3)  # up to each split's bucket padding
+    assert read(2)["engine"] == read(3)["engine"] == {}
+    node, world = (full_state(lambda r, f=f: f(r)["engine"], m) for m, f in ((meta, read), (world_meta, world_read)))
+    diff = max(float((node["model"][k] - world["model"][k]).abs().max()) for k in world["optimizer"])
+    print(f"max |node - world| over the weights at step 40: {diff:.1e}")
+    assert diff <= NODE_LAYOUT_ATOL
+    losses, world_losses = (dict(scalars(run)["train/loss"]) for run in (job / "run", nodes2x2 / "run"))
+    assert sorted(losses) == [25, 30, 35, 40]
+    assert [losses[s] for s in sorted(losses)] == pytest.approx([world_losses[s] for s in sorted(losses)],
+                                                                rel=NODE_LAYOUT_LOSS_RTOL)
 
 
 # --- no cluster needed --------------------------------------------------------------------
