@@ -23,8 +23,19 @@ from ffcv.fields.basics import IntDecoder
 from ffcv.traversal_order.base import TraversalOrder
 
 
+def repeated_order(indices: np.ndarray, num_samples: int, repeats: int, seed: int, epoch: int, world: int,
+                   rank: int) -> np.ndarray:
+    """Rank `rank`'s draw indices for `epoch`, len(indices) // world of them: the samples
+    `indices` (of a file of `num_samples`) permuted by (seed, epoch), each repeated in place
+    as copies 0..repeats-1, dealt out round-robin."""
+    order = np.random.default_rng([seed, epoch]).permutation(indices).astype(np.int64)
+    copies = np.repeat(order, repeats) + num_samples * np.tile(np.arange(repeats), len(order))
+    return copies[rank::world][:len(order) // world]
+
+
 class RepeatedOrder(TraversalOrder):
-    """An ffcv traversal order: pass an instance as Loader(order=...), which calls it with the loader."""
+    """`repeated_order` as an ffcv traversal order: pass an instance as Loader(order=...),
+    which calls it with the loader."""
 
     def __init__(self, repeats: int, num_samples: int):
         self.repeats, self.num_samples = repeats, num_samples
@@ -35,10 +46,7 @@ class RepeatedOrder(TraversalOrder):
         return self
 
     def sample_order(self, epoch: int) -> np.ndarray:
-        """This rank's draw indices for `epoch`: len(indices) // world_size of them."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.indices).astype(np.int64)
-        copies = np.repeat(order, self.repeats) + self.num_samples * np.tile(np.arange(self.repeats), len(order))
-        return copies[self.rank::self.world][:len(order) // self.world]
+        return repeated_order(self.indices, self.num_samples, self.repeats, self.seed, epoch, self.world, self.rank)
 
 
 class LabelDecoder(IntDecoder):
