@@ -29,6 +29,7 @@ class DropPathDraws:
     def __init__(self, rates: list[float], seed: int):
         self.rates, self.seed = rates, seed
         self.scales: torch.Tensor | None = None
+        self._rates_on_device = torch.tensor(rates, dtype=torch.float64)[:, None]
 
     def draw(self, batch: int, epoch: int, step: int, slot: int, device: torch.device) -> None:
         """Masks for a micro-batch of `batch` samples: `slot` tells this rank's micro-batches of
@@ -37,7 +38,9 @@ class DropPathDraws:
         word, _, _, _ = philox4x32(index, epoch & _MASK32, step & _MASK32, slot & _MASK32,
                                    self.seed & _MASK32, ((self.seed >> 32) ^ _TAG) & _MASK32)
         uniform = word.to(torch.float64).view(len(self.rates), batch) * 2.0 ** -32
-        rates = torch.tensor(self.rates, dtype=torch.float64, device=device)[:, None]
+        if self._rates_on_device.device != device:  # copied once: a copy from the host may wait for the GPU
+            self._rates_on_device = self._rates_on_device.to(device)
+        rates = self._rates_on_device
         self.scales = ((uniform >= rates) / (1.0 - rates)).float()
 
     def scaled(self, branch: torch.Tensor, site: int) -> torch.Tensor:
