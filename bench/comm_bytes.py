@@ -149,6 +149,11 @@ def count_rank(rank, world_size, per_node, model_name, engine_name):
     return results
 
 
+def pair(mean: dict, key: str, scale: float = 1e-6, digits: int = 1) -> str:
+    """"world / node" of one count (bytes in MB by default)."""
+    return " / ".join(f"{mean[within][key] * scale:.{digits}f}" for within in LAYOUTS)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet50", "vit_b16"], choices=sorted(MODELS))
@@ -157,11 +162,11 @@ def main() -> None:
     # glibc's own settings, not the ranks' caching allocator (vsgd_dist.allocator): counting needs
     # no speed, and memory given back lets 8 ranks of ViT-B/16 with VSGD state fit in 24 GiB
     os.environ.update(MALLOC_MMAP_MAX_="65536", MALLOC_TRIM_THRESHOLD_="131072")
-    print(f"torch {torch.__version__}, gloo, ranks numbered node by node; MB = 10^6 bytes sent per rank per "
-          "step (zero: ZeRO-2; fsdp2: FSDP2, HSDP with node), mean over ranks\n")
-    print("| model | nodes x ranks | engine | shard_within | collectives | sent | inside node | across nodes "
+    print(f"torch {torch.__version__}, gloo, ranks numbered node by node; MB (10^6 bytes) each rank sends in one "
+          "step, mean over ranks, shard_within world / node (zero: ZeRO-2; fsdp2: FSDP2, HSDP with node)\n")
+    print("| model | nodes x ranks | engine | collectives | sent | inside node | across nodes "
           "| across nodes, direct exchange |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for model_name in args.models:
         for layout in args.layouts:
             nodes, per_node = map(int, layout.split("x"))
@@ -169,11 +174,12 @@ def main() -> None:
             for engine_name in ENGINES:
                 per_rank = run_distributed(count_rank, world, per_node, model_name, engine_name,
                                            ranks_per_node=per_node, timeout=1800)
-                for layout, counts in per_rank[0].items():
-                    mean = {k: sum(r[layout][k] for r in per_rank) / world / 1e6 for k in counts if k != "calls"}
-                    print(f"| {model_name} | {nodes} x {per_node} | {engine_name} | {layout} | {counts['calls']} "
-                          f"| {mean['inside'] + mean['across']:.1f} | {mean['inside']:.1f} | {mean['across']:.1f} "
-                          f"| {mean['direct across']:.1f} |", flush=True)
+                mean = {within: {k: sum(r[within][k] for r in per_rank) / world for k in per_rank[0][within]}
+                        for within in LAYOUTS}
+                for counts in mean.values():
+                    counts["sent"] = counts["inside"] + counts["across"]
+                cells = [pair(mean, "calls", 1, 0), *(pair(mean, k) for k in ("sent", "inside", "across", "direct across"))]
+                print(f"| {model_name} | {nodes} x {per_node} | {engine_name} | {' | '.join(cells)} |", flush=True)
 
 
 if __name__ == "__main__":
