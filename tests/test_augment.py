@@ -318,6 +318,26 @@ def test_drop_path_keeps_the_weights_and_draws_keyed_masks_rising_over_the_block
     assert drop_path_draws(plain) is None
 
 
+# --- recipe checks -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.randaugment_m=11"], "randaugment_m 11.0 must be a magnitude in [0, 10] (DeiT: 9)"),
+    (["data.randaugment_n=-1"], "randaugment_n -1 must be >= 0 ops per image (0: off; DeiT: 2)"),
+    (["data.erase_prob=1.5"], "erase_prob 1.5 must be a probability in [0, 1] (DeiT: 0.25)"),
+    (["data.repeated_aug=0"], "repeated_aug 0 must be >= 1 (1: off; DeiT: 3)"),
+    (["data.repeated_aug=3", "data.os_cache=false"], "repeated_aug 3 needs os_cache=true"),
+    (["data.mixup_alpha=-1"], "mixup_alpha -1.0 must be >= 0 (0: off)"),
+    (["data.mix_switch_prob=2"], "mix_switch_prob 2.0 must be a probability in [0, 1]"),
+    (["model.drop_path=1"], "model.drop_path=1.0 must be in [0, 1) (0: off; DeiT-S/B: 0.1)"),
+    (["model.drop_path=0.1"], "model resnet_tiny has no stochastic depth (the ViTs have); set model.drop_path=0"),
+])
+def test_augmentation_values_that_cannot_work_fail_in_the_launcher(overrides, message, tmp_path, capsys):
+    code = launch(["run", "recipes/demo.yaml", "--nproc", "2", f"out={tmp_path / 'r'}", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
 # --- a resume through the trainer --------------------------------------------------------------
 
 DEIT_OVERRIDES = ["model=vit_toy", "model.drop_path=0.1", "data.randaugment_n=2", "data.erase_prob=0.25",
