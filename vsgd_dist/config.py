@@ -123,6 +123,14 @@ class EngineConfig:
     all-reduced across nodes, and fsdp2 runs as HSDP on a (replicate, shard) mesh). Ranks per
     node come from the launcher (LOCAL_WORLD_SIZE, SLURM's tasks per node) and must be the
     same on every node."""
+    prefetch_params: bool = False
+    """zero only: leave the all-gather of the updated parameters running after a step, and
+    wait for each bucket's in the forward pre-hook of every module that holds its parameters,
+    so communication overlaps the next forward. Until then the parameters hold the old
+    weights for anyone who reads them through their own reference to the model (the engine's
+    `model` and `restore()` wait; the trainer reads them only through those), hence off by
+    default and on in the recipes. Off with model.compile (hooks inside a compiled graph);
+    refused for a parameter registered in several modules (tied weights)."""
 
 
 @dataclass

@@ -31,10 +31,45 @@ class ZeroEngine(Engine):
         self.optimizer = ZeroOptimizer(self.param_groups, self.optimizer_class, stage=stage,
                                        process_group=self.shard_group,
                                        replicate_group=mesh.get_group("replicate") if mesh is not None else None,
-                                       bucket_cap_mb=cfg.engine.bucket_mb, **self.optimizer_kwargs)
+                                       bucket_cap_mb=cfg.engine.bucket_mb,
+                                       prefetch=cfg.engine.prefetch_params and not cfg.model.compile,
+                                       **self.optimizer_kwargs)
+        if self.optimizer.prefetch:
+            self._wait_in_forward(model)
         # ZeroOptimizer moved the parameters into flat buffers; DDP must wrap them after.
         self.wrapped = (DistributedDataParallel(model, broadcast_buffers=False, bucket_cap_mb=cfg.engine.bucket_mb)
                        if stage == 1 and dist.is_initialized() else model)
+
+    def _wait_in_forward(self, model) -> None:
+        """Before each module's forward, wait for the gathers of the buckets holding the
+        parameters it registers (`engine.prefetch_params`)."""
+        owners: dict[int, str] = {}
+        for module_name, module in model.named_modules():
+            for name, param in module.named_parameters(recurse=False):
+                if id(param) in owners:
+                    raise ValueError(f"engine.prefetch_params: parameter {module_name}.{name} is also "
+                                     f"{owners[id(param)]} (tied weights); set engine.prefetch_params=false")
+                owners[id(param)] = f"{module_name}.{name}"
+            buckets = self.optimizer.buckets_of(module.parameters(recurse=False))
+            if buckets:
+                module.register_forward_pre_hook(lambda _module, _args, b=buckets: self.optimizer.wait_for_buckets(b))
+
+    @property
+    def model(self):
+        """The model, its parameters the current weights: a gather a step left running
+        (`engine.prefetch_params`) is waited for here. The training forward goes through
+        `wrapped`, whose modules wait bucket by bucket instead."""
+        if "optimizer" in self.__dict__:
+            self.optimizer.wait_for_parameters()
+        return self._model
+
+    @model.setter
+    def model(self, model):
+        self._model = model
+
+    def restore(self):
+        """The mean weights after samples (IVON), and the end of any gather a step left running."""
+        self.optimizer.restore()
 
     def clip_grad_norm(self, max_norm):
         return self.optimizer.clip_grad_norm_(max_norm)

@@ -69,7 +69,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable, optimizer_class: type, *, stage: int = 2,
                  process_group: dist.ProcessGroup | None = None,
                  replicate_group: dist.ProcessGroup | None = None, bucket_cap_mb: float = 25.0,
-                 reduce_dtype: torch.dtype = torch.float32, **optimizer_kwargs: Any):
+                 reduce_dtype: torch.dtype = torch.float32, prefetch: bool = False, **optimizer_kwargs: Any):
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 (DDP-averaged gradients) or 2 (sharded gradients), got {stage!r}")
         check_elementwise(optimizer_class)
@@ -92,6 +92,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError("this process is not a member of `process_group`: build the "
                              "ZeroOptimizer only on the group's ranks")
         self.reduce_dtype = reduce_dtype
+        self.prefetch = prefetch
+        """After a step, leave the parameters' all-gathers running: the caller completes each
+        bucket's with `wait_for_buckets` before its parameters are read (ZeroEngine: from
+        forward pre-hooks), so the gather overlaps the next forward."""
+        self._gathering: dict[int, tuple] = {}  # bucket index -> (async work, its source tensor)
         self.device = devices.pop() if devices else torch.device("cpu")
         self._params = [p for group in named_groups for _, p in group]
         self.slots, self.buckets = plan(named_groups, self.world_size, int(bucket_cap_mb * 2**20))
@@ -272,19 +277,39 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def set_masters(self, values: list[torch.Tensor]) -> None:
         """Copy `values` (laid out like `masters`) into this rank's masters and all-gather every
         rank's into the parameters."""
+        self.wait_for_parameters()  # a running gather reads the masters this overwrites
         for master, value in zip(self.masters, values):
             master.copy_(value)
         self._gather_parameters()
 
     # ---- step ---------------------------------------------------------------------------
 
-    def _gather_parameters(self) -> None:
-        """Every rank's masters into every rank's buckets (in place for fp32 buckets)."""
-        works = []
-        for bucket, buffer, master in zip(self.buckets, self._param_buffers, self.masters):
-            works.append(_all_gather(buffer, master.to(bucket.dtype), group=self.process_group, async_op=True))
-        for work in works:
-            work.wait()
+    def _gather_parameters(self, wait: bool = True) -> None:
+        """Every rank's masters into every rank's buckets (in place for fp32 buckets); with
+        wait=False the gathers are left running (see `prefetch`)."""
+        self.wait_for_parameters()
+        for index, (bucket, buffer, master) in enumerate(zip(self.buckets, self._param_buffers, self.masters)):
+            source = master.to(bucket.dtype)  # kept alive until the gather is waited for
+            self._gathering[index] = (_all_gather(buffer, source, group=self.process_group, async_op=True), source)
+        if wait:
+            self.wait_for_parameters()
+
+    def buckets_of(self, params: Iterable[torch.Tensor]) -> tuple[int, ...]:
+        """The buckets that hold any of `params`, in order (tensors not sharded here are skipped)."""
+        bucket_of = {id(p): slot.bucket for p, slot in zip(self._params, self.slots)}
+        return tuple(sorted({bucket_of[id(p)] for p in params if id(p) in bucket_of}))
+
+    def wait_for_buckets(self, indices: Iterable[int]) -> None:
+        """Complete the all-gathers of these buckets still running (on NCCL the current
+        stream waits, not the host)."""
+        for index in indices:
+            pending = self._gathering.pop(index, None)
+            if pending is not None:
+                pending[0].wait()
+
+    def wait_for_parameters(self) -> None:
+        """Complete every all-gather still running: the parameters are the new weights."""
+        self.wait_for_buckets(list(self._gathering))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -292,6 +317,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.wait_for_parameters()  # buckets no forward used are still gathering from the masters
         self._finish_grad_sync()
         self._copy_hyperparameters()
         self.inner.step()
@@ -365,6 +391,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """The inner optimizer's `sample(mc_sample, **kwargs)` on this rank's masters (every
         element draws the noise the unsharded optimizer draws for it), then one all-gather
         of m + eps into the parameters."""
+        self.wait_for_parameters()  # sampling overwrites the masters a running gather reads
         for master, runs in zip(self.masters, self.noise_runs):
             self.inner.set_global_offset(master, runs)
         self._copy_hyperparameters()
@@ -384,6 +411,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def restore(self) -> None:
         """Make the parameters the mean weights again (after samples, or after a step)."""
         if self._params_hold_mean:
+            self.wait_for_parameters()
             return
         self.inner.restore()
         self._gather_parameters()
@@ -395,7 +423,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if callable(getattr(self.inner, "sample", None)):
             self._params_hold_mean = False
         else:
-            self._gather_parameters()
+            self._gather_parameters(wait=not self.prefetch)
 
     # ---- memory and diagnostics -----------------------------------------------------------
 
@@ -477,6 +505,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume from this rank's shard of a run at the same world size and layout."""
+        self.wait_for_parameters()  # a running gather reads the masters this overwrites
         if state_dict.get("format") != STATE_DICT_FORMAT:
             raise ValueError(f"not a ZeroOptimizer state_dict (format {state_dict.get('format')!r}, "
                              f"expected {STATE_DICT_FORMAT!r})")
