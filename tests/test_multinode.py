@@ -243,33 +243,6 @@ def test_a_two_by_two_checkpoint_resumes_on_three_nodes_by_one(cluster, nodes2x2
 
 
 @pytest.mark.timeout(1800)
-def test_a_lost_node_ends_the_run_and_the_requeued_job_resumes(cluster, nodes2x2, tmp_path):
-    """Node 2 of a running 2-node job crashes (slurmd, slurmstepd and tasks killed): the
-    survivors fail at once (gloo: connection closed by the lost peer), SLURM marks the node
-    down within SlurmdTimeout, ends that run NODE_FAIL and requeues the job onto the nodes
-    left, which resumes from the last checkpoint and ends as if never interrupted."""
-    out = tmp_path / "job"
-    jid = submit_demo(cluster, out, "--nodes", "2", "--tasks-per-node", "2", *DEMO)
-    wait_for(checkpoint_dir(out / "run", 10).is_dir, "the checkpoint of step 10", timeout=600)
-    lost = rank_hosts(out)[-1]
-    lose_node(cluster, lost)
-    lost_at = time.time()
-    try:
-        wait_for(lambda: cluster.attempts(jid)[:1] == ["NODE_FAIL"], "NODE_FAIL", timeout=LOST_NODE_BOUND_S)
-        print(f"job {jid}: NODE_FAIL {time.time() - lost_at:.0f} s after {lost} was lost")
-        assert cluster.wait_done(jid, timeout=900) == {jid: "COMPLETED"}
-    finally:
-        Cluster.start(cluster.folder, "--nodes", str(NODES), env=cluster.env)  # brings the node back
-    assert cluster.attempts(jid) == ["NODE_FAIL", "COMPLETED"]
-    status = cluster.launch("status", str(out))
-    assert re.search(rf"^{jid}\s.*COMPLETED.*\s1\s*$", status.stdout, re.M), status.stdout  # 1 requeue
-    resumed = first_steps(out / "run")[-1]
-    assert resumed in (15, 25), resumed  # from the checkpoint of step 10 (or 20), not from scratch
-    assert_same_checkpoint(nodes2x2 / "run", out / "run", 40)
-    assert_same_scalars(nodes2x2 / "run", out / "run")
-
-
-@pytest.mark.timeout(1800)
 def test_shard_within_node_on_two_nodes_continues_the_world_run_within_tolerance(cluster, nodes2x2, tmp_path):
     """engine.shard_within=node on 2 nodes x 2 tasks resumes the world layout's step-20
     checkpoint (resharding world -> node): every rank holds half the optimizer state (world:
@@ -296,6 +269,33 @@ def test_shard_within_node_on_two_nodes_continues_the_world_run_within_tolerance
     assert sorted(losses) == [25, 30, 35, 40]
     assert [losses[s] for s in sorted(losses)] == pytest.approx([world_losses[s] for s in sorted(losses)],
                                                                 rel=NODE_LAYOUT_LOSS_RTOL)
+
+
+@pytest.mark.timeout(1800)
+def test_a_lost_node_ends_the_run_and_the_requeued_job_resumes(cluster, nodes2x2, tmp_path):
+    """Node 2 of a running 2-node job crashes (slurmd, slurmstepd and tasks killed): the
+    survivors fail at once (gloo: connection closed by the lost peer), SLURM marks the node
+    down within SlurmdTimeout, ends that run NODE_FAIL and requeues the job onto the nodes
+    left, which resumes from the last checkpoint and ends as if never interrupted."""
+    out = tmp_path / "job"
+    jid = submit_demo(cluster, out, "--nodes", "2", "--tasks-per-node", "2", *DEMO)
+    wait_for(checkpoint_dir(out / "run", 10).is_dir, "the checkpoint of step 10", timeout=600)
+    lost = rank_hosts(out)[-1]
+    lose_node(cluster, lost)
+    lost_at = time.time()
+    try:
+        wait_for(lambda: cluster.attempts(jid)[:1] == ["NODE_FAIL"], "NODE_FAIL", timeout=LOST_NODE_BOUND_S)
+        print(f"job {jid}: NODE_FAIL {time.time() - lost_at:.0f} s after {lost} was lost")
+        assert cluster.wait_done(jid, timeout=900) == {jid: "COMPLETED"}
+    finally:
+        Cluster.start(cluster.folder, "--nodes", str(NODES), env=cluster.env)  # brings the node back
+    assert cluster.attempts(jid) == ["NODE_FAIL", "COMPLETED"]
+    status = cluster.launch("status", str(out))
+    assert re.search(rf"^{jid}\s.*COMPLETED.*\s1\s*$", status.stdout, re.M), status.stdout  # 1 requeue
+    resumed = first_steps(out / "run")[-1]
+    assert resumed in (15, 25), resumed  # from the checkpoint of step 10 (or 20), not from scratch
+    assert_same_checkpoint(nodes2x2 / "run", out / "run", 40)
+    assert_same_scalars(nodes2x2 / "run", out / "run")
 
 
 # --- no cluster needed --------------------------------------------------------------------
