@@ -108,33 +108,38 @@ def equalize(image):
 
 
 @numba.njit(nogil=True, cache=True)
-def posterize(image, bits):
-    """Keep the `bits` most significant bits of every value (0 bits: black)."""
-    mask = (0xFF << (8 - bits)) & 0xFF
-    for y in range(image.shape[0]):
-        for x in range(image.shape[1]):
-            for c in range(3):
-                image[y, x, c] = image[y, x, c] & mask
+def _value_lut(op, level):
+    """The 256-entry table of a per-value op (the same for every channel): posterize (op 4,
+    keep 4 - int(level * 4) bits), solarize (5, invert values >= 256 - int(level * 256)),
+    solarize_add (6, + int(level * 110) below 128, clipped), or a blend with a constant
+    degenerate value (op 100 + d: degenerate d, factor `level`)."""
+    lut = np.empty((256, 3), np.uint8)
+    for v in range(256):
+        if op == 4:
+            out = v & ((0xFF << (8 - (4 - int(level * 4)))) & 0xFF)
+        elif op == 5:
+            out = 255 - v if v >= 256 - int(level * 256) else v
+        elif op == 6:
+            out = min(255, v + int(level * 110)) if v < 128 else v
+        else:
+            out = _blend(op - 100, level, v)
+        for c in range(3):
+            lut[v, c] = out
+    return lut
 
 
 @numba.njit(nogil=True, cache=True)
-def solarize(image, threshold, add):
-    """add 0: invert values >= threshold (PIL's solarize). add > 0: add `add` to values below
-    `threshold`, clipped (timm's solarize_add)."""
-    for y in range(image.shape[0]):
-        for x in range(image.shape[1]):
-            for c in range(3):
-                v = image[y, x, c]
-                if add == 0 and v >= threshold:
-                    image[y, x, c] = 255 - v
-                elif add > 0 and v < threshold:
-                    image[y, x, c] = min(255, v + add)
+def _blend(degenerate, factor, value):
+    """PIL's blend of two uint8 values, degenerate + factor * (value - degenerate), computed
+    in float32 as PIL computes it, truncated and clipped."""
+    return _clip8(np.float32(degenerate) + np.float32(factor) * np.float32(value - degenerate))
 
 
 @numba.njit(nogil=True, cache=True)
-def _gray(pixel):
-    """PIL's RGB -> L: (19595 R + 38470 G + 7471 B + 0x8000) >> 16."""
-    return (19595 * np.int64(pixel[0]) + 38470 * np.int64(pixel[1]) + 7471 * np.int64(pixel[2]) + 0x8000) >> 16
+def _gray(image, y, x):
+    """PIL's RGB -> L of pixel (y, x): (19595 R + 38470 G + 7471 B + 0x8000) >> 16."""
+    return (19595 * np.int64(image[y, x, 0]) + 38470 * np.int64(image[y, x, 1]) + 7471 * np.int64(image[y, x, 2])
+            + 0x8000) >> 16
 
 
 @numba.njit(nogil=True, cache=True)
@@ -144,34 +149,32 @@ def enhance(image, scratch, kind, factor):
     (Brightness) black, 3 (Sharpness) the image smoothed by PIL's SMOOTH 3x3 kernel (border
     pixels unchanged)."""
     height, width = image.shape[0], image.shape[1]
-    mean = 0.0
-    if kind == 1:
+    if kind == 0:
         for y in range(height):
             for x in range(width):
-                mean += _gray(image[y, x])
-        mean = float(int(mean / (height * width) + 0.5))
-    source = scratch[:height * width * 3].reshape(height, width, 3)
-    if kind == 3:
+                gray = _gray(image, y, x)
+                for c in range(3):
+                    image[y, x, c] = _blend(gray, factor, np.int64(image[y, x, c]))
+    elif kind <= 2:
+        mean = 0
+        if kind == 1:
+            total = 0
+            for y in range(height):
+                for x in range(width):
+                    total += _gray(image, y, x)
+            mean = int(total / (height * width) + 0.5)
+        _apply_lut(image, _value_lut(100 + mean, factor))
+    else:
+        source = scratch[:height * width * 3].reshape(height, width, 3)
         source[:] = image
-    for y in range(height):
-        for x in range(width):
-            gray = float(_gray(image[y, x])) if kind == 0 else mean
-            for c in range(3):
-                v = float(image[y, x, c])
-                if kind <= 1:
-                    degenerate = gray
-                elif kind == 2:
-                    degenerate = 0.0
-                elif 0 < y < height - 1 and 0 < x < width - 1:
-                    total = 4.0 * float(source[y, x, c])
+        for y in range(1, height - 1):
+            for x in range(1, width - 1):
+                for c in range(3):
+                    total = 4 * np.int64(source[y, x, c])
                     for dy in range(-1, 2):
                         for dx in range(-1, 2):
-                            total += float(source[y + dy, x + dx, c])
-                    degenerate = float(int(total / 13.0 + 0.5))
-                else:
-                    degenerate = v
-                # in float32, as PIL's blend computes
-                image[y, x, c] = _clip8(np.float32(degenerate) + np.float32(factor) * np.float32(v - degenerate))
+                            total += source[y + dy, x + dx, c]
+                    image[y, x, c] = _blend(int(total / 13.0 + 0.5), factor, np.int64(source[y, x, c]))
 
 
 @numba.njit(nogil=True, cache=True)
@@ -219,12 +222,8 @@ def apply_op(image, scratch, op, level, sign):
         cos, sin = math.cos(angle), math.sin(angle)
         cx, cy = width / 2.0, height / 2.0
         warp_affine(image, scratch, cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy)
-    elif op == 4:
-        posterize(image, 4 - int(level * 4))
-    elif op == 5:
-        solarize(image, 256 - int(level * 256), 0)
-    elif op == 6:
-        solarize(image, 128, int(level * 110))
+    elif op <= 6:
+        _apply_lut(image, _value_lut(op, level))
     elif op <= 10:
         enhance(image, scratch, op - 7, 1.0 + sign * level * 0.9)
     elif op == 11:
