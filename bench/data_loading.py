@@ -1,8 +1,13 @@
-"""Images/second: FFCV train and val loaders vs a PIL + torch DataLoader baseline.
+"""Images/second: FFCV train and val loaders vs a PIL + torch DataLoader baseline, and the
+FFCV train loader with and without the DeiT augmentation.
 
 Same JPEG files, same number of worker processes/threads, same augmentations (random
 resized crop, horizontal flip, ImageNet normalization to fp32). The baseline uses PIL,
-numpy and torch only: torchvision does not import with the CPU build of torch here.
+numpy and torch only: torchvision does not import with the CPU build of torch here. The
+DeiT rows add what the ViT-S recipe turns on in the loader: RandAugment (2 ops, m 9, mstd
+0.5) and random erasing (p 0.25) in the decoding threads, and repeated augmentation x3.
+Mixup 0.8 / CutMix 1.0 runs on the device in training; its cost per batch on this CPU is
+timed on its own.
 
     python bench/data_loading.py                       # 2000 generated JPEGs, 300-500 px
     python bench/data_loading.py --src /data/imagenet  # an existing ImageFolder tree
@@ -10,6 +15,7 @@ numpy and torch only: torchvision does not import with the CPU build of torch he
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import random
@@ -26,6 +32,7 @@ from PIL import Image
 from vsgd_dist.data import DataConfig, WriteSettings, build_train_loader, build_val_loader, train_epoch
 from vsgd_dist.data.image_folder import find_classes, list_images, write_image_folder
 from vsgd_dist.data.loaders import IMAGENET_MEAN, IMAGENET_STD
+from vsgd_dist.data.mixup import BatchMixer
 
 # Images/s one A100 consumes training ResNet-50 in ffcv-imagenet (github.com/libffcv/ffcv-imagenet,
 # rn50 table): 8xA100, 16 epochs of ImageNet-1k (1,281,167 train images) at res ~160-171 in 14.9 min.
@@ -83,6 +90,16 @@ class PILTrainImages(torch.utils.data.Dataset):
         return (width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2
 
 
+def mix_ms_per_batch(images: torch.Tensor, labels: torch.Tensor, mixer: BatchMixer, steps: int = 20) -> float:
+    """Median milliseconds of Mixup/CutMix (as the trainer calls it) on one batch."""
+    times = []
+    for step in range(steps):
+        start = time.perf_counter()
+        mixer(images, labels, 0, step)
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
 def images_per_second(batches, epochs: int) -> float:
     """Throughput over `epochs` passes after one untimed warm-up pass (compile, fork, cache)."""
     for _ in batches(-1):
@@ -129,10 +146,19 @@ def main(argv: list[str] | None = None) -> int:
             val = build_val_loader(cfg, torch.device("cpu"), batch_size=args.batch_size)
             results[f"FFCV train, {storage} (random resized crop, flip, normalize)"] = images_per_second(
                 lambda epoch: train_epoch(train, cfg, epoch + 1), args.epochs)
+            deit = dataclasses.replace(cfg, randaugment_n=2, randaugment_m=9.0, randaugment_mstd=0.5,
+                                       erase_prob=0.25, repeated_aug=3)
+            deit_train = build_train_loader(deit, torch.device("cpu"), batch_size=args.batch_size)
+            results[f"FFCV train, {storage}, + DeiT augmentation"] = images_per_second(
+                lambda epoch: train_epoch(deit_train, deit, epoch + 1), args.epochs)
+            batches = train_epoch(deit_train, deit, 0)
+            images, labels = (t.clone() for t in next(batches))  # a batch to time Mixup/CutMix on
+            batches.close()  # stops its decoding thread
             results[f"FFCV val, {storage} (center crop 224/256, normalize)"] = images_per_second(
                 lambda epoch: val, args.epochs)
             shutil.rmtree(out)
-        samples = list_images(src / "train", find_classes([src / "train"]))
+        classes = find_classes([src / "train"])
+        samples = list_images(src / "train", classes)
         pil = torch.utils.data.DataLoader(PILTrainImages(samples, args.res), batch_size=args.batch_size,
                                           shuffle=True, drop_last=True, num_workers=args.workers,
                                           persistent_workers=True)
@@ -148,9 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     pil_rate = results["PIL + torch DataLoader train (same augmentations)"]
     for storage in storages:
         train_rate = results[f"FFCV train, {storage} (random resized crop, flip, normalize)"]
+        deit_rate = results[f"FFCV train, {storage}, + DeiT augmentation"]
         print(f"\nFFCV train ({storage}) / PIL train: {train_rate / pil_rate:.1f}x; feeds "
-              f"{train_rate / A100_RESNET50_IMAGES_PER_S:.2f} of one A100 on ResNet-50", end="")
-    print(f"\n\nOne A100 training ResNet-50 (ffcv-imagenet, res ~160-192) consumes "
+              f"{train_rate / A100_RESNET50_IMAGES_PER_S:.2f} of one A100 on ResNet-50; with the DeiT "
+              f"augmentation {deit_rate / train_rate:.2f}x the images/s", end="")
+    mixer = BatchMixer(len(classes), 0, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5)
+    print(f"\n\nMixup/CutMix (0.8/1.0) of one batch of {args.batch_size} on this CPU, 1 thread: "
+          f"{mix_ms_per_batch(images, labels, mixer):.1f} ms (median of 20 steps; on a GPU one pass over the batch).")
+    print(f"One A100 training ResNet-50 (ffcv-imagenet, res ~160-192) consumes "
           f"~{A100_RESNET50_IMAGES_PER_S:,.0f} images/s.")
     return 0
 
