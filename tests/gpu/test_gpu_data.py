@@ -2,6 +2,8 @@
 pipeline, bit for bit (the same lookup table: tests/test_gpu_lane.py checks it on CPU)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -30,10 +32,14 @@ def test_val_batches_on_cuda_equal_the_cpu_pipelines(dtype):
 
 
 @pytest.mark.timeout(300)
-def test_train_batches_on_cuda_equal_the_cpu_pipelines_and_survive_later_batches():
+@pytest.mark.parametrize("deit", [False, True])
+def test_train_batches_on_cuda_equal_the_cpu_pipelines_and_survive_later_batches(deit):
     """Each normalized batch is a fresh tensor made on ffcv's stream: it must still hold its
-    values after later batches were produced (the allocator must not reuse it early)."""
+    values after later batches were produced (the allocator must not reuse it early). With the
+    DeiT augmentation of the loader on (RandAugment, erasing, repeated augmentation), too."""
     cfg = demo_config("bf16")
+    if deit:
+        cfg = dataclasses.replace(cfg, randaugment_n=2, erase_prob=0.25, repeated_aug=3)
     cpu = [b[0] for b in train_epoch(build_train_loader(cfg, torch.device("cpu"), batch_size=64, seed=3), cfg, 0)]
     kept = [b[0] for b in train_epoch(build_train_loader(cfg, torch.device("cuda"), batch_size=64, seed=3), cfg, 0)]
     torch.cuda.synchronize()
