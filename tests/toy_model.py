@@ -1,5 +1,5 @@
 """A tiny ViT registered from outside the package (VSGD_DIST_PLUGINS=toy_model): torchvision's
-VisionTransformer at 32 px (16 patches of 8 px, 2 blocks of width 32, ~27k parameters), for
+VisionTransformer at 32 px (16 patches of 8 px, 2 blocks of width 32, 24k parameters), for
 trainer tests on the digits demo that need a model without BatchNorm (an image's output does
 not depend on the rest of its batch) or one with stochastic depth."""
 from __future__ import annotations
