@@ -464,7 +464,9 @@ void step(int64_t count, void* const* tensors, const int64_t* numels, const doub
   std::vector<int64_t> starts(count + 1, 0);  // first work item of each tensor
   for (int64_t t = 0; t < count; ++t) starts[t + 1] = starts[t] + (numels[t] + kPiece - 1) / kPiece;
   const int64_t items = starts[count];
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  // Items differ in size (a small tensor is one), so threads take them as they finish: split
+  // statically by count, ResNet-50's list gave one of two threads 16M of its 25.6M elements.
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
   for (int64_t item = 0; item < items; ++item) {
     const int64_t t = std::upper_bound(starts.begin(), starts.end(), item) - starts.begin() - 1;
     const int64_t lo = (item - starts[t]) * kPiece, n = std::min(kPiece, numels[t] - lo);
