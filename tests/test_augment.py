@@ -16,7 +16,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 import toy_model  # noqa: F401 - registers vit_toy here; ranks import it through VSGD_DIST_PLUGINS
 from launch.__main__ import main as launch
-from test_data import write_cli
+from test_data import noise_dir  # noqa: F401 - the fixture: 16 train and 4 val JPEGs
 from vsgd_dist.data import DataConfig, build_train_loader, train_epoch
 from vsgd_dist.data.draws import image_key
 from vsgd_dist.data.mixup import BatchMixer, mix_batch, mix_draw
@@ -211,22 +211,6 @@ def test_repeated_order_deals_deits_repeated_list_and_keeps_the_epoch_length():
 # --- the loader with everything on -----------------------------------------------------------
 
 BATCH = 4
-
-
-@pytest.fixture(scope="module")
-def noise_dir(tmp_path_factory):
-    """16 train and 4 val images of random pixels in assorted sizes, as JPEG."""
-    root = tmp_path_factory.mktemp("noise")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 8), ("val", 2)):
-        for name in ("a", "b"):
-            (root / "src" / split / name).mkdir(parents=True)
-            for i in range(count):
-                h, w = rng.integers(24, 72, size=2)
-                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
-                    root / "src" / split / name / f"{i}.png")
-    assert write_cli("--src", root / "src", "--out", root / "out", "--write-mode", "jpg") == 0
-    return root / "out"
 
 
 def deit_config(data_dir, **overrides) -> DataConfig:

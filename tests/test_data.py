@@ -219,7 +219,7 @@ NOISE_BATCH = 4
 
 @pytest.fixture(scope="module")
 def noise_dir(tmp_path_factory):
-    """16 train images of random pixels in assorted sizes, written as JPEG."""
+    """16 train and 4 val images of random pixels in assorted sizes, written as JPEG."""
     root = tmp_path_factory.mktemp("noise")
     rng = np.random.default_rng(0)
     for split, count in (("train", 8), ("val", 2)):
