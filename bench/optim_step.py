@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_shapes import MODELS, numel  # noqa: E402
 
 from vsgd_dist import VSGD, allocator  # noqa: E402
-from vsgd_dist.optim import cpp_kernel, vsgd as vsgd_module  # noqa: E402
+from vsgd_dist.optim import cpp_kernel, vsgd as vsgd_module, vsgd_cpu  # noqa: E402
 
 VARIANTS = {
     "VSGD per-tensor": (lambda p: VSGD(p, lr=1e-3, weight_decay=0.05, foreach=False), 36),
@@ -86,7 +86,7 @@ def one_off_build(device: str) -> str:
     if torch.device(device).type == "cpu":
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            cpp_kernel.library_path("vsgd", vsgd_module._CPU_SOURCE, Path(tmp))
+            cpp_kernel.library_path("vsgd", vsgd_cpu.SOURCE, Path(tmp))
             return f"C++ kernel build (g++, empty cache): {time.perf_counter() - start:.1f} s"
     params = make_params([(1000,), (64, 3, 7, 7)], device)
     start = time.perf_counter()

@@ -20,7 +20,7 @@ import torch
 from launch.clusters import ClusterProfile
 from launch.slurm import REPO, build_spec
 from vsgd_dist import VSGD, allocator
-from vsgd_dist.optim import vsgd as vsgd_module
+from vsgd_dist.optim import vsgd as vsgd_module, vsgd_cpu
 from vsgd_dist.spawn import run_distributed
 
 BIG_SHAPES = [(300, 301), (200_001,), (5,), (64, 40, 7, 7)]  # all but one larger than a chunk
@@ -102,9 +102,9 @@ def fresh_fused_state(monkeypatch, tmp_path):
     """No fallback recorded and no library loaded, with an empty kernel cache."""
     monkeypatch.setattr(vsgd_module, "_fused_unavailable", "")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    vsgd_module._cpu_library.cache_clear()
+    vsgd_cpu.library.cache_clear()
     yield
-    vsgd_module._cpu_library.cache_clear()
+    vsgd_cpu.library.cache_clear()
 
 
 def test_fallback_without_compiler_warns_once_and_steps_unfused(fresh_fused_state, monkeypatch, caplog):
@@ -120,34 +120,26 @@ def test_fallback_without_compiler_warns_once_and_steps_unfused(fresh_fused_stat
 
 
 def test_cpu_kernel_builds_once_per_machine(fresh_fused_state, tmp_path):
-    vsgd_module._cpu_library()
+    vsgd_cpu.library()
     built = list((tmp_path / "vsgd_dist").glob("vsgd-*.so"))
     assert len(built) == 1
-    vsgd_module._cpu_library.cache_clear()
+    vsgd_cpu.library.cache_clear()
     stamp = built[0].stat().st_mtime_ns
-    vsgd_module._cpu_library()
+    vsgd_cpu.library()
     assert built[0].stat().st_mtime_ns == stamp and len(list((tmp_path / "vsgd_dist").iterdir())) == 1
 
 
 @pytest.fixture
 def use_triton_on_cpu(monkeypatch):
-    """A function that puts fused VSGD's CUDA path (`vsgd_triton`) in place of the C++ kernel
-    for CPU tensors, its kernels run by Triton's interpreter; it returns the launchers made."""
+    """Puts fused VSGD's CUDA kernel (`vsgd_triton`) in place of the C++ kernel for CPU
+    tensors, its kernels run by Triton's interpreter."""
     pytest.importorskip("triton", reason="Triton comes with requirements-dev.txt")
     from vsgd_dist.optim import vsgd_triton
 
-    def use() -> list:
+    def use() -> None:
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # read where @triton.jit runs: on (re)import
         interpreted = importlib.reload(vsgd_triton)
-        launchers: list = []
-
-        def triton_path(*columns_and_scalars):
-            if not launchers:
-                launchers.append(interpreted.MultiTensorVSGD())
-            vsgd_module._triton_fused_update(launchers[0], *columns_and_scalars)
-
-        monkeypatch.setattr(vsgd_module, "_cpu_fused_update", triton_path)
-        return launchers
+        monkeypatch.setattr(vsgd_module, "_fused_kernel", lambda *dtypes: (interpreted.TritonTable, None))
 
     yield use
     monkeypatch.undo()
@@ -161,27 +153,57 @@ def test_triton_kernel_matches_the_cpu_kernel_on_every_layout(use_triton_on_cpu)
     lrs = [0.05, 0.04, 0.03, 0.02, 0.01, 0.005]
     kwargs = dict(shapes=shapes, lrs=lrs, channels_last=True, contiguous_grads=True)
     cpu, opt_cpu = run(dict(fused=True), **kwargs)
-    launchers = use_triton_on_cpu()
+    use_triton_on_cpu()
     interpreted, opt_interpreted = run(dict(fused=True), **kwargs)
-    assert len(launchers) == 1
+    [kept] = opt_interpreted._kernel_tables.values()
+    assert type(kept.table).__name__ == "TritonTable"
     assert_same(cpu, interpreted, opt_cpu, opt_interpreted, rtol=1e-6, atol=1e-9)
 
 
-def test_triton_table_is_kept_while_the_pointers_stay(use_triton_on_cpu):
-    launchers = use_triton_on_cpu()
+@pytest.mark.parametrize("kernel", ["C++", "Triton"])
+def test_kernel_table_is_kept_while_the_pointers_stay(request, kernel):
+    if kernel == "Triton":
+        request.getfixturevalue("use_triton_on_cpu")()
     params = make_params([(300, 7), (11,)])
     opt = VSGD(params, lr=0.01, fused=True)
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
-    table = launchers[0]._table
+    [kept] = opt._kernel_tables.values()
+    table = kept.table
+    before = [p.detach().clone() for p in params]
     opt.step()
-    assert launchers[0]._table is table and table.blocks == 3 + 1  # 2100 and 11 elements, BLOCK 1024
+    assert kept.table is table and all(not torch.equal(p, b) for p, b in zip(params, before))
+    if kernel == "Triton":
+        assert table.blocks == 3 + 1  # 2100 and 11 elements, BLOCK 1024
     old_grads = [p.grad for p in params]  # kept alive: the new gradients get new memory
     for p in params:
-        p.grad = torch.ones_like(p)
+        p.grad = torch.full_like(p, 2.0)
     opt.step()
-    assert launchers[0]._table is not table and old_grads
+    assert kept.table is not table and old_grads
+    reference = make_params([(300, 7), (11,)])
+    ref_opt = VSGD(reference, lr=0.01, fused=True)
+    for value in (1.0, 1.0, 2.0):  # a fresh table every step: the same numbers
+        for p in reference:
+            p.grad = torch.full_like(p, value)
+        ref_opt.step()
+        ref_opt._kernel_tables.clear()
+    assert all(torch.equal(p, r) for p, r in zip(params, reference))
+
+
+def test_staged_copies_rebuild_the_table_every_step():
+    """Tensors that need copies (here bf16 parameters, fp32 state) get a table of the copies,
+    which is not kept: the next step's copies live elsewhere."""
+    params = make_params([(40, 3)], dtype=torch.bfloat16)
+    opt = VSGD(params, lr=0.01, fused=True)
+    tables = []
+    for _ in range(2):
+        params[0].grad = torch.ones_like(params[0])
+        opt.step()
+        [kept] = opt._kernel_tables.values()
+        assert kept.identity is None
+        tables.append(kept.table)
+    assert tables[0] is not tables[1]
 
 
 # ------------------------------------------------------------------------------ allocator

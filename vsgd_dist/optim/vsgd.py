@@ -18,7 +18,7 @@ Three code paths compute the same update:
   ~8 temporaries stay in cache instead of being allocated (and page-faulted) per tensor;
 - fused (`fused=True`): one pass over memory that reads param, grad and state once and
   writes them once (36 bytes per fp32 element). On CPU a small C++ kernel walks the whole
-  list of tensors in one call (built once per machine, ~2 s, see `cpp_kernel`); on CUDA one
+  list of tensors in one call (built once per machine, ~1 s, `vsgd_cpu`); on CUDA one
   Triton launch updates the whole list (`vsgd_triton`), its scalars passed as Python floats
   (no host-to-device copy, no recompilation when lr or t change). It shares one division
   between mu and sigma2, so it agrees with the others to ~1e-7 relative per step. Where it
@@ -26,8 +26,6 @@ Three code paths compute the same update:
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -36,7 +34,6 @@ from typing import Any, Iterable
 import torch
 from torch.optim import Optimizer
 
-from vsgd_dist.optim import cpp_kernel
 from vsgd_dist.optim.registry import OPTIMIZERS, Diagnostics, OptimizerEntry
 from vsgd_dist.sharding.layout import memory_dim_order, to_memory_flat
 
@@ -220,11 +217,11 @@ class VSGD(Optimizer):
             key = (param.device, param.dtype, grad.dtype, mug.dtype, t)
             buckets.setdefault(key, []).append((param, grad, mug, state["bg"], state["bhg"]))
 
-        launchers = self.__dict__.setdefault("_cuda_launchers", {})  # per bucket, kept across steps
+        tables = self.__dict__.setdefault("_kernel_tables", {})  # per bucket, kept across steps
         for key, rows in buckets.items():
             scalars = _StepScalars.of(group, key[-1])
             columns = [list(column) for column in zip(*rows)]
-            fused = group["fused"] and _fused_update(*columns, scalars, group["maximize"], launchers, (index, *key[:-1]))
+            fused = group["fused"] and _fused_update(*columns, scalars, group["maximize"], tables, (index, *key[:-1]))
             if not fused:
                 foreach = group["foreach"] or (group["foreach"] is None and key[0].type == "cuda")
                 _unfused_update(*columns, scalars, group["maximize"], foreach)
@@ -398,25 +395,21 @@ _fused_unavailable = ""
 """Why the fused kernel cannot run in this process (empty: it can); warned about once."""
 
 
-def _fused_update(params, grads, mugs, bgs, bhgs, s: _StepScalars, maximize: bool, launchers: dict,
+def _fused_update(params, grads, mugs, bgs, bhgs, s: _StepScalars, maximize: bool, tables: dict,
                   key: tuple) -> bool:
     """Update the whole list with the fused kernel; False, having written nothing, when it
-    cannot run here (the caller then runs the unfused path). `launchers[key]` is the CUDA
-    launcher of this list, made on its first step."""
+    cannot run here (the caller then runs the unfused path). `tables[key]` keeps this list's
+    kernel table across steps."""
     global _fused_unavailable
     if _fused_unavailable:
         return False
     try:
-        if params[0].device.type == "cpu":
-            _cpu_fused_update(params, grads, mugs, bgs, bhgs, s, maximize)
-            return True
-        from vsgd_dist.optim import vsgd_triton  # Triton: imported where a CUDA list steps
-
-        if not {params[0].dtype, grads[0].dtype} <= vsgd_triton.SUPPORTED or mugs[0].dtype != torch.float32:
-            return False  # fp64 on CUDA: the foreach path
-        if key not in launchers:
-            launchers[key] = vsgd_triton.MultiTensorVSGD()
-        _triton_fused_update(launchers[key], params, grads, mugs, bgs, bhgs, s, maximize)
+        kernel = _fused_kernel(params[0].device, params[0].dtype, grads[0].dtype, mugs[0].dtype)
+        if kernel is None:
+            return False
+        if key not in tables:
+            tables[key] = _KeptTable(*kernel)
+        tables[key].update((params, grads, mugs, bgs, bhgs), s.fused_values(maximize), s.first)
         return True
     except Exception as e:  # noqa: BLE001 - any build failure: the unfused path computes the same
         _fused_unavailable = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -424,118 +417,57 @@ def _fused_update(params, grads, mugs, bgs, bhgs, s: _StepScalars, maximize: boo
         return False
 
 
-# Scalars (double): lr, decay, inv_a, bg0, bh0, rho1, 1 - rho1, rho2, 1 - rho2, eps, bg_first,
-# bh_first, sign; converted once to the state type, as torch converts Python scalars.
-_CPU_SOURCE = r"""
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <vector>
+def _fused_kernel(device: torch.device, param_dtype, grad_dtype, state_dtype) -> tuple | None:
+    """(table type, the dtype its operands must have: None for any) of the fused kernel for
+    these tensors, or None where there is none (fp64 on CUDA: the foreach path)."""
+    if device.type == "cpu":
+        from vsgd_dist.optim import vsgd_cpu
 
-namespace {
-constexpr int64_t kPiece = 1 << 16;  // elements per work item shared among threads
+        return vsgd_cpu.CpuTable, state_dtype  # the C++ kernel computes in one type
+    from vsgd_dist.optim import vsgd_triton  # Triton: imported where a CUDA list steps
 
-template <typename T, bool First>
-void update(T* __restrict__ param, const T* __restrict__ grad, T* __restrict__ mug, T* __restrict__ bg,
-            T* __restrict__ bhg, int64_t n, const T* s) {
-  const T lr = s[0], decay = s[1], inv_a = s[2], bg0 = s[3], bh0 = s[4], rho1 = s[5], keep1 = s[6],
-          rho2 = s[7], keep2 = s[8], eps = s[9], bg_first = s[10], bh_first = s[11], sign = s[12];
-  for (int64_t i = 0; i < n; ++i) {
-    const T p = param[i] * decay;
-    const T g = grad[i] * sign;
-    const T m = mug[i];
-    const T b = First ? bg_first : bg[i];
-    const T h = First ? bh_first : bhg[i];
-    const T inv_bsum = T(1) / (b + h);
-    const T mu = (g * b + m * h) * inv_bsum;
-    const T sigma2 = b * h * inv_bsum * inv_a;
-    bg[i] = bg[i] * keep1 + rho1 * ((mu - m) * (mu - m) + sigma2 + bg0);
-    bhg[i] = bhg[i] * keep2 + rho2 * ((mu - g) * (mu - g) + sigma2 + bh0);
-    mug[i] = mu;
-    param[i] = p - lr * mu / (std::sqrt(mu * mu + sigma2) + eps);
-  }
-}
-
-template <typename T>
-void step(int64_t count, void* const* tensors, const int64_t* numels, const double* scalars, bool first,
-          int threads) {
-  T s[13];
-  for (int k = 0; k < 13; ++k) s[k] = static_cast<T>(scalars[k]);
-  std::vector<int64_t> starts(count + 1, 0);  // first work item of each tensor
-  for (int64_t t = 0; t < count; ++t) starts[t + 1] = starts[t] + (numels[t] + kPiece - 1) / kPiece;
-  const int64_t items = starts[count];
-  // Items differ in size (a small tensor is one), so threads take them as they finish: split
-  // statically by count, ResNet-50's list gave one of two threads 16M of its 25.6M elements.
-#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1)
-  for (int64_t item = 0; item < items; ++item) {
-    const int64_t t = std::upper_bound(starts.begin(), starts.end(), item) - starts.begin() - 1;
-    const int64_t lo = (item - starts[t]) * kPiece, n = std::min(kPiece, numels[t] - lo);
-    T* const* p = reinterpret_cast<T* const*>(tensors + 5 * t);
-    (first ? update<T, true> : update<T, false>)(p[0] + lo, p[1] + lo, p[2] + lo, p[3] + lo, p[4] + lo, n, s);
-  }
-}
-}  // namespace
-
-extern "C" void vsgd_step_float(int64_t count, void* const* tensors, const int64_t* numels,
-                                const double* scalars, bool first, int threads) {
-  step<float>(count, tensors, numels, scalars, first, threads);
-}
-
-extern "C" void vsgd_step_double(int64_t count, void* const* tensors, const int64_t* numels,
-                                 const double* scalars, bool first, int threads) {
-  step<double>(count, tensors, numels, scalars, first, threads);
-}
-"""
+    if not {param_dtype, grad_dtype} <= vsgd_triton.SUPPORTED or state_dtype != torch.float32:
+        return None
+    return vsgd_triton.TritonTable, None
 
 
-@functools.cache
-def _cpu_library() -> ctypes.CDLL:
-    library = cpp_kernel.load("vsgd", _CPU_SOURCE)
-    for fn in (library.vsgd_step_float, library.vsgd_step_double):
-        fn.argtypes = [ctypes.c_int64, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64),
-                       ctypes.POINTER(ctypes.c_double), ctypes.c_bool, ctypes.c_int]
-        fn.restype = None
-    return library
+class _KeptTable:
+    """A fused kernel's table (pointers and sizes) of one list of tensors, kept across steps
+    while the tensors' identity holds, so that such a step reads addresses and launches. A
+    table type is made from (param, grad, mug, bg, bhg) tuples of one dense layout and has
+    `launch(scalars, first)`; tensors that do not fit go through contiguous copies, written
+    back after the launch (and then the table is rebuilt each step)."""
 
+    def __init__(self, table_type: type, operand_dtype: torch.dtype | None):
+        self.table_type, self.operand_dtype = table_type, operand_dtype
+        self.table = None
+        self.identity: tuple | None = None
 
-def _cpu_fused_update(params, grads, mugs, bgs, bhgs, s: _StepScalars, maximize: bool) -> None:
-    """The whole list in one call of the C++ kernel (threads: torch's)."""
-    dtype = mugs[0].dtype
-    library = _cpu_library()
-    kernel = library.vsgd_step_float if dtype == torch.float32 else library.vsgd_step_double
-    operands, back = [], []
-    for tensors in zip(params, grads, mugs, bgs, bhgs):
-        views, staged = _kernel_operands(tensors, dtype)
-        operands.append(views)
-        back += staged
-    pointers = [t.data_ptr() for views in operands for t in views]
-    kernel(len(operands), (ctypes.c_void_p * len(pointers))(*pointers),
-           (ctypes.c_int64 * len(operands))(*(views[0].numel() for views in operands)),
-           (ctypes.c_double * 13)(*s.fused_values(maximize)), s.first, torch.get_num_threads())
-    for destination, copy in back:
-        destination.copy_(copy)
+    @staticmethod
+    def identity_of(columns: tuple[list[torch.Tensor], ...]) -> tuple:
+        """What must not change for a table to stay valid: every tensor's address, the sizes,
+        and the gradients' strides (parameters and state keep theirs while their address
+        holds). `columns`: the lists of params, grads, mugs, bgs, bhgs."""
+        params, grads = columns[0], columns[1]
+        return (*(t.data_ptr() for column in columns for t in column), *(p.numel() for p in params),
+                *(g.stride() for g in grads))
 
-
-def _triton_fused_update(launcher, params, grads, mugs, bgs, bhgs, s: _StepScalars, maximize: bool) -> None:
-    """The whole list in one Triton launch. A step on the tensors of the last one reuses its
-    device table after reading their addresses; otherwise layouts are checked, and tensors
-    whose five layouts differ go through contiguous copies, written back after the launch."""
-    columns = (params, grads, mugs, bgs, bhgs)
-    if hasattr(params[0], "to_local"):  # DTensors (FSDP2): their local shards
-        columns = tuple([t.to_local() for t in column] for column in columns)
-    scalars = s.fused_values(maximize)
-    identity_now = launcher.identity(columns)
-    if launcher.launch_kept(identity_now, scalars, s.first):
-        return
-    operands, back = [], []
-    for tensors in zip(*columns):
-        if not _one_dense_layout(tensors):
-            tensors, staged = _kernel_operands(tensors, None)
-            back += staged
-        operands.append(tuple(tensors))
-    launcher.launch(operands, scalars, s.first, None if back else identity_now)
-    for destination, copy in back:
-        destination.copy_(copy)
+    def update(self, columns: tuple[list[torch.Tensor], ...], scalars: tuple[float, ...], first: bool) -> None:
+        if hasattr(columns[0][0], "to_local"):  # DTensors (FSDP2): their local shards
+            columns = tuple([t.to_local() for t in column] for column in columns)
+        identity_now, back = self.identity_of(columns), []
+        if self.table is None or identity_now != self.identity:
+            operands = []
+            for tensors in zip(*columns):
+                if not (_one_dense_layout(tensors)
+                        and (self.operand_dtype is None or all(t.dtype == self.operand_dtype for t in tensors))):
+                    tensors, staged = _kernel_operands(tensors, self.operand_dtype)
+                    back += staged
+                operands.append(tuple(tensors))
+            self.table, self.identity = self.table_type(operands), None if back else identity_now
+        self.table.launch(scalars, first)
+        for destination, copy in back:
+            destination.copy_(copy)
 
 
 def _one_dense_layout(tensors) -> bool:

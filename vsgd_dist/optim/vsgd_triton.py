@@ -3,13 +3,13 @@
 A launch per tensor costs more host time than the update itself: on an H200, ResNet-50's
 161 tensors took 30.6 ms per step through one torch.compile'd kernel each, against 0.9 ms for
 torch's fused AdamW. Here a table of pointers (param, grad, mug, bg, bhg, numel per tensor)
-lives on the device, and each Triton program updates one block of one tensor; the table is
-rebuilt only when a pointer changes (a step with new gradient buffers), and then copied from
-pinned memory without making the host wait. A flat ZeRO shard is the one-tensor case.
+lives on the device, and each Triton program updates one block of one tensor; the optimizer
+rebuilds the table only when a pointer changes (a step with new gradient buffers), and it is
+then copied from pinned memory without making the host wait. A flat ZeRO shard is the one-tensor case.
 Measured on an H200: ResNet-50's list 1.5 ms (AdamW 1.0, both mostly host time), one flat
 43M-element shard 0.51 ms (AdamW 0.52; 3 TB/s).
 
-The arithmetic is the C++ kernel's (`vsgd._CPU_SOURCE`) in the state's dtype (fp32): one
+The arithmetic is the C++ kernel's (`vsgd_cpu.SOURCE`) in the state's dtype (fp32): one
 division shared by mu and sigma2, parameters read and written in their own dtype.
 """
 from __future__ import annotations
@@ -58,8 +58,9 @@ def _vsgd_blocks(table, block_tensor, block_start, lr, decay, inv_a, bg0, bh0, r
              mask=mask)
 
 
-class _Table:
-    """The device-side pointer table and block map of one list of tensors."""
+class TritonTable:
+    """The device-side pointer table and block map of one list of tensors (param, grad, mug,
+    bg, bhg per tensor, of one dense layout; the state fp32); `vsgd._KeptTable` keeps it."""
 
     def __init__(self, operands: list[tuple[torch.Tensor, ...]]):
         self.block = BLOCK
@@ -84,38 +85,3 @@ class _Table:
         _vsgd_blocks[(self.blocks,)](self.table, self.block_tensor, self.block_start, *scalars, float(first),
                                      PARAM=self.param_type, GRAD=self.grad_type, BLOCK=self.block,
                                      num_warps=NUM_WARPS)
-
-
-class MultiTensorVSGD:
-    """Launches `_vsgd_blocks` over one list of CUDA tensors of one (param, grad) dtype pair.
-    One instance per list that an optimizer steps (a bucket of a param group) keeps that
-    list's table, so a step whose tensors are those of the last costs one launch."""
-
-    def __init__(self):
-        self._table: _Table | None = None
-        self._identity: tuple | None = None
-
-    @staticmethod
-    def identity(columns: tuple[list[torch.Tensor], ...]) -> tuple:
-        """What must not change for a table to stay valid: every tensor's address, the sizes,
-        and the gradients' strides (parameters and state keep theirs while their address
-        holds). `columns`: the lists of params, grads, mugs, bgs, bhgs."""
-        params, grads = columns[0], columns[1]
-        return (*(t.data_ptr() for column in columns for t in column), *(p.numel() for p in params),
-                *(g.stride() for g in grads))
-
-    def launch_kept(self, identity_now: tuple, scalars: tuple[float, ...], first: bool) -> bool:
-        """Launch on the kept table if it was built for tensors of this `identity`."""
-        if self._table is None or identity_now != self._identity:
-            return False
-        self._table.launch(scalars, first)
-        return True
-
-    def launch(self, operands: list[tuple[torch.Tensor, ...]], scalars: tuple[float, ...], first: bool,
-               identity_kept: tuple | None) -> None:
-        """Build a table and launch. `operands`: (param, grad, mug, bg, bhg) per tensor, each
-        with one dense layout (element k of each tensor's memory is the same element of each);
-        `scalars`: `_StepScalars.fused_values` (13 floats); `identity_kept`: the identity under
-        which later steps may reuse the table (None: they may not, e.g. staged copies)."""
-        self._table, self._identity = _Table(operands), identity_kept
-        self._table.launch(scalars, first)
