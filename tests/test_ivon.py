@@ -309,15 +309,17 @@ def test_flat_uneven_shards_equal_whole_tensors_bitwise(path):
     assert torch.equal(torch.cat([p.detach().reshape(-1) for p in params]), torch.cat([s.detach() for s in shards]))
 
 
-def test_runs_describe_a_shard_made_of_separate_pieces():
+@pytest.mark.parametrize("path", ["per_tensor", "fused"])
+def test_runs_describe_a_shard_made_of_separate_pieces(path):
     """A ZeRO-like master holding elements [30, 46) and then [0, 7) of the global order (its
-    buckets are filled in reverse) equals the whole tensors, given the offsets as runs."""
+    buckets are filled in reverse) equals the whole tensors, given the offsets as runs (the
+    fused sample draws a master of two runs in one pass)."""
     gen = torch.Generator().manual_seed(4)
     params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in ODD_SHAPES]
     flat = torch.cat([p.detach().reshape(-1) for p in params])
     order = torch.cat([torch.arange(30, 46), torch.arange(0, 7), torch.arange(7, 30)])
     masters = [flat[order[:23]].clone().requires_grad_(), flat[order[23:]].clone().requires_grad_()]
-    opt_full, opt_master = IVON(params, **HP), IVON(masters, **HP)
+    opt_full, opt_master = IVON(params, **HP, **PATHS[path]), IVON(masters, **HP, **PATHS[path])
     opt_master.set_global_offset(masters[0], [(30, 16), (0, 7)])
     opt_master.set_global_offset(masters[1], 7)
     for _ in range(10):

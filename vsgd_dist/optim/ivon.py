@@ -400,13 +400,16 @@ def _sample_eager(param, h, mean, eps, z, group: dict) -> None:
     param.copy_(mean.to(eps.dtype) + eps)
 
 
-def _sample_kernel(param, h, mean, eps, counter, scalars):
-    """One pass: draws z for global elements start.., writes eps and param = mean + eps.
+def _sample_kernel(param, h, mean, eps, run_starts, run_offsets, counter, scalars):
+    """One pass: draws z for the tensor's global elements, writes eps and param = mean + eps.
 
-    Counter and scalars are tensors so a new step or sample index does not recompile."""
-    start, seed, step, sample = counter.unbind()
+    Element k lies in run r (the last with run_starts[r] <= k) and has global index
+    k + run_offsets[r]: a ZeRO shard made of many parameter pieces is still one pass. Runs,
+    counter and scalars are tensors so a new step, sample index or layout does not recompile."""
+    seed, step, sample = counter.unbind()
     ess, wd = scalars.unbind()
-    index = torch.arange(param.numel(), dtype=torch.int64, device=param.device) + start
+    position = torch.arange(param.numel(), dtype=torch.int64, device=param.device)
+    index = position + run_offsets[torch.bucketize(position, run_starts, right=True) - 1]
     z = normal_from_index(index, seed, step, sample).to(h.dtype)
     e = z * (1.0 / torch.sqrt((h + wd) * ess))
     eps.copy_(e)
@@ -421,13 +424,26 @@ def _sample_fused(param, h, mean, eps, runs, counter, group: dict) -> None:
     if _compiled_sample is None:
         _compiled_sample = torch.compile(_sample_kernel, dynamic=True, fullgraph=True,
                                          options={"cpp.dynamic_threads": True})
-    seed, step, sample = counter
-    scalars = torch.tensor((group["ess"], group["weight_decay"]), dtype=h.dtype, device=h.device)
-    at = 0
     for start, n in runs:
-        counters = torch.tensor((start, seed, step, sample), dtype=torch.int64, device=h.device)
-        _compiled_sample(*(t[at:at + n] for t in (param, h, mean, eps)), counters, scalars)
-        at += n
+        _check_counter(*counter, start, n)
+    run_starts = [0]
+    for _, n in runs[:-1]:
+        run_starts.append(run_starts[-1] + n)
+    run_offsets = [start - at for (start, _), at in zip(runs, run_starts)]
+    runs_and_counter = _to_device((run_starts, run_offsets, counter), torch.int64, h.device)
+    [scalars] = _to_device(((group["ess"], group["weight_decay"]),), h.dtype, h.device)
+    _compiled_sample(param, h, mean, eps, *runs_and_counter, scalars)
+
+
+def _to_device(rows: tuple, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Small host-made tensors (one per row) on `device` without making the host wait for
+    the device (torch.tensor(..., device="cuda") copies from pageable memory and waits): on
+    CUDA copied from pinned memory, which torch's caching host allocator keeps until the copy
+    has run."""
+    host = [torch.tensor(row, dtype=dtype) for row in rows]
+    if device.type != "cuda":
+        return [t.to(device) for t in host]
+    return [t.pin_memory().to(device, non_blocking=True) for t in host]
 
 
 # ================================================================================ update
@@ -521,7 +537,7 @@ def _fused_update(params, means, grads, stats, ms, hs, s: _StepScalars) -> None:
                                          options={"cpp.dynamic_threads": True})
     values = (s.lr, s.ess, s.wd, s.beta1, s.beta2, s.c, s.bias, s.clip, float(s.n), float(s.single),
               float(s.price))
-    scalars = torch.tensor(values, dtype=ms[0].dtype, device=ms[0].device)
+    [scalars] = _to_device((values,), ms[0].dtype, ms[0].device)
     for tensors in zip(params, means, grads, stats, ms, hs):
         _compiled_update(*tensors, scalars)
 
