@@ -147,11 +147,12 @@ def test_fused_close_to_per_tensor():
 @pytest.mark.parametrize("path", ["per_tensor", "foreach", "fused"])
 def test_flat_uneven_shards_equal_unsharded(path):
     """A flattened bucket split at arbitrary element boundaries, each slice its own
-    parameter, gives the unsharded result element for element."""
+    parameter, gives the unsharded result element for element. The cuts fall inside the C++
+    kernel's 16-lane vectors and 64-element blocks, so its vector and scalar code must agree."""
     gen = torch.Generator().manual_seed(3)
-    params = [torch.randn(s, generator=gen).requires_grad_() for s in ODD_SHAPES]
+    params = [torch.randn(s, generator=gen).requires_grad_() for s in [*ODD_SHAPES, (37, 41)]]
     flat = torch.cat([p.detach().reshape(-1) for p in params])
-    bounds = [0, 11, 12, 60, flat.numel()]  # uneven, crossing tensor boundaries
+    bounds = [0, 11, 12, 60, 1001, flat.numel()]  # uneven, crossing tensor boundaries
     shards = [flat[a:b].clone().requires_grad_() for a, b in zip(bounds, bounds[1:])]
     opt_full = VSGD(params, lr=0.03, weight_decay=0.1, **PATHS[path])
     opt_shard = VSGD(shards, lr=0.03, weight_decay=0.1, **PATHS[path])

@@ -25,9 +25,14 @@ SOURCE = r"""
 
 namespace {
 constexpr int64_t kPiece = 1 << 16;  // elements per work item shared among threads
+// Software prefetch: the hardware prefetchers left the 5-stream loop ~17% short of a loop
+// with the same loads and stores and no arithmetic. Each block of kBlock elements first asks
+// for the cache lines kAhead elements further on. Measured on a 12.8M-element shard
+// (2 threads): 8.7 ms without, 7.1 ms at 64 / 512 (7.3 at 128 / 512, 10.4 at 1024 / 1024).
+constexpr int64_t kBlock = 64, kAhead = 512;
 
 template <typename T, bool First>
-void update(T* __restrict__ param, const T* __restrict__ grad, T* __restrict__ mug, T* __restrict__ bg,
+void update_block(T* __restrict__ param, const T* __restrict__ grad, T* __restrict__ mug, T* __restrict__ bg,
             T* __restrict__ bhg, int64_t n, const T* s) {
   const T lr = s[0], decay = s[1], inv_a = s[2], bg0 = s[3], bh0 = s[4], rho1 = s[5], keep1 = s[6],
           rho2 = s[7], keep2 = s[8], eps = s[9], bg_first = s[10], bh_first = s[11], sign = s[12];
@@ -44,6 +49,21 @@ void update(T* __restrict__ param, const T* __restrict__ grad, T* __restrict__ m
     bhg[i] = bhg[i] * keep2 + rho2 * ((mu - g) * (mu - g) + sigma2 + bh0);
     mug[i] = mu;
     param[i] = p - lr * mu / (std::sqrt(mu * mu + sigma2) + eps);
+  }
+}
+
+template <typename T, bool First>
+void update(T* param, const T* grad, T* mug, T* bg, T* bhg, int64_t n, const T* s) {
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
+  for (int64_t lo = 0; lo < n; lo += kBlock) {
+    for (int64_t j = lo + kAhead; j < std::min(lo + kAhead + kBlock, n); j += kLine) {
+      __builtin_prefetch(param + j, 1);
+      __builtin_prefetch(grad + j, 0);
+      __builtin_prefetch(mug + j, 1);
+      __builtin_prefetch(bg + j, 1);
+      __builtin_prefetch(bhg + j, 1);
+    }
+    update_block<T, First>(param + lo, grad + lo, mug + lo, bg + lo, bhg + lo, std::min(kBlock, n - lo), s);
   }
 }
 
