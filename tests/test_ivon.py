@@ -313,7 +313,7 @@ def test_flat_uneven_shards_equal_whole_tensors_bitwise(path):
 def test_runs_describe_a_shard_made_of_separate_pieces(path):
     """A ZeRO-like master holding elements [30, 46) and then [0, 7) of the global order (its
     buckets are filled in reverse) equals the whole tensors, given the offsets as runs (the
-    fused sample draws a master of two runs in one pass)."""
+    fused sample draws a master of two runs)."""
     gen = torch.Generator().manual_seed(4)
     params = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_() for s in ODD_SHAPES]
     flat = torch.cat([p.detach().reshape(-1) for p in params])

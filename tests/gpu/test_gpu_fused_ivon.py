@@ -20,7 +20,7 @@ STEPS = 20
 
 def train(fused: bool):
     """IVON on one flat master of all SHAPES, described as two runs in reverse order (as a
-    ZeRO bucket fills), so the fused sample draws a many-piece shard in one pass."""
+    ZeRO bucket fills), as a many-piece shard has them."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     total = sum(torch.Size(s).numel() for s in SHAPES)
     master = torch.randn(total, device="cuda", generator=gen).requires_grad_()
