@@ -52,7 +52,7 @@ from torch.optim import Optimizer
 
 from vsgd_dist.optim.noise import _check_counter, normal_from_index, standard_normal
 from vsgd_dist.optim.registry import OPTIMIZERS, Diagnostics, OptimizerEntry
-from vsgd_dist.optim.vsgd import _local
+from vsgd_dist.optim.vsgd import _host_rows_to_device, _local
 from vsgd_dist.sharding.layout import memory_dim_order, to_memory_flat
 
 __all__ = ["IVON", "IVONHparams", "evaluation_seed"]
@@ -426,23 +426,12 @@ def _sample_fused(param, h, mean, eps, runs, counter, group: dict) -> None:
                                          options={"cpp.dynamic_threads": True})
     for start, n in runs:
         _check_counter(*counter, start, n)
-    counters, scalars = _to_device(([(start, *counter) for start, _ in runs], (group["ess"], group["weight_decay"])),
-                                   (torch.int64, h.dtype), h.device)
+    counters, scalars = _host_rows_to_device(([(start, *counter) for start, _ in runs],
+                                              (group["ess"], group["weight_decay"])), (torch.int64, h.dtype), h.device)
     at = 0
     for row, (_, n) in zip(counters, runs):
         _compiled_sample(*(t[at:at + n] for t in (param, h, mean, eps)), row, scalars)
         at += n
-
-
-def _to_device(rows: tuple, dtypes: tuple, device: torch.device) -> list[torch.Tensor]:
-    """Small host-made tensors (one per row, of the matching dtype) on `device` without making
-    the host wait for the device (torch.tensor(..., device="cuda") copies from pageable memory
-    and waits): on CUDA copied from pinned memory, which torch's caching host allocator keeps
-    until the copy has run."""
-    host = [torch.tensor(row, dtype=dtype) for row, dtype in zip(rows, dtypes)]
-    if device.type != "cuda":
-        return [t.to(device) for t in host]
-    return [t.pin_memory().to(device, non_blocking=True) for t in host]
 
 
 # ================================================================================ update
@@ -536,7 +525,7 @@ def _fused_update(params, means, grads, stats, ms, hs, s: _StepScalars) -> None:
                                          options={"cpp.dynamic_threads": True})
     values = (s.lr, s.ess, s.wd, s.beta1, s.beta2, s.c, s.bias, s.clip, float(s.n), float(s.single),
               float(s.price))
-    [scalars] = _to_device((values,), (ms[0].dtype,), ms[0].device)
+    [scalars] = _host_rows_to_device((values,), (ms[0].dtype,), ms[0].device)
     for tensors in zip(params, means, grads, stats, ms, hs):
         _compiled_update(*tensors, scalars)
 

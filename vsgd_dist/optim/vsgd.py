@@ -399,16 +399,16 @@ def _fused_update(params, grads, mugs, bgs, bhgs, s: _StepScalars, maximize: boo
                   key: tuple) -> bool:
     """Update the whole list with the fused kernel; False, having written nothing, when it
     cannot run here (the caller then runs the unfused path). `tables[key]` keeps this list's
-    kernel table across steps."""
+    kernel table across steps (None: no fused kernel for these dtypes here)."""
     global _fused_unavailable
     if _fused_unavailable:
         return False
     try:
-        kernel = _fused_kernel(params[0].device, params[0].dtype, grads[0].dtype, mugs[0].dtype)
-        if kernel is None:
+        if key not in tables:  # the key holds the device and dtypes that choose the kernel
+            kernel = _fused_kernel(params[0].device, params[0].dtype, grads[0].dtype, mugs[0].dtype)
+            tables[key] = kernel and _KeptTable(*kernel)
+        if tables[key] is None:
             return False
-        if key not in tables:
-            tables[key] = _KeptTable(*kernel)
         tables[key].update((params, grads, mugs, bgs, bhgs), s.fused_values(maximize), s.first)
         return True
     except Exception as e:  # noqa: BLE001 - any build failure: the unfused path computes the same
@@ -482,6 +482,17 @@ def _one_dense_layout(tensors) -> bool:
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (FSDP2), or the tensor itself: the kernel is elementwise."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _host_rows_to_device(rows: tuple, dtypes: tuple, device: torch.device) -> list[torch.Tensor]:
+    """Small host-made tensors (one per row, of the matching dtype) on `device` without making
+    the host wait for the device (torch.tensor(..., device="cuda") copies from pageable memory
+    and waits): on CUDA copied from pinned memory, which torch's caching host allocator keeps
+    until the copy has run."""
+    host = [torch.tensor(row, dtype=dtype) for row, dtype in zip(rows, dtypes)]
+    if device.type != "cuda":
+        return [t.to(device) for t in host]
+    return [t.pin_memory().to(device, non_blocking=True) for t in host]
 
 
 # =========================================================================== diagnostics

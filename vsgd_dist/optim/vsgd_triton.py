@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vsgd_dist.optim.vsgd import _host_rows_to_device
+
 BLOCK = 1024
 """Elements per program. Measured on an H200 (bench/vsgd_triton_configs.py), one ViT-B/16
 half shard: 0.51 ms at 1024 elements and 4 warps, 0.99 ms at 2048, 1.35 ms at 4096."""
@@ -74,12 +76,8 @@ class TritonTable:
             tensor_of_block += [index] * len(starts)
             start_of_block += starts
         self.blocks = len(tensor_of_block)
-        device = operands[0][0].device
-        host = [torch.tensor(values, dtype=dtype) for values, dtype in
-                ((rows, torch.int64), (tensor_of_block, torch.int32), (start_of_block, torch.int64))]
-        if device.type == "cuda":  # pinned memory stays reserved until the copy that reads it has run
-            host = [t.pin_memory() for t in host]
-        self.table, self.block_tensor, self.block_start = (t.to(device, non_blocking=True) for t in host)
+        self.table, self.block_tensor, self.block_start = _host_rows_to_device(
+            (rows, tensor_of_block, start_of_block), (torch.int64, torch.int32, torch.int64), operands[0][0].device)
 
     def launch(self, scalars: tuple[float, ...], first: bool) -> None:
         _vsgd_blocks[(self.blocks,)](self.table, self.block_tensor, self.block_start, *scalars, float(first),
