@@ -52,7 +52,8 @@ from torch.optim import Optimizer
 
 from vsgd_dist.optim.noise import _check_counter, normal_from_index, standard_normal
 from vsgd_dist.optim.registry import OPTIMIZERS, Diagnostics, OptimizerEntry
-from vsgd_dist.optim.vsgd import _host_rows_to_device, _local
+from vsgd_dist.optim.host_rows import host_rows_to_device
+from vsgd_dist.optim.vsgd import _local
 from vsgd_dist.sharding.layout import memory_dim_order, to_memory_flat
 
 __all__ = ["IVON", "IVONHparams", "evaluation_seed"]
@@ -426,7 +427,7 @@ def _sample_fused(param, h, mean, eps, runs, counter, group: dict) -> None:
                                          options={"cpp.dynamic_threads": True})
     for start, n in runs:
         _check_counter(*counter, start, n)
-    counters, scalars = _host_rows_to_device(([(start, *counter) for start, _ in runs],
+    counters, scalars = host_rows_to_device(([(start, *counter) for start, _ in runs],
                                               (group["ess"], group["weight_decay"])), (torch.int64, h.dtype), h.device)
     at = 0
     for row, (_, n) in zip(counters, runs):
@@ -525,7 +526,7 @@ def _fused_update(params, means, grads, stats, ms, hs, s: _StepScalars) -> None:
                                          options={"cpp.dynamic_threads": True})
     values = (s.lr, s.ess, s.wd, s.beta1, s.beta2, s.c, s.bias, s.clip, float(s.n), float(s.single),
               float(s.price))
-    [scalars] = _host_rows_to_device((values,), (ms[0].dtype,), ms[0].device)
+    [scalars] = host_rows_to_device((values,), (ms[0].dtype,), ms[0].device)
     for tensors in zip(params, means, grads, stats, ms, hs):
         _compiled_update(*tensors, scalars)
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vsgd_dist.optim.vsgd import _host_rows_to_device
+from vsgd_dist.optim.host_rows import host_rows_to_device
 
 BLOCK = 1024
 """Elements per program. Measured on an H200 (bench/vsgd_triton_configs.py), one ViT-B/16
@@ -76,7 +76,7 @@ class TritonTable:
             tensor_of_block += [index] * len(starts)
             start_of_block += starts
         self.blocks = len(tensor_of_block)
-        self.table, self.block_tensor, self.block_start = _host_rows_to_device(
+        self.table, self.block_tensor, self.block_start = host_rows_to_device(
             (rows, tensor_of_block, start_of_block), (torch.int64, torch.int32, torch.int64), operands[0][0].device)
 
     def launch(self, scalars: tuple[float, ...], first: bool) -> None:
