@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device check of issue 13, in one run (under 8 minutes on one H100/H200-class GPU):
+# The device check: the CUDA/NCCL lane and GPU benchmarks in one run (under 8 minutes on one H100/H200-class GPU):
 #   1. tests/gpu: fused VSGD (Triton) vs per-tensor in fp32/bf16 and without host syncs; the
 #      engines on NCCL (one rank per GPU, else 1) vs the single-GPU run; host values over
 #      "cuda:nccl,cpu:gloo"; no host sync in a training step of any engine; FSDP2's bf16

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +9,49 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SLURM_MODULES = {"test_slurm.py", "test_multinode.py"}
 """Tests that skip when no SLURM cluster can start here; CI must run them."""
+GPU_FOLDER = Path(__file__).resolve().parent / "gpu"
+LANES = {
+    "unit": "one process, seconds: what a developer runs after each change (scripts/test.sh --fast)",
+    "dist": "starts processes (ranks, the launcher, the CLI in a subprocess)",
+    "slurm": "needs the local SLURM cluster (slurm/local/start.sh)",
+    "gpu": "needs CUDA (tests/gpu; skipped without a GPU)",
+}
+"""Every test is in exactly one lane. A test is `unit` unless it says otherwise: `dist` with
+`@pytest.mark.dist` (or a module's `pytestmark`); the modules in SLURM_MODULES are `slurm`,
+those in tests/gpu `gpu`. `pytest --lane NAME` runs one lane; no --lane runs them all."""
+
+
+def pytest_addoption(parser):
+    parser.addoption("--lane", choices=sorted(LANES), help="run only this lane of tests (see tests/conftest.py)")
+
+
+def pytest_configure(config):
+    for lane, what in LANES.items():
+        config.addinivalue_line("markers", f"{lane}: {what}")
+
+
+def lane_of(item) -> str:
+    if item.path.name in SLURM_MODULES:
+        return "slurm"
+    if GPU_FOLDER in item.path.resolve().parents:
+        return "gpu"
+    marked = {m.name for m in item.iter_markers() if m.name in LANES}
+    if len(marked) > 1:
+        raise pytest.UsageError(f"{item.nodeid} is marked {sorted(marked)}: a test has one lane")
+    return marked.pop() if marked else "unit"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with its lane and, with --lane, deselect the others."""
+    wanted = config.getoption("--lane")
+    kept, dropped = [], []
+    for item in items:
+        lane = lane_of(item)
+        item.add_marker(lane)
+        (kept if wanted in (None, lane) else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 @pytest.hookimpl(hookwrapper=True)

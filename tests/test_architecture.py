@@ -67,6 +67,7 @@ def test_no_module_imports_a_module_that_imports_it_back():
             visit(name, [name])
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_every_module_imports_on_its_own_and_in_any_order():
     names = sorted(our_modules())
@@ -107,6 +108,7 @@ def launch_run(out: Path, nproc: int, *overrides: str) -> subprocess.CompletedPr
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("engine", SHARDING_ENGINES)
 def test_an_optimizer_registered_outside_trains_on_every_sharding_engine_and_reshards(engine, tmp_path):
@@ -127,6 +129,7 @@ def test_an_optimizer_registered_outside_trains_on_every_sharding_engine_and_res
     assert meta["world_size"] == 1 and meta["step"] == 6
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(120)
 def test_an_optimizer_registered_outside_validates_its_values_in_the_launcher(tmp_path):
     bad = launch_run(tmp_path / "bad", 2, "optim.toy_sign.beta=1.5")

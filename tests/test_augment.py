@@ -263,6 +263,7 @@ def _decode_on_rank(rank, world, data_dir):
     return {k: v.numpy() for k, v in by_draw_index(loader, cfg, 0).items()}
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(240)
 def test_each_copy_is_augmented_alike_at_any_world_size(noise_dir, deit_reference):
     """2 ranks decode the draw indices one process decodes in epoch 0 (the same first 16
@@ -356,6 +357,7 @@ def plugin_env(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_a_resume_with_every_augmentation_on_is_bitwise(tmp_path, plugin_env):
     """2 ranks, RandAugment, erasing, repeated augmentation, Mixup/CutMix and drop path on:

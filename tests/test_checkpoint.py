@@ -38,6 +38,8 @@ from vsgd_dist.spawn import RankFailed, run_distributed
 from vsgd_dist.train.checkpoint import CheckpointError, file_digest, open_checkpoint
 from vsgd_dist.engines import full_state
 
+pytestmark = pytest.mark.dist
+
 GLOBAL_BATCH = 12  # divisible by 1 to 4 ranks
 LR = 0.05
 FIRST, THEN = 3, 3

@@ -67,6 +67,7 @@ def poisoned_sweep(tmp_path_factory):
     return root
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(900)
 def test_selection_follows_minival_not_the_poisoned_val(poisoned_sweep):
     groups = group_runs([load_run(p) for p in find_runs([str(poisoned_sweep / "sweep")])])
@@ -80,6 +81,7 @@ def test_selection_follows_minival_not_the_poisoned_val(poisoned_sweep):
     assert select_on_minival(groups)["vsgd"].point == f"lr={GOOD_LR}"
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(900)
 def test_local_sweep_resumes_without_rerunning_finished_points(poisoned_sweep, capsys):
     sweep = poisoned_sweep / "sweep"

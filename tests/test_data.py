@@ -339,6 +339,7 @@ def demo_dir(tmp_path_factory):
     return cache, run_distributed(_demo_on_rank, 2, str(cache), timeout=150)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(180)
 def test_demo_data_is_written_once_under_concurrent_ranks(demo_dir):
     cache, results = demo_dir
@@ -348,6 +349,7 @@ def test_demo_data_is_written_once_under_concurrent_ranks(demo_dir):
     assert inspect_beton(cache / "train.beton").num_classes == 10
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(120)
 def test_demo_data_holds_the_real_digits(demo_dir):
     cache, _ = demo_dir
@@ -385,6 +387,7 @@ def _shards_on_rank(rank, world_size, data_dir, decode_train):
     return train_ids, val_ids, seed_error
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_get_disjoint_shards_that_cover_the_data(dataset, world_size):
@@ -465,8 +468,9 @@ def test_unworkable_settings_are_errors(dataset, train_loader):
         iterate_from(train_loader[1], 0, start_batch=7)
 
 
+@pytest.mark.dist
 def test_ffcv_imported_through_vsgd_dist_data_has_its_image_modes_without_numba_compiling():
-    """vsgd_dist/data/ffcv_import.py: same mapping, numba's typed Dict untouched afterwards."""
+    """vsgd_dist/compat/ffcv.py: same mapping, numba's typed Dict untouched afterwards."""
     code = ("import vsgd_dist.data, ffcv.loader, numba.typed, numba.typed.typeddict as t\n"
             "from ffcv.fields.rgb_image import IMAGE_MODES\n"
             "assert IMAGE_MODES == {'jpg': 0, 'raw': 1} and numba.typed.Dict is t.Dict\n"

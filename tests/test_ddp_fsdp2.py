@@ -21,6 +21,8 @@ from vsgd_dist.optim.diagnostics import reduced_diagnostics
 from vsgd_dist.optim.vsgd import DIAGNOSTICS, diagnostic_sums
 from vsgd_dist.spawn import run_distributed
 
+pytestmark = pytest.mark.dist
+
 STEPS = 20
 LR = {"vsgd": 0.05, "adamw": 0.01}
 WEIGHT_DECAY = 0.1

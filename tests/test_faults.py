@@ -1,4 +1,4 @@
-"""Faults and bad input (issue 12): every way a run can break ends in one clear line, and no
+"""Faults and bad input: every way a run can break ends in one clear line, and no
 run is lost, mixed up or orphaned. Real processes and real files throughout; the commands run
 as `python -m launch ...` subprocesses, as a user types them.
 """
@@ -23,6 +23,8 @@ import yaml
 
 from launch.clusters import LaunchError, load_profile, parse_time
 from launch.slurm import add_request_arguments, build_spec
+
+pytestmark = pytest.mark.dist
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_PROFILE = "example-a100"  # not local: a dry run needs no cluster

@@ -1,4 +1,4 @@
-"""The CUDA/NCCL path, checked where a CPU can check it (issue 13): the device a rank picks,
+"""The CUDA/NCCL path, checked where a CPU can check it: the device a rank picks,
 the weight EMA in fp32 on every engine, FSDP2 with channels_last and with a bf16
 MixedPrecisionPolicy, the CUDA kernel options, the CPU thread budget, ViT resolutions, and
 the uint8-on-device image normalization. tests/gpu/ runs the rest on a GPU."""
@@ -103,6 +103,7 @@ def scalar_tags(run_dir) -> dict[str, list[float]]:
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("engine", ["ddp", "zero", "fsdp2", "deepspeed"])
 def test_ema_with_channels_last_runs_on_every_engine_and_reports_val_ema(engine, tmp_path):
@@ -182,6 +183,7 @@ def fsdp2_steps(rank: int, world: int, precision: str) -> dict:
             "state_dtypes": {v.dtype for v in state}}
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 def test_fsdp2_bf16_policy_gathers_bf16_weights_keeps_fp32_shards_and_trains_like_fp32():
     """Expectations of MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32):

@@ -360,6 +360,7 @@ def _dtensor_worker(rank, world_size):
     return out
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(120)
 def test_dtensor_shards_find_their_offsets_and_equal_plain_tensors():
     results = run_distributed(_dtensor_worker, 2, timeout=100)

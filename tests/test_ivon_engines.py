@@ -42,6 +42,8 @@ from vsgd_dist.optim.ivon import DIAGNOSTICS, IVONHparams
 from vsgd_dist.spawn import run_distributed
 from vsgd_dist.train.checkpoint import Checkpointer, latest_checkpoint, open_checkpoint
 
+pytestmark = pytest.mark.dist
+
 STEPS = 8
 LR = 0.05
 WEIGHT_DECAY = 0.1

@@ -212,6 +212,7 @@ def _rank_env(rank, world_size):
                                            "MALLOC_TRIM_THRESHOLD_")}
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(120)
 def test_ranks_start_with_the_caching_allocator_env(monkeypatch):
     for key in ("LD_PRELOAD", "MALLOC_CONF", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"):
@@ -235,6 +236,7 @@ def test_allocator_env_prefers_a_preload_and_respects_the_user(tmp_path, monkeyp
     assert allocator.allocator_env({"LD_PRELOAD": "/opt/libtcmalloc.so.4"}) == {}
 
 
+@pytest.mark.dist
 def test_slurm_jobs_on_cpu_profiles_set_the_allocator_env_on_the_node(monkeypatch):
     args = argparse.Namespace(nodes=1, gpus_per_node=None, tasks_per_node=2, time="60", partition=None,
                               account=None, qos=None)

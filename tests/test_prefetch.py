@@ -11,6 +11,8 @@ from vsgd_dist.config import RunConfig
 from vsgd_dist.engines import engine_class
 from vsgd_dist.spawn import run_distributed
 
+pytestmark = pytest.mark.dist
+
 STEPS = 5
 
 

@@ -33,6 +33,7 @@ def test_dry_run_example_prints_the_sbatch_script(capsys):
     assert "dry run: nothing submitted" in out
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_override_example_runs(tmp_path):
     line = readme_line("python -m launch run recipes/demo.yaml --nproc 2 optimizer=adamw engine=fsdp2")

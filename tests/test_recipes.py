@@ -124,6 +124,7 @@ def check_accumulation(rank, world):
     return results
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_accumulated_micro_batches_equal_one_batch_on_every_engine():
     """B x 3 accumulated equals one batch of 3B, and both equal the unsharded full-batch run,
@@ -207,6 +208,7 @@ def test_training_length_variants_differ_from_a_recipe_that_runs_only_in_length(
 RESUMED = {"resnet18_vsgd", "resnet50_sgd_88ep", "vit_s16_adamw", "vit_b16_vsgd"}
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(3600)
 def test_every_imagenet_recipe_trains_checkpoints_and_resumes(imagenet_shaped, tmp_path):
     """Each recipe as written (but the length variants above), on 2 CPU processes: only the

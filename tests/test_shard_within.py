@@ -193,6 +193,7 @@ def layouts_suite(rank, world):
     return differences, cyclic_placement_error(rank, world)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_node_layout_equals_unsharded_and_world_within_tolerance():
     results = run_distributed(layouts_suite, 4, ranks_per_node=2, timeout=280)
@@ -264,6 +265,7 @@ def layouts(tmp_path_factory):
     return written, ckpt, loaded
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(900)
 def test_checkpoints_move_between_layouts_and_world_sizes(layouts):
     written, ckpt, loaded = layouts
@@ -288,6 +290,7 @@ def test_checkpoints_move_between_layouts_and_world_sizes(layouts):
     assert loaded[(4, "zero-node", "world")][2] is True and loaded[(3, "zero-node", "node")][2] is True
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(900)
 def test_node_checkpoints_hold_the_state_once(layouts):
     """Only the first node's ranks write shards; each holds 1/(ranks per node) of the state."""
@@ -328,6 +331,7 @@ def test_engines_that_cannot_shard_within_a_node_are_refused():
         load_recipe(REPO / "recipes/demo.yaml", ["shard_within=nodes"])
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(120)
 def test_srun_with_uneven_tasks_per_node_fails_before_joining(tmp_path):
     env = {**{k: v for k, v in os.environ.items() if k != "LOCAL_WORLD_SIZE"},

@@ -245,6 +245,7 @@ def resumed_elsewhere(rank, world, root):
     return runs
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_sharded_engines_equal_one_process_and_checkpoints_reshard(tmp_path):
     two = run_distributed(ranks_of_two, 2, str(tmp_path))[0]
@@ -302,6 +303,7 @@ def scalars(run_dir, tag):
     return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(400)
 def test_trainer_bitwise_modes_resume_variance_and_report(tmp_path):
     weights, seconds = run_distributed(trainer_runs, 2, str(tmp_path), timeout=380)[0]

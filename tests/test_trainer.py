@@ -47,6 +47,7 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 def test_demo_trains_well_above_chance_and_logs_expected_tags(runs):
     for opt in ("vsgd", "adamw"):
@@ -78,6 +79,7 @@ def test_demo_trains_well_above_chance_and_logs_expected_tags(runs):
         assert len(loss) == 150 and all(math.isfinite(v) for v in loss)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_same_seed_gives_the_same_loss_curve(runs, tmp_path):
     assert run(tmp_path / "again", "optimizer=vsgd", "lr=0.01", "max_steps=150", "train.stop_at=15") == 0
@@ -85,6 +87,7 @@ def test_same_seed_gives_the_same_loss_curve(runs, tmp_path):
     assert again == scalars(runs / "vsgd", "train/loss")[1][:15]
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_report_renders_table_and_plots_from_real_runs(runs, tmp_path):
     assert launch(["compare", str(runs / "vsgd"), str(runs / "adamw"), "--out", str(tmp_path)]) == 0
@@ -98,6 +101,7 @@ def test_report_renders_table_and_plots_from_real_runs(runs, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 def test_engines_give_the_same_first_losses(runs, tmp_path):
     """DDP, native ZeRO-2 and FSDP2 at 2 ranks: the same model, data and optimizer math.
@@ -111,6 +115,7 @@ def test_engines_give_the_same_first_losses(runs, tmp_path):
         assert losses == pytest.approx(reference, rel=1e-4), engine
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("engine", ["zero", "ddp"])
 def test_accumulated_micro_batches_train_as_one_large_batch(engine, tmp_path, monkeypatch):
@@ -165,6 +170,7 @@ def test_unknown_section_key_in_recipe_file(tmp_path, capsys):
     assert "unknown key 'optim.nmae'; did you mean 'optim.name'?" in capsys.readouterr().err
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_run_folder_of_another_run_is_never_overwritten(runs, tmp_path, capsys):
     folder = tmp_path / "taken"
@@ -176,6 +182,7 @@ def test_run_folder_of_another_run_is_never_overwritten(runs, tmp_path, capsys):
     assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == before
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "nan"

@@ -192,6 +192,7 @@ def _dtensor_worker(rank, world_size):
     return out
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(120)
 def test_dtensor_parameters_equal_plain_tensors():
     results = run_distributed(_dtensor_worker, 2, timeout=100)

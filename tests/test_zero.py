@@ -229,6 +229,7 @@ def zero_suite(rank, world_size):
     check_resume_bitwise(rank, world_size)
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_zero_matches_unsharded(world_size):
@@ -290,6 +291,7 @@ def resume_at(rank, world_size, saved):
         assert all(bool(torch.isfinite(v).all()) for v in shard.values() if torch.is_tensor(v)), rank
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_save_at_two_ranks_resume_at_three():
     saved = run_distributed(save_at, 2, timeout=140)

@@ -5,7 +5,7 @@ not depend on the rest of its batch) or one with stochastic depth."""
 from __future__ import annotations
 
 from vsgd_dist.models import MODELS, ModelEntry
-from vsgd_dist.models.torchvision_import import import_torchvision
+from vsgd_dist.compat.torchvision import import_torchvision
 
 
 def tiny_vit(num_classes: int, image_size: int):

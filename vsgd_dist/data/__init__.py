@@ -14,7 +14,11 @@ Trainer usage:
             ...                                  # checkpoint (epoch, batches consumed)
         start_batch = 0
 """
-from . import ffcv_import  # noqa: F401 - first: makes every later ffcv import ~6 s cheaper
+from vsgd_dist.compat import ffcv as _ffcv_compat
+
+_ffcv_compat.install_cheap_import()  # first: every later ffcv import is ~6 s cheaper
+_ffcv_compat.fix_reader_type()  # before any loader compiles its reader
+
 from .config import DataConfig
 from .demo import ensure_demo_data
 from .epochs import iterate_from, train_epoch

@@ -35,7 +35,6 @@ from ffcv.pipeline.compiler import Compiler
 from numba.core import types
 from numba.extending import intrinsic
 
-from . import ffcv_fixes  # noqa: F401 - before any loader compiles its reader
 from .draws import image_key, uniform
 from .errors import DataError
 from .randaugment import rand_augment, random_erase

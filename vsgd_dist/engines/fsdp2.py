@@ -18,6 +18,8 @@ from vsgd_dist.distributed import node_mesh
 from vsgd_dist.engines.base import Engine, local_tensor
 from vsgd_dist.full_form import by_name, torch_state_dict
 
+BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
+
 
 def model_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The units to shard: members of a Sequential or ModuleList that hold parameters
@@ -57,7 +59,7 @@ def shard_model(model: torch.nn.Module, blocks: list[torch.nn.Module], policy: M
     norms = []
     if policy.param_dtype not in (None, torch.float32):
         fp32 = MixedPrecisionPolicy(reduce_dtype=policy.reduce_dtype)
-        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        norms = [m for m in model.modules() if isinstance(m, BATCH_NORMS)
                  and any(True for _ in m.parameters())]
         for norm in norms:
             fully_shard(norm, mesh=mesh, mp_policy=fp32, reshard_after_forward=False)

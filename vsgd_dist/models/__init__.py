@@ -10,7 +10,7 @@ from torch import nn
 
 from vsgd_dist.models.blurpool import apply_blurpool
 from vsgd_dist.models.drop_path import add_drop_path
-from vsgd_dist.models.torchvision_import import import_torchvision
+from vsgd_dist.compat.torchvision import import_torchvision
 from vsgd_dist.registry import Registry
 
 

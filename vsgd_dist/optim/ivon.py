@@ -374,12 +374,12 @@ def _dtensor_local_start(param: torch.Tensor) -> int:
     if not hasattr(param, "placements"):
         return 0
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+    from vsgd_dist.compat.torch import dtensor_global_offset
     if not all(isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim == 0) for pl in param.placements):
         raise ValueError(f"IVON: a DTensor with placements {param.placements} is not one contiguous run "
                          "of global elements; give its indices with set_global_offset()")
-    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    offset = dtensor_global_offset(param)
     return offset[0] * (param.numel() // param.shape[0]) if param.dim() else 0
 
 

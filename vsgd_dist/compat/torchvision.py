@@ -5,6 +5,10 @@ extension fails to load and the import dies registering fake kernels for `torchv
 an operator that then does not exist. Declaring the two missing operator schemas first makes
 models and transforms import (the detection ops themselves still raise if called). On a
 machine where torchvision loads normally this does nothing.
+
+Written for torchvision 0.28.0 on torch 2.13.0+cpu. It can go when torchvision ships a wheel
+built against CPU torch again (then torchvision imports on its own, and `import_torchvision`
+is `import torchvision`); tests/test_compat.py fails when either pin changes.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import importlib
 
 import torch
 
+WRITTEN_FOR = {"torchvision": "0.28.0", "torch": "2.13.0"}
 _SCHEMAS = {
     "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
