@@ -19,6 +19,7 @@ by more than rounding: rtol 5e-2 over the 6 resumed steps (measured <= 1.5e-2).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -44,7 +45,6 @@ GLOBAL_BATCH = 12  # divisible by 1 to 4 ranks
 LR = 0.05
 FIRST, THEN = 3, 3
 ATOL = 1e-6
-TRAINER_RTOL = 5e-2
 # name -> (engine, ZeRO stage)
 ENGINES = {"zero1": ("zero", 1), "zero2": ("zero", 2), "fsdp2": ("fsdp2", 2), "ddp": ("ddp", 2),
            "deepspeed": ("deepspeed", 2)}
@@ -364,13 +364,17 @@ def losses(run_dir) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def trainer_runs(tmp_path_factory):
-    """Uninterrupted at 2 ranks; stopped at step 6 at 2 ranks, then resumed at 2 and at 3."""
+    """Uninterrupted at 2 ranks; stopped at step 6 at 2 ranks (kept as `stopped2`), then
+    resumed at 2 and at 3; `resharded3`: 3 ranks load the step-6 checkpoint and save it again
+    at once (max_steps=6), the state right after the reshard."""
     root = tmp_path_factory.mktemp("trainer")
     assert train_run(root / "whole") == 0
     assert train_run(root / "resumed2", "train.stop_at=6") == 0
-    shutil.copytree(root / "resumed2", root / "resumed3")
+    for copy in ("stopped2", "resumed3", "resharded3"):
+        shutil.copytree(root / "resumed2", root / copy)
     assert train_run(root / "resumed2") == 0
     assert train_run(root / "resumed3", nproc=3) == 0
+    assert train_run(root / "resharded3", "max_steps=6", nproc=3) == 0
     return root
 
 
@@ -385,11 +389,19 @@ def test_trainer_resume_at_the_same_world_size_is_bitwise(trainer_runs):
 
 @pytest.mark.timeout(900)
 def test_trainer_resumes_two_ranks_checkpoint_at_three(trainer_runs):
+    """The reshard itself is exact: what 3 ranks load from the 2-rank checkpoint and save again
+    is that checkpoint's state bit for bit. The steps after it are not compared with the 2-rank
+    run: 3 ranks sum the gradient in another order, and training amplifies that last-bit
+    difference by a machine-dependent amount (engine tests compare them on exact sums)."""
     whole, resumed = losses(trainer_runs / "whole"), losses(trainer_runs / "resumed3")
     assert [resumed[s] for s in range(1, 7)] == [whole[s] for s in range(1, 7)]  # written by the 2-rank part
-    assert [resumed[s] for s in range(7, 13)] == pytest.approx([whole[s] for s in range(7, 13)], rel=TRAINER_RTOL)
+    assert sorted(resumed) == list(range(1, 13)) and all(math.isfinite(resumed[s]) for s in range(7, 13))
     meta, _ = open_checkpoint(sorted((trainer_runs / "resumed3" / "checkpoints").glob("step_*"))[-1])
     assert meta["step"] == 12 and meta["world_size"] == 3
+    resharded, _ = open_checkpoint(sorted((trainer_runs / "resharded3" / "checkpoints").glob("step_*"))[-1])
+    assert resharded["step"] == 6 and resharded["world_size"] == 3
+    assert_same_full_state(full_of(trainer_runs / "stopped2" / "checkpoints"),
+                           full_of(trainer_runs / "resharded3" / "checkpoints"), "2 ranks -> 3 ranks")
 
 
 @pytest.mark.timeout(900)

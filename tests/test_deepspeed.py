@@ -36,6 +36,8 @@ from vsgd_dist.optim.adamw import AdamWHparams
 from vsgd_dist.engines.deepspeed import deepspeed_config
 from vsgd_dist.spawn import run_distributed
 
+pytestmark = pytest.mark.dist  # the tests read results of multi-rank runs (fixtures)
+
 GLOBAL_BATCH = 12  # divisible by 1, 2 and 3 ranks
 LR = 0.05
 CLIP = 1.0
@@ -259,7 +261,6 @@ def test_diagnostics_and_state_bytes_match_unsharded(request, world):
     assert max(per_rank) - min(per_rank) == 0
 
 
-@pytest.mark.dist
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("opt", ["vsgd", "adamw"])
 def test_deepspeed_equals_native_zero(two_ranks, opt):
@@ -271,7 +272,6 @@ def test_deepspeed_equals_native_zero(two_ranks, opt):
         assert abs(ds_bytes - native_bytes) <= 12 * 4 * 2, got  # both 1/W of the state, padding apart
 
 
-@pytest.mark.dist
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("opt", ["vsgd", "adamw"])
 def test_resume_same_world_size_is_exact(two_ranks, opt):
@@ -304,7 +304,6 @@ def test_deepspeed_config():
         "lr": 0.3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "torch_adam": True, "fused": True}}  # AdamW is fused by default
 
 
-@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_trainer_runs_on_deepspeed(tmp_path):
     out = tmp_path / "run"
@@ -319,7 +318,6 @@ def test_trainer_runs_on_deepspeed(tmp_path):
     assert (out / "checkpoints" / "step_00000010" / "rank1.pt").is_file()
 
 
-@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_trainer_runs_on_deepspeed_in_bf16_with_batchnorm(tmp_path):
     """bf16 parameters next to BatchNorm's running statistics (the demo's ResNet)."""
