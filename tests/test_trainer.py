@@ -103,16 +103,22 @@ def test_report_renders_table_and_plots_from_real_runs(runs, tmp_path):
 
 @pytest.mark.dist
 @pytest.mark.timeout(600)
-def test_engines_give_the_same_first_losses(runs, tmp_path):
-    """DDP, native ZeRO-2 and FSDP2 at 2 ranks: the same model, data and optimizer math.
-    Tolerance 1e-4 relative: the gradient average is summed in a different order per engine
-    (DDP bucket all-reduce, ZeRO reduce-scatter, FSDP2 reduce-scatter of its own layout)."""
-    reference = [v for _, v in scalars(runs / "vsgd", "train/loss")[1][:8]]
-    for engine in ("ddp", "fsdp2"):
-        assert run(tmp_path / engine, f"engine={engine}", "optimizer=vsgd", "lr=0.01", "max_steps=150",
+def test_engines_give_the_same_first_losses(tmp_path):
+    """Native ZeRO-2, DDP and FSDP2 at 2 ranks: the same model, data and optimizer math. The
+    first loss (same initial weights, same batch) is bit for bit the same; the next 7 within
+    1e-5 relative: each engine sums the gradient average in its own order (DDP bucket
+    all-reduce, ZeRO reduce-scatter, FSDP2 reduce-scatter of its own layout). SGD, whose step
+    is linear in the gradient, keeps that last-bit difference at its size; an Adam-like step
+    would normalise it per element into up to lr per weight, by a machine-dependent amount."""
+    losses = {}
+    for engine in ("zero", "ddp", "fsdp2"):
+        assert run(tmp_path / engine, f"engine={engine}", "optimizer=sgd", "lr=0.01", "max_steps=150",
                    "train.stop_at=8") == 0
-        losses = [v for _, v in scalars(tmp_path / engine, "train/loss")[1]]
-        assert losses == pytest.approx(reference, rel=1e-4), engine
+        losses[engine] = [v for _, v in scalars(tmp_path / engine, "train/loss")[1]]
+    assert len(losses["zero"]) == 8
+    for engine in ("ddp", "fsdp2"):
+        assert losses[engine][0] == losses["zero"][0], engine
+        assert losses[engine] == pytest.approx(losses["zero"], rel=1e-5), engine
 
 
 @pytest.mark.dist
