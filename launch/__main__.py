@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from launch.paths import PathProblem, describe_os_error
+
 # command name -> (module, one-line help)
 COMMANDS = {
     "run": ("launch.run", "run a recipe locally with N processes"),
@@ -53,7 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     except TypeError:  # commands with sub-commands cannot be parsed intermixed
         args = cmd_parser.parse_args(argv[1:])
     args.command = name
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except PathProblem as e:
+        print(f"python -m launch {name}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the net under every command: a path or permission problem is one line
+        print(f"python -m launch {name}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

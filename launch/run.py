@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from launch.paths import PathProblem, check_folder
 from launch.resolve import RecipeError, check_data_workers
 from launch.signals import ForwardSignals, Interrupted, die_with_parent, stop_on_signals
 from launch.watchdog import Watchdog, heartbeats, publish
@@ -55,11 +56,12 @@ def run(args, signals: ForwardSignals | None) -> int:
         if args.from_env and cfg.engine.shard_within == "node":
             ranks_per_node(world)  # srun's layout, before joining the group
         check_data_workers(cfg.to_dict(), local_cores(), "a rank gets here")
+        check_folder(cfg.train.out, "out=")
         check_run_dir(Path(cfg.train.out), cfg)
         files = resolve_dataset(cfg.data)  # writes the demo data once, before the ranks start
         for split in (files.train, files.val):
             inspect_beton(split)
-    except (ConfigError, DataError, NodeLayoutError, RecipeError) as e:
+    except (ConfigError, DataError, NodeLayoutError, RecipeError, PathProblem) as e:
         print(f"launch run: {e}", file=sys.stderr)
         return 2
     from vsgd_dist.spawn import RankFailed, run_distributed

@@ -23,6 +23,7 @@ import yaml
 
 from launch.clusters import ClusterProfile, LaunchError, format_minutes, parse_time
 from launch.job import CANCEL_FILE
+from launch.paths import PathProblem, check_folder
 from launch.resolve import DEFAULT_TRAINER, RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +147,11 @@ def sbatch_value(name: str, value: str) -> str:
 def job_folder(out: str | None, default: Path) -> Path:
     """The job folder, absolute: --out, else `default`. Its path names the job's logs and
     is its sbatch comment, so it is checked like every sbatch value."""
-    return Path(sbatch_value("--out", str(Path(out or default).resolve())))
+    try:
+        folder = check_folder(Path(out or default).resolve(), "--out")
+    except PathProblem as e:
+        raise LaunchError(str(e)) from None
+    return Path(sbatch_value("--out", str(folder)))
 
 
 def add_request_arguments(parser: argparse.ArgumentParser, cluster_required: bool = True) -> None:
