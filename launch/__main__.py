@@ -17,11 +17,12 @@ COMMANDS = {
     "submit": ("launch.submit", "submit a recipe to SLURM through submitit"),
     "sweep": ("launch.sweep", "submit a grid of overrides as one SLURM job array"),
     "status": ("launch.jobs", "show the state of a submitted job"),
-    "tail": ("launch.jobs", "print the end of a job's logs"),
-    "cancel": ("launch.jobs", "cancel a submitted job"),
+    "tail": ("launch.jobs", "print the end of a job's training log"),
+    "cancel": ("launch.jobs", "stop a submitted job with a checkpoint, then cancel it"),
     "data": ("launch.data", "write ImageNet-style folders to FFCV .beton files"),
     "compare": ("launch.compare", "compare runs from their TensorBoard logs"),
     "checkpoint": ("launch.checkpoint", "inspect or consolidate checkpoints"),
+    "eval": ("launch.eval", "evaluate a checkpoint on val or minival (top-1, top-5, NLL, ECE)"),
 }
 
 

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import sys
 import threading
 import time
 from pathlib import Path
@@ -164,6 +165,10 @@ class Trainer:
         # hides the old events from the first step this run will log on.
         self.logger = RunLogger(str(self.run_dir / "tb"), enabled=self.rank == 0,
                                 purge_step=self.step + 1 if loaded else None)
+        if loaded and self.rank == 0:  # said in the log (SLURM's .err, launch run's output) and in TensorBoard
+            note = f"resumed from step {self.step} ({self.checkpointer.latest()})"
+            print(f"trainer: {note}", file=sys.stderr, flush=True)
+            self.logger.text("run/resumed", note, self.step)
         saved = loaded or {}
         for t in self.transforms:  # alpha-SVRG's snapshot and caches, resharded like optimizer state
             tensors = {k.split("/", 1)[1]: v for k, v in saved.get("grad_state", {}).items()
