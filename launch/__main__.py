@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from launch.paths import PathProblem, describe_os_error
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     args.command = name
     try:
         return int(module.main(args) or 0)
+    except BrokenPipeError:  # output piped into a reader that stopped (| head): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except PathProblem as e:
         print(f"python -m launch {name}: error: {e}", file=sys.stderr)
         return 2

@@ -164,7 +164,8 @@ class TrainConfig:
     seed: int = 0
     """Seed for model init, data order and augmentation."""
     log_every: int = 10
-    """Steps between scalar logs."""
+    """Steps between scalar logs; a run shorter than 8 x log_every logs 8 times (at least every
+    total_steps // 8 steps), so that its curves have points."""
     diag_every: int = 50
     """Steps between VSGD diagnostics (scalars and histograms per layer group)."""
     val_every_epochs: int = 1
