@@ -3,6 +3,7 @@ in the way or a read-only place is one line naming the path instead of a traceba
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -24,8 +25,11 @@ def check_folder(path: str | os.PathLike, option: str) -> Path:
     if ancestor != path and not ancestor.is_dir():
         raise PathProblem(f"{option} {path}: {ancestor} is a file, so no folder can be made under it; "
                           f"give another path")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise PathProblem(f"{option} {path}: {ancestor} is not writable by you; give a folder you can write")
+    try:  # a real probe: permission bits say nothing for root, nor for read-only or virtual file systems
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=ancestor))
+    except OSError as e:
+        raise PathProblem(f"{option} {path}: no folder can be created in {ancestor} ({e.strerror}); "
+                          f"give a folder you can write") from None
     return path
 
 
