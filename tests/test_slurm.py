@@ -117,18 +117,18 @@ def test_sweep_is_one_job_array(cluster, tmp_path):
         point = tmp_path / "sweep" / f"seed={seed}"
         assert yaml.safe_load((point / "recipe.yaml").read_text())["seed"] == seed
         assert (point / "run" / "final.pt").is_file()
-    tail = cluster.launch("tail", str(tmp_path / "sweep"), "-n", "2")
+    tail = cluster.launch("tail", str(tmp_path / "sweep"), "-n", "2", "--launcher")
     assert tail.stdout.count("==>") == 3 and "Exiting after successful completion" in tail.stdout
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(300)
 def test_tail_and_cancel_a_running_job_which_saves_first(cluster, tmp_path):
     import torch
 
     out = tmp_path / "job"
     submit(cluster, write_recipe(tmp_path / "toy.yaml", max_steps=10_000), out)
     jid = job_id(out)
-    wait_for_line(f"{jid}_0_log.out", out / "submitit", r"^toy: step 3 ", timeout=40)
+    wait_for_line(f"{jid}_0_log.out", out / "submitit", r"^toy: step 3 ", timeout=90)
     launcher = cluster.launch("tail", str(out), "-n", "50", "--launcher")
     assert launcher.returncode == 0 and "toy: step 3 " in launcher.stdout
     assert "launch: rank 1/2" in cluster.launch("tail", str(out), "--rank", "1", "--launcher").stdout
@@ -141,19 +141,16 @@ def test_tail_and_cancel_a_running_job_which_saves_first(cluster, tmp_path):
     saved = torch.load(out / "run" / "ckpt.pt", weights_only=False)["step"]
     assert event["kind"] == "cancel" and event["step"] == saved >= 3
     assert f"cancelled job {jid} after it saved a checkpoint; kept step {saved} in {out / 'run'}" in cancel.stdout
-    assert "cancel at step" in cluster.launch("status", str(out)).stdout
+    assert f"cancel at step {saved}" in cluster.launch("status", str(out)).stdout
 
-
-@pytest.mark.timeout(60)
-def test_cancel_now_cancels_at_once(cluster, tmp_path):
-    out = tmp_path / "job"
-    submit(cluster, write_recipe(tmp_path / "toy.yaml", max_steps=10_000), out)
+    # the same command resumes there; --now cancels at once, without a checkpoint
+    submit(cluster, out / "recipe.yaml", out)
     jid = job_id(out)
-    wait_for_line(f"{jid}_0_log.out", out / "submitit", r"^toy: step 1 ", timeout=40)
+    wait_for_line(f"{jid}_0_log.out", out / "submitit", rf"^toy: resumed at step {saved}$", timeout=120)
     cancel = cluster.launch("cancel", str(out), "--now")
     assert cancel.returncode == 0 and f"cancelled job {jid} (--now: without a checkpoint)" in cancel.stdout
     assert cluster.wait_done(jid, timeout=30)[jid] == "CANCELLED"
-    assert not (out / "interruptions.json").exists() and not (out / "run" / "ckpt.pt").exists()
+    assert len(json.loads((out / "interruptions.json").read_text())) == 1
 
 
 @pytest.mark.timeout(240)
