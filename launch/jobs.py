@@ -173,6 +173,8 @@ def cancel(args: argparse.Namespace) -> int:
                else "no job folder known (a job not submitted by launch submit): without a checkpoint")
         print(f"cancelled job {job_id} ({why}); {kept(folder, info)}")
         return 0
+    if len(running) < len(now):  # array tasks still waiting have nothing to save
+        slurm_cmd("scancel", "--state=PENDING", job_id)
     for point in point_folders(folder, info):
         (point / CANCEL_FILE).write_text(f"{time.time()}\n")
     slurm_cmd("scancel", "--signal=USR2", job_id)  # the job's own stop path: save, then cancel itself
