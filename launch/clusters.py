@@ -164,8 +164,8 @@ def load_profile(name: str, directory: Path = PROFILE_DIR) -> ClusterProfile:
     unknown, ill-typed or missing required keys are errors."""
     path = profile_path(name, directory)
     if not name or path.is_dir():
-        raise LaunchError(f"cluster profile {name!r} is not a file; give a name ({', '.join(known_profiles(directory))}) "
-                          f"or a path to a profile YAML")
+        known = ", ".join(known_profiles(directory))
+        raise LaunchError(f"cluster profile {name!r} is not a file; give a name ({known}) or a path to a profile YAML")
     if not path.is_file():
         if path.parent != directory:
             raise LaunchError(f"cluster profile {str(path)!r} does not exist; give a path to a profile YAML (copy "

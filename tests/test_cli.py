@@ -256,3 +256,41 @@ def test_compare_plots_the_mean_over_seeds_with_a_band_in_percent(tmp_path):
     assert all("mean of 3 seeds" in line.get_label() for line in ax.lines)
     assert "min-max" in BAND
     plt.close(fig)
+
+
+# --- the sbatch template's path: launch run --from-env under srun --------------------------------
+@pytest.mark.timeout(300)
+def test_from_env_stops_with_a_checkpoint_on_usr2(tmp_path):
+    """SLURM sends USR2 before the time limit: a task of slurm/sbatch_template.sh saves at one
+    step and ends, as a submitted job does before its requeue."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from vsgd_dist.train.checkpoint import latest_checkpoint, read_meta
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "PYTHONPATH": str(REPO)}
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "launch", "run", DEMO, "--from-env", f"out={run}", *QUIET,
+                             "train.global_batch=16", "max_steps=100000", "train.ckpt_every=2",
+                             "train.stop_check_every=1"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while latest_checkpoint(run / "checkpoints") is None:
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "no step 2"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGUSR2)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    step = read_meta(latest_checkpoint(run / "checkpoints"))["step"]
+    assert f"launch run: stopped at step {step}" in out and step >= 2, (out, err)
