@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from launch.paths import PathProblem, describe_os_error
 
 # command name -> (module, one-line help)
 COMMANDS = {
@@ -15,11 +18,12 @@ COMMANDS = {
     "submit": ("launch.submit", "submit a recipe to SLURM through submitit"),
     "sweep": ("launch.sweep", "submit a grid of overrides as one SLURM job array"),
     "status": ("launch.jobs", "show the state of a submitted job"),
-    "tail": ("launch.jobs", "print the end of a job's logs"),
-    "cancel": ("launch.jobs", "cancel a submitted job"),
+    "tail": ("launch.jobs", "print the end of a job's training log"),
+    "cancel": ("launch.jobs", "stop a submitted job with a checkpoint, then cancel it"),
     "data": ("launch.data", "write ImageNet-style folders to FFCV .beton files"),
     "compare": ("launch.compare", "compare runs from their TensorBoard logs"),
     "checkpoint": ("launch.checkpoint", "inspect or consolidate checkpoints"),
+    "eval": ("launch.eval", "evaluate a checkpoint on val or minival (top-1, top-5, NLL, ECE)"),
 }
 
 
@@ -53,7 +57,17 @@ def main(argv: list[str] | None = None) -> int:
     except TypeError:  # commands with sub-commands cannot be parsed intermixed
         args = cmd_parser.parse_args(argv[1:])
     args.command = name
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except BrokenPipeError:  # output piped into a reader that stopped (| head): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except PathProblem as e:
+        print(f"python -m launch {name}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the net under every command: a path or permission problem is one line
+        print(f"python -m launch {name}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from launch.paths import PathProblem, check_folder
 from vsgd_dist.train.checkpoint import CheckpointError, latest_checkpoint, open_checkpoint, verify_file
 
 
@@ -32,6 +33,8 @@ def main(args) -> int:
         if args.action == "convert" and Path(args.out).is_dir():
             raise CheckpointError(f"--out {args.out} is a folder; give a file to write, e.g. "
                                   f"{Path(args.out) / 'consolidated.pt'}")
+        if args.action == "convert":
+            check_folder(Path(args.out).parent, "--out's folder")
         meta, read = open_checkpoint(path)
         if args.action == "inspect":
             print(describe(path, meta))
@@ -39,7 +42,7 @@ def main(args) -> int:
             write_consolidated(meta, read, Path(args.out))
             print(f"wrote {args.out} (step {meta['step']}, {meta['world_size']} {meta['engine']} ranks consolidated)")
         return 0
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError, PathProblem) as e:
         print(f"python -m launch checkpoint {args.action}: {e}", file=sys.stderr)
         return 2
 

@@ -62,7 +62,8 @@ def format_minutes(minutes: int) -> str:
 
 @dataclass(frozen=True)
 class ClusterProfile:
-    """One SLURM cluster as seen by `launch submit`; loaded from slurm/clusters/<name>.yaml."""
+    """One SLURM cluster as seen by `launch submit`; loaded from slurm/clusters/<name>.yaml or
+    any YAML file (`--cluster path/to/mine.yaml`)."""
 
     name: str
     """Profile name (the YAML file's stem); set by the loader, not written in the file."""
@@ -110,6 +111,9 @@ class ClusterProfile:
     setup: list[str] = field(default_factory=list)
     """Shell lines run in the sbatch script before srun (module loads, exports). They are
     shell code written by the cluster's admin or user and go into the script verbatim."""
+    source: str = ""
+    """The YAML file the profile was read from; set by the loader (job.json records it so
+    that status/tail/cancel find the same cluster)."""
 
     @property
     def allowed_partitions(self) -> list[str]:
@@ -141,28 +145,51 @@ def _check_type(name: str, value: object, hint: object, where: str) -> None:
         raise LaunchError(f"{where}: {name} must be {expected}, got {value!r}")
 
 
+REQUIRED = ("gpus_per_node", "cpus_per_node", "cpus_per_task")
+"""Fields a profile must state: their defaults would silently mean a CPU cluster of 1-core nodes."""
+REQUIRED_MEANING = {"gpus_per_node": "GPUs on one node, 0 for a CPU-only cluster",
+                    "cpus_per_node": "CPU cores on one node", "cpus_per_task": "cores each task (rank) gets"}
+
+
+def profile_path(name_or_path: str, directory: Path = PROFILE_DIR) -> Path:
+    """The file a --cluster value names: a YAML path (anything with a '/' or a .yaml/.yml
+    suffix, relative to here), else <directory>/<name>.yaml."""
+    if "/" in name_or_path or name_or_path.endswith((".yaml", ".yml")):
+        return Path(name_or_path).expanduser().resolve()
+    return directory / f"{name_or_path}.yaml"
+
+
 def load_profile(name: str, directory: Path = PROFILE_DIR) -> ClusterProfile:
-    """Read and check <directory>/<name>.yaml; unknown or ill-typed keys are errors."""
-    path = directory / f"{name}.yaml"
-    if not name or "/" in name or not path.is_file():
+    """Read and check a profile: a name in `directory` or a path to a YAML file anywhere;
+    unknown, ill-typed or missing required keys are errors."""
+    path = profile_path(name, directory)
+    if not name or path.is_dir():
+        known = ", ".join(known_profiles(directory))
+        raise LaunchError(f"cluster profile {name!r} is not a file; give a name ({known}) or a path to a profile YAML")
+    if not path.is_file():
+        if path.parent != directory:
+            raise LaunchError(f"cluster profile {str(path)!r} does not exist; give a path to a profile YAML (copy "
+                              f"slurm/clusters/example-a100.yaml) or a name: {', '.join(known_profiles(directory))}")
         raise LaunchError(f"unknown cluster profile {name!r}; known: {', '.join(known_profiles(directory))} "
-                          f"(add slurm/clusters/{name}.yaml for a new cluster)")
-    where = f"slurm/clusters/{name}.yaml" if directory == PROFILE_DIR else str(path)
+                          f"(or give a path to your own profile YAML, e.g. a copy of slurm/clusters/example-a100.yaml)")
+    where = f"slurm/clusters/{path.name}" if path.parent == PROFILE_DIR else str(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise LaunchError(f"{where} is not valid YAML: {e}".replace("\n", " ")) from None
+    except OSError as e:
+        raise LaunchError(f"{where} cannot be read ({e.strerror})") from None
     if not isinstance(data, dict):
         raise LaunchError(f"{where} must be a mapping of profile fields")
     hints = typing.get_type_hints(ClusterProfile)
-    fields = [f.name for f in dataclasses.fields(ClusterProfile) if f.name != "name"]
+    fields = [f.name for f in dataclasses.fields(ClusterProfile) if f.name not in ("name", "source")]
     for key, value in data.items():
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(fields)}"
             raise LaunchError(f"{where}: unknown key {key!r}; {hint}")
         _check_type(key, value, hints[key], where)
-    profile = ClusterProfile(name=name, **data)
+    profile = ClusterProfile(name=path.stem, **data)
     for key in ("time_default", "time_max"):
         try:
             parse_time(getattr(profile, key))
@@ -174,4 +201,8 @@ def load_profile(name: str, directory: Path = PROFILE_DIR) -> ClusterProfile:
     if profile.network_interface is not None and not _IFNAME_RE.match(profile.network_interface):
         raise LaunchError(f"{where}: network_interface {profile.network_interface!r} is not an interface "
                           "name (1-15 of letters, digits, '.', '_', '-')")
-    return profile
+    for key in REQUIRED:
+        if key not in data:
+            raise LaunchError(f"{where}: missing required field {key} ({REQUIRED_MEANING[key]}); add a line "
+                              f"'{key}: N'")
+    return dataclasses.replace(profile, source=str(path))

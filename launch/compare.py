@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 
+from launch.paths import check_folder
+
 
 def add_arguments(parser, name):
     parser.add_argument("runs", nargs="+", help="run folders, or folders holding runs (a sweep)")
@@ -24,9 +26,10 @@ def main(args) -> int:
 
     out = args.out or str(Path(args.runs[0]).resolve().parent / "compare")
     try:
+        check_folder(out, "--out")
         markdown = compare(args.runs, out)
         tuned = tuned_comparison(args.runs, out, args.baseline)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # PathProblem is a ValueError
         print(f"launch compare: {e}", file=sys.stderr)
         return 2
     if tuned:

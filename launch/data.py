@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from launch.paths import PathProblem, check_folder
+
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -32,12 +34,13 @@ def main(args: argparse.Namespace) -> int:
     from vsgd_dist.data import DataError, WriteSettings, write_image_folder
 
     try:
+        check_folder(args.out, "--out")
         settings = WriteSettings(max_resolution=args.max_resolution, write_mode=args.write_mode,
                                  compress_probability=args.compress_probability,
                                  jpeg_quality=args.jpeg_quality, smart_threshold=args.smart_threshold,
                                  chunk_size=args.chunk_size, num_workers=args.num_workers)
         manifest = write_image_folder(args.src, args.out, settings, overwrite=args.overwrite)
-    except DataError as e:
+    except (DataError, PathProblem) as e:
         print(f"python -m launch data write: error: {e}", file=sys.stderr)
         return 2
     counts = ", ".join(f"{split} {n}" for split, n in manifest.counts.items())

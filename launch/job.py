@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -38,6 +39,9 @@ from submitit.core.utils import pickle_load
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 INTERRUPTIONS_FILE = "interruptions.json"
+CANCEL_FILE = "cancel_requested"
+"""Written by `launch cancel` into a job's folder before it sends USR2: the job then saves
+its checkpoint as on a preemption, and cancels itself instead of requeueing."""
 
 
 def load_factory(path: str) -> Callable[[dict, str], Any]:
@@ -107,6 +111,15 @@ def exit_after_result(result_pickle: Path) -> None:
     atexit.register(exit_now)
 
 
+def cancel_self(job_id: str) -> None:
+    """End this job (state CANCELLED) once its checkpoint is saved: `launch cancel` asked for
+    it. Waits to be killed, as the other ranks do."""
+    print("launch: cancelled by launch cancel; the checkpoint is saved", flush=True)
+    subprocess.run(["scancel", job_id], check=False, timeout=60)
+    time.sleep(600)
+    raise RuntimeError(f"scancel {job_id} did not end the job")
+
+
 class TrainJob(Checkpointable):
     """One training run; pickled by submitit and run by every task of the job."""
 
@@ -173,8 +186,10 @@ class TrainJob(Checkpointable):
         return summary
 
     def checkpoint(self) -> DelayedSubmission | None:
-        """Called by submitit on global rank 0 when USR2 arrives: save, then requeue."""
-        kind = "timeout" if timed_out(self._started, self.timeout_min) else "preemption"
+        """Called by submitit on global rank 0 when USR2 arrives: save, then requeue (or, after
+        `launch cancel`, cancel the job)."""
+        cancelled = (Path(self.job_dir) / CANCEL_FILE).is_file()
+        kind = "cancel" if cancelled else "timeout" if timed_out(self._started, self.timeout_min) else "preemption"
         step = None
         if self._thread is not None and self._thread.is_alive():
             self._trainer.request_stop()
@@ -186,6 +201,8 @@ class TrainJob(Checkpointable):
         if "error" in self._outcome:
             print(f"launch: not requeueing, the trainer failed: {self._outcome['error']!r}", flush=True)
             return None
+        if cancelled:
+            cancel_self(job_id)
         preemptions = sum(e["kind"] == "preemption" for e in events)
         if kind == "preemption" and preemptions > self.max_preemptions:
             print(f"launch: not requeueing after {preemptions} preemptions "

@@ -14,8 +14,9 @@ import signal
 import sys
 from pathlib import Path
 
+from launch.paths import PathProblem, check_folder
 from launch.resolve import RecipeError, check_data_workers
-from launch.signals import ForwardSignals, Interrupted, die_with_parent, stop_on_signals
+from launch.signals import STOP_SIGNALS, ForwardSignals, Interrupted, die_with_parent, stop_on_signals
 from launch.watchdog import Watchdog, heartbeats, publish
 from vsgd_dist.config import ConfigError, load_recipe
 
@@ -55,11 +56,12 @@ def run(args, signals: ForwardSignals | None) -> int:
         if args.from_env and cfg.engine.shard_within == "node":
             ranks_per_node(world)  # srun's layout, before joining the group
         check_data_workers(cfg.to_dict(), local_cores(), "a rank gets here")
+        check_folder(cfg.train.out, "out=")
         check_run_dir(Path(cfg.train.out), cfg)
         files = resolve_dataset(cfg.data)  # writes the demo data once, before the ranks start
         for split in (files.train, files.val):
             inspect_beton(split)
-    except (ConfigError, DataError, NodeLayoutError, RecipeError) as e:
+    except (ConfigError, DataError, NodeLayoutError, RecipeError, PathProblem) as e:
         print(f"launch run: {e}", file=sys.stderr)
         return 2
     from vsgd_dist.spawn import RankFailed, run_distributed
@@ -72,8 +74,8 @@ def run(args, signals: ForwardSignals | None) -> int:
         _quiet_resource_tracker()
     try:
         with RunLock(cfg.train.out) if holds_lock else contextlib.nullcontext():
-            if watchdog is None:
-                summary = _train(cfg)
+            if watchdog is None:  # under srun: SLURM's USR2 before the time limit stops with a checkpoint too
+                summary = _train(cfg, signals=(*STOP_SIGNALS, signal.SIGUSR2))
             else:
                 with watchdog:
                     summary = run_distributed(_train_rank, world, cfg.to_dict(), os.getpid(), watchdog.slots,
@@ -122,13 +124,13 @@ def _kept(cfg) -> str:
     return f"{latest} is kept: run the same command to resume from it" if latest else "no checkpoint was saved"
 
 
-def _train(cfg, heartbeat_slots=None, rank: int = 0) -> dict:
+def _train(cfg, heartbeat_slots=None, rank: int = 0, signals: tuple = STOP_SIGNALS) -> dict:
     """Train in this process; a stop signal ends the run at the agreed step, with a checkpoint.
     With `heartbeat_slots`, the launcher's watchdog sees every step this rank completes."""
     from vsgd_dist.train.trainer import Trainer
 
     trainer = Trainer(cfg)
-    stop_on_signals(trainer.request_stop)
+    stop_on_signals(trainer.request_stop, signals)
     if heartbeat_slots is not None:
         publish(heartbeat_slots, rank, lambda: getattr(trainer, "step", None))
     return trainer.run()

@@ -34,10 +34,10 @@ def die_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def stop_on_signals(request_stop) -> None:
+def stop_on_signals(request_stop, signals: tuple = STOP_SIGNALS) -> None:
     """In a rank: a stop signal calls `request_stop` (save at the agreed step, then return)
     instead of raising KeyboardInterrupt or ending the process."""
-    for sig in STOP_SIGNALS:
+    for sig in signals:
         signal.signal(sig, lambda signum, frame: request_stop())
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import yaml
 
 from launch.clusters import ClusterProfile, LaunchError, format_minutes, parse_time
+from launch.job import CANCEL_FILE
+from launch.paths import PathProblem, check_folder
 from launch.resolve import DEFAULT_TRAINER, RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +147,11 @@ def sbatch_value(name: str, value: str) -> str:
 def job_folder(out: str | None, default: Path) -> Path:
     """The job folder, absolute: --out, else `default`. Its path names the job's logs and
     is its sbatch comment, so it is checked like every sbatch value."""
-    return Path(sbatch_value("--out", str(Path(out or default).resolve())))
+    try:
+        folder = check_folder(Path(out or default).resolve(), "--out")
+    except PathProblem as e:
+        raise LaunchError(str(e)) from None
+    return Path(sbatch_value("--out", str(folder)))
 
 
 def add_request_arguments(parser: argparse.ArgumentParser, cluster_required: bool = True) -> None:
@@ -165,7 +171,13 @@ def add_request_arguments(parser: argparse.ArgumentParser, cluster_required: boo
     parser.add_argument("--qos", help="quality of service (default: the profile's)")
     parser.add_argument("--out", help="job folder (default: runs/<recipe name>)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved recipe and sbatch script; submit nothing")
+                        help="print a summary (ranks, batch per rank, time, folders, logs, data) and the "
+                             "#SBATCH lines; submit nothing")
+    parser.add_argument("--full", action="store_true",
+                        help="with --dry-run: print the whole resolved recipe and sbatch script too")
+    parser.add_argument("--no-data-check", action="store_true",
+                        help="do not check the data folder before queueing (for login nodes that cannot "
+                             "see the compute nodes' data)")
     parser.add_argument("--trainer", default=DEFAULT_TRAINER, help=argparse.SUPPRESS)
 
 
@@ -265,6 +277,7 @@ def check_not_active(job_dir: Path) -> None:
 def write_point(point_dir: Path, recipe: dict) -> Path:
     """Create point_dir with its recipe.yaml; return its run folder."""
     point_dir.mkdir(parents=True, exist_ok=True)
+    (point_dir / CANCEL_FILE).unlink(missing_ok=True)  # a cancel request of an earlier job
     (point_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     return point_dir / "run"
 
@@ -289,6 +302,11 @@ def render_sbatch(spec: JobSpec, job_dir: Path, array_size: int | None = None) -
                                **spec.sbatch_parameters(comment=str(job_dir)))
 
 
+def sbatch_directives(script: str) -> list[str]:
+    """The script's #SBATCH lines: what sbatch is asked for."""
+    return [line for line in script.splitlines() if line.startswith("#SBATCH")]
+
+
 def make_executor(spec: JobSpec, job_dir: Path, max_timeouts: int):
     """A submitit AutoExecutor writing pickles and logs under job_dir/submitit."""
     import submitit
@@ -302,8 +320,8 @@ def make_executor(spec: JobSpec, job_dir: Path, max_timeouts: int):
 def finish_submission(job_dir: Path, job, profile: ClusterProfile, points: list[str]) -> dict:
     """Record the job in job.json and copy its sbatch script next to it."""
     job_id = str(job.job_id).split("_")[0]
-    info = {"job_id": job_id, "cluster": profile.name, "array": bool(points), "points": points,
-            "slurm_conf": os.environ.get("SLURM_CONF")}
+    info = {"job_id": job_id, "cluster": profile.name, "cluster_profile": profile.source, "array": bool(points),
+            "points": points, "slurm_conf": os.environ.get("SLURM_CONF")}
     (job_dir / JOB_FILE).write_text(json.dumps(info, indent=1))
     (job_dir / "sbatch.sh").write_text(Path(job.paths.submission_file).read_text())
     return info

@@ -24,13 +24,15 @@ import yaml
 
 from launch.clusters import LaunchError, load_profile
 from launch.job import TrainJob
+from launch.preflight import check_data, data_problems, place_paths
 from launch.resolve import DEFAULT_TRAINER, check_data_workers, parse_override, resolve_recipe
 from launch.run import local_cores
 from launch.signals import STOP_SIGNALS, die_with_parent
 from launch.slurm import (add_request_arguments, build_spec, check_factory, check_not_active, claim_run_dir,
                           describe, finish_submission, job_folder, make_executor, print_errors, render_sbatch,
-                          use_cluster, write_point)
+                          sbatch_directives, use_cluster, write_point)
 from launch.submit import show
+from launch.summary import dry_run_summary
 
 
 def add_arguments(parser: argparse.ArgumentParser, command_name: str) -> None:
@@ -77,17 +79,29 @@ def main(args: argparse.Namespace) -> int:
     use_cluster(profile)
     spec = build_spec(profile, args, sweep_dir.name)
     world_size = spec.nodes * spec.ntasks_per_node
-    recipes = [resolve_recipe(args.recipe, overrides, args.trainer, world_size) for _, overrides in points]
+    recipes = [place_paths(resolve_recipe(args.recipe, overrides, args.trainer, world_size),
+                           sweep_dir / name / "run", args.trainer) for name, overrides in points]
     for recipe in recipes:
         check_data_workers(recipe, spec.cpus_per_task, f"per task of cluster profile {profile.name!r}")
     for (name, _), recipe in zip(points, recipes):
         claim_run_dir(sweep_dir / name, recipe, args.trainer)
     if args.dry_run:
-        for (name, overrides), recipe in zip(points, recipes):
-            print(f"# point {name}\n" + yaml.safe_dump(recipe, sort_keys=False))
-        print("# sbatch script\n" + render_sbatch(spec, sweep_dir, array_size=len(points)))
+        problems = None if args.no_data_check else data_problems(recipes, args.trainer)
+        script = render_sbatch(spec, sweep_dir, array_size=len(points))
+        print("\n".join(dry_run_summary(spec, profile, sweep_dir, dict(zip((n for n, _ in points), recipes)),
+                                        args.trainer == DEFAULT_TRAINER, problems, array=True)))
+        if args.full:
+            for (name, _), recipe in zip(points, recipes):
+                print(f"\n# point {name}\n" + yaml.safe_dump(recipe, sort_keys=False))
+            print("# sbatch script\n" + script)
+        else:
+            print("\n# sbatch directives (--full: every point's resolved recipe and the whole sbatch script)")
+            print("\n".join(sbatch_directives(script)))
         print(f"dry run: nothing submitted ({len(points)} points)")
         return 0
+    if not args.no_data_check:
+        for recipe in recipes:
+            check_data(recipe, args.trainer)
     check_not_active(sweep_dir)
     executor = make_executor(spec, sweep_dir, profile.max_timeouts)
     with executor.batch():
@@ -99,8 +113,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"submitted job array {info['job_id']} with {len(jobs)} tasks, one per point ({describe(spec, profile)})")
     for (name, _), job in zip(points, jobs):
         print(f"  {job.job_id:>10}  {show(sweep_dir / name / 'run')}")
-    print(f"  logs:    {show(sweep_dir / 'submitit')}")
-    print(f"  follow:  python -m launch status {show(sweep_dir)}")
+    print(f"  logs:    {show(sweep_dir / 'submitit')} (.err: training, .out: launcher)")
+    print(f"  follow:  python -m launch status {show(sweep_dir)}; python -m launch tail {show(sweep_dir)}")
+    print(f"  stop:    python -m launch cancel {show(sweep_dir)} (saves checkpoints; submit again to resume)")
     print(f"  compare: python -m launch compare {show(sweep_dir)}/*/run")
     return 0
 

@@ -17,8 +17,10 @@
 # Command-line options override the #SBATCH defaults below.
 #
 # USR2 reaches every task 120 s before the time limit. `python -m launch submit` turns it
-# into a step-exact checkpoint and a requeue; this plain script only requeues if your command
-# handles USR2 itself (exit after saving, then `scontrol requeue $SLURM_JOB_ID`).
+# into a step-exact checkpoint and a requeue. Here `launch run --from-env` turns USR2, and
+# scancel's SIGTERM, into the same step-exact checkpoint and ends (as `launch cancel` does for
+# a submitted job); it does not requeue: resubmit the same line to resume from the checkpoint.
+# A COMMAND of your own only saves if it handles USR2/SIGTERM itself.
 #SBATCH --job-name=vsgd
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

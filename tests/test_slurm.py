@@ -117,23 +117,83 @@ def test_sweep_is_one_job_array(cluster, tmp_path):
         point = tmp_path / "sweep" / f"seed={seed}"
         assert yaml.safe_load((point / "recipe.yaml").read_text())["seed"] == seed
         assert (point / "run" / "final.pt").is_file()
-    tail = cluster.launch("tail", str(tmp_path / "sweep"), "-n", "2")
+    tail = cluster.launch("tail", str(tmp_path / "sweep"), "-n", "2", "--launcher")
     assert tail.stdout.count("==>") == 3 and "Exiting after successful completion" in tail.stdout
 
 
-@pytest.mark.timeout(60)
-def test_tail_and_cancel_a_running_job(cluster, tmp_path):
+@pytest.mark.timeout(300)
+def test_tail_and_cancel_a_running_job_which_saves_first(cluster, tmp_path):
+    import torch
+
     out = tmp_path / "job"
     submit(cluster, write_recipe(tmp_path / "toy.yaml", max_steps=10_000), out)
     jid = job_id(out)
-    wait_for_line(f"{jid}_0_log.out", out / "submitit", r"^toy: step 3 ", timeout=40)
-    tail = cluster.launch("tail", str(out), "-n", "50")
-    assert tail.returncode == 0 and "toy: step 3 " in tail.stdout
-    assert "launch: rank 1/2" in cluster.launch("tail", str(out), "--rank", "1").stdout
-    assert cluster.launch("tail", str(out), "--stderr").returncode == 0
+    wait_for_line(f"{jid}_0_log.out", out / "submitit", r"^toy: step 3 ", timeout=90)
+    launcher = cluster.launch("tail", str(out), "-n", "50", "--launcher")
+    assert launcher.returncode == 0 and "toy: step 3 " in launcher.stdout
+    assert "launch: rank 1/2" in cluster.launch("tail", str(out), "--rank", "1", "--launcher").stdout
+    training = cluster.launch("tail", str(out))  # the training log: .err
+    assert training.returncode == 0 and "toy: step" not in training.stdout
     cancel = cluster.launch("cancel", str(out))
-    assert cancel.returncode == 0 and f"cancelled job {jid}" in cancel.stdout
+    assert cancel.returncode == 0, cancel.stderr
     assert cluster.wait_done(jid, timeout=30)[jid] == "CANCELLED"
+    (event,) = json.loads((out / "interruptions.json").read_text())
+    saved = torch.load(out / "run" / "ckpt.pt", weights_only=False)["step"]
+    assert event["kind"] == "cancel" and event["step"] == saved >= 3
+    assert f"cancelled job {jid} after it saved a checkpoint; kept step {saved} in {out / 'run'}" in cancel.stdout
+    assert f"cancel at step {saved}" in cluster.launch("status", str(out)).stdout
+
+    # the same command resumes there; --now cancels at once, without a checkpoint
+    submit(cluster, out / "recipe.yaml", out)
+    jid = job_id(out)
+    wait_for_line(f"{jid}_0_log.out", out / "submitit", rf"^toy: resumed at step {saved}$", timeout=120)
+    cancel = cluster.launch("cancel", str(out), "--now")
+    assert cancel.returncode == 0 and f"cancelled job {jid} (--now: without a checkpoint)" in cancel.stdout
+    assert cluster.wait_done(jid, timeout=30)[jid] == "CANCELLED"
+    assert len(json.loads((out / "interruptions.json").read_text())) == 1
+
+
+@pytest.mark.timeout(240)
+def test_submit_checks_the_data_before_queueing_and_status_says_why_a_job_failed(cluster, tmp_path):
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    out = tmp_path / "job"
+    args = ["submit", "recipes/demo.yaml", "--cluster", "local", "--out", str(out), f"data.data_dir={empty}",
+            "max_steps=2", "train.progress=false"]
+    refused = cluster.launch(*args)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "no manifest.json" in refused.stderr and "--no-data-check" in refused.stderr
+    assert not out.exists() and not cluster.jobs_of(out)
+
+    queued = cluster.launch(*args, "--no-data-check")  # as on a login node that cannot see the data
+    assert queued.returncode == 0, queued.stderr
+    jid = job_id(out)
+    assert cluster.wait_done(jid, timeout=180) == {jid: "FAILED"}
+    status = cluster.launch("status", str(out))
+    assert re.search(rf"^  {jid} failed: .*DataError: .*no manifest\.json.* \(in .*{jid}_0_log\.err\)$",
+                     status.stdout, re.M), status.stdout
+
+
+@pytest.mark.timeout(120)
+def test_a_profile_from_any_path_and_job_commands_that_find_its_cluster(cluster, tmp_path):
+    profile = tmp_path / "profiles" / "mine.yaml"
+    profile.parent.mkdir()
+    profile.write_text((REPO / "slurm" / "clusters" / "local.yaml").read_text())
+    out = tmp_path / "job"
+    res = cluster.launch("submit", str(write_recipe(tmp_path / "toy.yaml", max_steps=3, step_sleep_s=0.0)),
+                         "--cluster", str(profile), "--out", str(out), "--trainer", TOY)
+    assert res.returncode == 0, res.stderr
+    jid = job_id(out)
+    assert cluster.wait_done(jid, timeout=90) == {jid: "COMPLETED"}
+    info = json.loads((out / "job.json").read_text())
+    assert info["cluster"] == "mine" and info["cluster_profile"] == str(profile)
+    # a shell that knows nothing of the local cluster: the job folder says where the job ran
+    env = {k: v for k, v in cluster.env.items() if k != "SLURM_CONF"}
+    env["VSGD_SLURM_LOCAL"] = str(tmp_path / "elsewhere")
+    done = {command: subprocess.run([sys.executable, "-m", "launch", command, str(out)], cwd=REPO, env=env,
+                                    capture_output=True, text=True, timeout=60) for command in ("status", "tail")}
+    assert all(d.returncode == 0 for d in done.values()), [d.stderr for d in done.values()]
+    assert re.search(rf"^{jid}\s.*COMPLETED", done["status"].stdout, re.M), done["status"].stdout
 
 
 @pytest.mark.timeout(60)
@@ -152,7 +212,7 @@ def test_sbatch_template_runs_ranks(cluster, tmp_path):
 @pytest.mark.timeout(60)
 def test_dry_run_prints_sbatch_and_submits_nothing(cluster, tmp_path):
     res = cluster.launch("submit", str(write_recipe(tmp_path / "toy.yaml")), "--cluster", "local", "--tasks-per-node",
-                         "2", "--time", "00:05:00", "--out", str(tmp_path / "job"), "--dry-run", "lr=0.5",
+                         "2", "--time", "00:05:00", "--out", str(tmp_path / "job"), "--dry-run", "--full", "lr=0.5",
                          "--trainer", TOY)
     assert res.returncode == 0, res.stderr
     for line in ["#SBATCH --ntasks-per-node=2", "#SBATCH --nodes=1", "#SBATCH --time=5",
@@ -160,13 +220,16 @@ def test_dry_run_prints_sbatch_and_submits_nothing(cluster, tmp_path):
                  f"#SBATCH --output={tmp_path}/job/submitit/%j_0_log.out"]:
         assert line in res.stdout.splitlines()
     assert "lr: 0.5" in res.stdout and "srun --unbuffered" in res.stdout and "dry run: nothing submitted" in res.stdout
+    assert res.stdout.startswith("# dry run summary\n") and "1 node x 2 tasks = 2 ranks" in res.stdout
+    assert "time limit:   5 min (00:05:00)" in res.stdout
     assert not (tmp_path / "job").exists()
     assert not cluster.jobs_of(tmp_path / "job")
 
 
 # case -> (recipe file, extra arguments, expected error); a repeated option wins over the default.
 BAD = {
-    "unknown profile": ("toy.yaml", ["--cluster", "nope"], "unknown cluster profile 'nope'; known: example-a100, local"),
+    "unknown profile": ("toy.yaml", ["--cluster", "nope"], "unknown cluster profile 'nope'; known: example-a100, local "
+                        "(or give a path to your own profile YAML"),
     "unknown partition": ("toy.yaml", ["--partition", "gpu"], "unknown partition 'gpu' on cluster profile 'local'; choose from debug"),
     "too many tasks": ("toy.yaml", ["--tasks-per-node", "3"], "3 tasks per node: cluster profile 'local' allows 1 to 2"),
     "too many nodes": ("toy.yaml", ["--nodes", "2"], "--nodes 2: cluster profile 'local' allows 1 to 1; restart it "

@@ -22,6 +22,7 @@ from vsgd_dist.engines.registry import ENGINES, SHARD_WITHIN, SHARD_WITHIN_NODE
 from vsgd_dist.models import MODELS
 from vsgd_dist.optim import OPTIMIZERS
 from vsgd_dist.registry import import_plugins, suggest
+from vsgd_dist.key_hints import key_hint
 from vsgd_dist.train.schedule import SCHEDULES
 from vsgd_dist.transforms import GRADIENT_TRANSFORMS, SVRGConfig
 
@@ -163,7 +164,8 @@ class TrainConfig:
     seed: int = 0
     """Seed for model init, data order and augmentation."""
     log_every: int = 10
-    """Steps between scalar logs."""
+    """Steps between scalar logs; a run shorter than 8 x log_every logs 8 times (at least every
+    total_steps // 8 steps), so that its curves have points."""
     diag_every: int = 50
     """Steps between VSGD diagnostics (scalars and histograms per layer group)."""
     val_every_epochs: int = 1
@@ -333,7 +335,11 @@ def resolve_key(key: str) -> str:
         return matches[0]
     if len(matches) > 1:
         raise ConfigError(f"override key {key!r} is ambiguous ({', '.join(matches)}); use the full path")
-    raise ConfigError(f"unknown recipe key {key!r}{suggest(key, paths + list(ALIASES))}")
+    section = key.rpartition(".")[0]
+    candidates = [p for p in paths if p.startswith(section + ".")] if section else paths + list(ALIASES)
+    listing = None if section else [f"the sections {', '.join(f.name for f in fields(RunConfig))} (e.g. "
+                                    f"train.global_batch)", f"the short names {', '.join(ALIASES)}"]
+    raise ConfigError(f"unknown recipe key {key!r}{key_hint(key, candidates or paths, listing)}")
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -440,7 +446,7 @@ def _check_keys(data: dict, cls, prefix: str, source: str) -> None:
     for key, value in data.items():
         if key not in known:
             raise ConfigError(f"{source}: unknown key {prefix + str(key)!r}"
-                              f"{suggest(key, [prefix + k for k in known])}")
+                              f"{key_hint(prefix + str(key), [prefix + k for k in known])}")
         default = known[key].default_factory() if callable(known[key].default_factory) else None
         if is_dataclass(default):
             if not isinstance(value, dict):

@@ -39,6 +39,10 @@ class RunLogger:
             sum_squares=(counts * centers ** 2).sum().item(), bucket_limits=edges[1:].tolist(),
             bucket_counts=counts.tolist(), global_step=step)
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer:
+            self.writer.add_text(tag, text, step)
+
     def hparams(self, hparams: dict, metrics: dict) -> None:
         if self.writer:
             self.writer.add_hparams(hparams, metrics, run_name=".")

@@ -213,36 +213,71 @@ def _throughput_ratios(groups: dict[str, list[Run]]) -> list[str]:
     return lines
 
 
+BAND = "band: min-max over seeds"
+"""What the shaded band around each mean curve shows (said in every plot's title)."""
+LINESTYLES = ("-", "--", ":", "-.")
+PLOTS = (("train/loss", "train loss", 1, "train loss"), ("val/top1", "val top-1", 100, "val top-1 (%)"),
+         ("train/images_per_s", "throughput", 1, "images/s"))
+"""(tag, title, scale, y label) of the curves compared: percentages on a 0-100 scale, as in the table."""
+
+
+def _styles(groups: dict[str, list[Run]]) -> dict[str, tuple[str, str]]:
+    """Row label -> (colour, line style): one colour per optimizer (with its gradient
+    transform), a line style per setting of that optimizer (e.g. each LR)."""
+    colours: dict[str, str] = {}
+    used: dict[str, int] = {}
+    styles = {}
+    for label in groups:
+        optimizer = label.split(" (", 1)[0]
+        colours.setdefault(optimizer, f"C{len(colours)}")
+        styles[label] = colours[optimizer], LINESTYLES[used.get(optimizer, 0) % len(LINESTYLES)]
+        used[optimizer] = used.get(optimizer, 0) + 1
+    return styles
+
+
+def _mean_band(ax, curves: list[list[tuple[float, float]]], scale: float, colour: str, style: str,
+               label: str) -> None:
+    """The mean over seeds at each logged step (of the seeds that logged it), with a min-max
+    band; markers on curves of few points, so a short run still shows where it was measured."""
+    curves = [dict(c) for c in curves if c]
+    if not curves:
+        return
+    steps = sorted(set().union(*curves))
+    values = [[c[s] * scale for c in curves if s in c] for s in steps]
+    mean = [statistics.fmean(v) for v in values]
+    seeds = f", mean of {len(curves)} seeds" if len(curves) > 1 else ""
+    ax.plot(steps, mean, color=colour, linestyle=style, marker="o" if len(steps) < 30 else None, markersize=4,
+            label=label + seeds)
+    if len(curves) > 1:
+        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=colour, alpha=0.2,
+                        linewidth=0)
+
+
 def _plot(groups: dict[str, list[Run]], out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    styles = _styles(groups)
     names = []
-    for tag, title in (("train/loss", "train loss"), ("val/top1", "val top-1"),
-                       ("train/images_per_s", "throughput (images/s)")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for i, (label, members) in enumerate(groups.items()):
-            for j, run in enumerate(members):
-                points = run.curves.get(tag, [])
-                if points:
-                    ax.plot(*zip(*points), color=f"C{i}", alpha=0.8, marker="o" if len(points) < 20 else None,
-                            label=label if j == 0 else None)
+    for tag, title, scale, ylabel in PLOTS:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, members in groups.items():
+            _mean_band(ax, [run.curves.get(tag, []) for run in members], scale, *styles[label], label)
         ax.set_xlabel("step")
-        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} ({BAND})")
         name = tag.replace("/", "_")
         _save(fig, ax, out / f"{name}.png")
         names.append(name)
     if any(r.curves.get("svrg/extra_steps") for rs in groups.values() for r in rs):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for i, (label, members) in enumerate(groups.items()):
-            for j, run in enumerate(members):
-                curve = run.loss_at_compute()
-                if curve:
-                    ax.plot(*zip(*curve), color=f"C{i}", alpha=0.8, label=label if j == 0 else None)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, members in groups.items():
+            _mean_band(ax, [run.loss_at_compute() for run in members], 1, *styles[label], label)
         ax.set_xlabel("compute (steps' worth of forward/backward passes)")
-        ax.set_title("train loss at equal compute")
+        ax.set_ylabel("train loss")
+        ax.set_title(f"train loss at equal compute ({BAND})")
         _save(fig, ax, out / "train_loss_equal_compute.png")
         names.append("train_loss_equal_compute")
     return names
@@ -395,14 +430,12 @@ def _plot_tuned(selected: dict[str, Selected], out: Path) -> list[str]:
     ax.set_title("LR sensitivity (star: selected on minival)")
     _save(fig, ax, out / "lr_sensitivity.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, sel in enumerate(selected.values()):
-        for j, run in enumerate(sel.runs):
-            if run.curves.get("train/loss"):
-                ax.plot(*zip(*run.curves["train/loss"]), color=f"C{i}", alpha=0.7,
-                        label=f"{sel.optimizer} {sel.point}" if j == 0 else None)
+        _mean_band(ax, [run.curves.get("train/loss", []) for run in sel.runs], 1, f"C{i}", "-",
+                   f"{sel.optimizer} {sel.point}")
     ax.set_xlabel("step")
-    ax.set_ylabel("train loss (one line per seed)")
-    ax.set_title("train loss at the selected points")
+    ax.set_ylabel("train loss")
+    ax.set_title(f"train loss at the selected points ({BAND})")
     _save(fig, ax, out / "train_loss_selected.png")
     return ["lr_sensitivity", "train_loss_selected"]

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import sys
 import threading
 import time
 from pathlib import Path
@@ -36,6 +37,10 @@ from vsgd_dist.train.predictions import SUMS_SIZE, metrics_from_sums, prediction
 from vsgd_dist.train.schedule import lr_lambda
 from vsgd_dist.train.state import capture_rng, restore_rng
 from vsgd_dist.transforms import build_transforms
+
+
+MIN_LOG_POINTS = 8
+"""Train scalars are logged at least this often over a run (train.log_every is shortened)."""
 
 
 class Trainer:
@@ -67,7 +72,7 @@ class Trainer:
         while status == "completed" and self.step < self.total_steps:
             for micro_batches in self._batches_of_epoch():
                 self._train_step(micro_batches)
-                if self.step % tc.log_every == 0 or self.step == self.total_steps:
+                if self.step % self.log_every == 0 or self.step == self.total_steps:
                     self._log_train()
                 if self.log_diagnostics and (self.step % tc.diag_every == 0 or self.step == self.total_steps):
                     self._log_diagnostics()
@@ -113,6 +118,8 @@ class Trainer:
                                                distributed=self.world > 1, minival=True) if data.minival else None
         self.steps_per_epoch = len(self.train_loader) // tc.accum_steps
         self.total_steps = tc.max_steps or tc.epochs * self.steps_per_epoch
+        # a short run still draws curves: at least MIN_LOG_POINTS logs of train scalars
+        self.log_every = min(tc.log_every, max(1, self.total_steps // MIN_LOG_POINTS))
 
         model = build_model(cfg.model.name, len(self.classes), image_size=cfg.data.end_res,
                             blurpool=cfg.model.blurpool, drop_path=cfg.model.drop_path, seed=tc.seed).to(self.device)
@@ -141,7 +148,7 @@ class Trainer:
         # clipping and the step; they compute gradients at other weights through self._gradient.
         self.transforms = build_transforms(cfg, engine=self.engine, gradient=self._gradient,
                                            total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
-                                           log_every=tc.log_every)
+                                           log_every=self.log_every)
         self.engine.grad_transforms = [t.apply for t in self.transforms]
 
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=tc.keep_checkpoints)
@@ -164,6 +171,10 @@ class Trainer:
         # hides the old events from the first step this run will log on.
         self.logger = RunLogger(str(self.run_dir / "tb"), enabled=self.rank == 0,
                                 purge_step=self.step + 1 if loaded else None)
+        if loaded and self.rank == 0:  # said in the log (SLURM's .err, launch run's output) and in TensorBoard
+            note = f"resumed from step {self.step} ({self.checkpointer.latest()})"
+            print(f"trainer: {note}", file=sys.stderr, flush=True)
+            self.logger.text("run/resumed", note, self.step)
         saved = loaded or {}
         for t in self.transforms:  # alpha-SVRG's snapshot and caches, resharded like optimizer state
             tensors = {k.split("/", 1)[1]: v for k, v in saved.get("grad_state", {}).items()
