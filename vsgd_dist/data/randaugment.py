@@ -61,20 +61,20 @@ def _clip8(value):
 def _apply_lut(image, lut):
     """image[..., c] = lut[image[..., c], c]."""
     flat = image.reshape(-1)
-    for i in range(0, flat.size, 3):
-        flat[i] = lut[flat[i], 0]
-        flat[i + 1] = lut[flat[i + 1], 1]
-        flat[i + 2] = lut[flat[i + 2], 2]
+    for p in range(flat.size // 3):  # pixels; a range with a step compiles to a slower loop
+        flat[3 * p] = lut[flat[3 * p], 0]
+        flat[3 * p + 1] = lut[flat[3 * p + 1], 1]
+        flat[3 * p + 2] = lut[flat[3 * p + 2], 2]
 
 
 @numba.njit(nogil=True, cache=True)
 def _histograms(image):
     counts = np.zeros((256, 3), np.int64)
     flat = image.reshape(-1)
-    for i in range(0, flat.size, 3):
-        counts[flat[i], 0] += 1
-        counts[flat[i + 1], 1] += 1
-        counts[flat[i + 2], 2] += 1
+    for p in range(flat.size // 3):
+        counts[flat[3 * p], 0] += 1
+        counts[flat[3 * p + 1], 1] += 1
+        counts[flat[3 * p + 2], 2] += 1
     return counts
 
 
@@ -144,16 +144,17 @@ def _blend(degenerate, factor, value):
 
 @numba.njit(nogil=True, cache=True)
 def _gray(r, g, b):
-    """PIL's RGB -> L: (19595 R + 38470 G + 7471 B + 0x8000) >> 16."""
-    return (19595 * np.int32(r) + 38470 * np.int32(g) + 7471 * np.int32(b) + 0x8000) >> 16
+    """PIL's RGB -> L, (19595 R + 38470 G + 7471 B + 0x8000) >> 16, in float32: every partial
+    sum is an integer below 2^24, so exact, and the shift is a floor of a power-of-two scaling."""
+    return np.floor((np.float32(19595) * r + np.float32(38470) * g + np.float32(7471) * b + np.float32(0x8000))
+                    * np.float32(2.0 ** -16))
 
 
 @numba.njit(nogil=True, cache=True)
-def _smooth(total):
-    """int(total / 13 + 0.5), the SMOOTH filter's rounding of a weighted 3x3 sum (weights
-    sum to 13), as integer arithmetic: (2 total + 13) // 26 for total in [0, 13 * 255]
-    (2 total + 13 is odd, so the float form never lands on an integer)."""
-    return ((2 * total + 13) * 40330) >> 20
+def _blend32(degenerate, factor, value):
+    """_blend of float32 integers, clipped in float32 (the same value: both are exact)."""
+    mixed = degenerate + factor * (value - degenerate)
+    return np.uint8(np.int32(min(max(mixed, np.float32(0.0)), np.float32(255.0))))
 
 
 @numba.njit(nogil=True, cache=True)
@@ -161,35 +162,49 @@ def enhance(image, scratch, kind, factor):
     """PIL's ImageEnhance, degenerate + factor * (image - degenerate), where the degenerate
     image is, by kind: 0 (Color) the grayscale image, 1 (Contrast) its mean gray, 2
     (Brightness) black, 3 (Sharpness) the image smoothed by PIL's SMOOTH 3x3 kernel (border
-    pixels unchanged)."""
+    pixels unchanged).
+
+    Color and Sharpness first write the degenerate values (Color: each pixel's gray, once per
+    channel, into scratch; Sharpness: per row, sums over three rows), then blend them in a
+    loop over contiguous values, which LLVM vectorizes (row slices indexed by the loop
+    counter keep numba's negative-index handling out of the loop)."""
     height, width = image.shape[0], image.shape[1]
     flat = image.reshape(-1)
+    factor32 = np.float32(factor)
     if kind == 0:
-        for i in range(0, flat.size, 3):
-            gray = _gray(flat[i], flat[i + 1], flat[i + 2])
-            for c in range(3):
-                flat[i + c] = _blend(gray, factor, np.int32(flat[i + c]))
+        gray = scratch[:flat.size]
+        for p in range(flat.size // 3):
+            value = np.uint8(_gray(np.float32(flat[3 * p]), np.float32(flat[3 * p + 1]), np.float32(flat[3 * p + 2])))
+            gray[3 * p], gray[3 * p + 1], gray[3 * p + 2] = value, value, value
+        for i in range(flat.size):
+            flat[i] = _blend32(np.float32(gray[i]), factor32, np.float32(flat[i]))
     elif kind <= 2:
         mean = 0
         if kind == 1:
             total = 0
-            for i in range(0, flat.size, 3):
-                total += _gray(flat[i], flat[i + 1], flat[i + 2])
+            for p in range(flat.size // 3):
+                total += int(_gray(np.float32(flat[3 * p]), np.float32(flat[3 * p + 1]), np.float32(flat[3 * p + 2])))
             mean = int(total / (height * width) + 0.5)
         _apply_lut(image, _value_lut(100 + mean, factor))
     else:
         row = 3 * width
         source = scratch[:flat.size]
         source[:] = flat
-        columns = np.empty(row, np.int32)  # per row: each value's sum over rows y-1..y+1
+        columns = np.empty(row, np.float32)  # per row: each value's sum over rows y-1..y+1
         for y in range(1, height - 1):
-            above, middle, below = (y - 1) * row, y * row, (y + 1) * row
+            above, middle = source[(y - 1) * row:y * row], source[y * row:(y + 1) * row]
+            below, out = source[(y + 1) * row:(y + 2) * row], flat[y * row + 3:(y + 1) * row - 3]
             for i in range(row):
-                columns[i] = np.int32(source[above + i]) + np.int32(source[middle + i]) + np.int32(source[below + i])
-            for i in range(3, row - 3):
-                value = np.int32(source[middle + i])
-                degenerate = _smooth(columns[i - 3] + columns[i] + columns[i + 3] + 4 * value)
-                flat[middle + i] = _blend(degenerate, factor, value)
+                columns[i] = np.float32(above[i]) + np.float32(middle[i]) + np.float32(below[i])
+            left, centre, right = columns[:row - 6], columns[3:row - 3], columns[6:]
+            inner = middle[3:row - 3]
+            for i in range(row - 6):
+                value = np.float32(inner[i])
+                total = left[i] + centre[i] + right[i] + np.float32(4.0) * value
+                # int(total / 13 + 0.5) == (2 total + 13) // 26: an odd numerator is never a
+                # multiple of 26, so float32's rounded quotient floors to the same integer
+                smooth = np.floor((np.float32(2.0) * total + np.float32(13.0)) * np.float32(1 / 26))
+                out[i] = _blend32(smooth, factor32, value)
 
 
 @numba.njit(nogil=True, cache=True)
