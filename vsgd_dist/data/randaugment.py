@@ -208,94 +208,134 @@ def enhance(image, scratch, kind, factor):
 
 
 @numba.njit(nogil=True, cache=True)
-def _bilinear(source, row_a, row_b, xa, xb, fx, fy):
-    """PIL's bilinear sample of one value: rows at offsets row_a/row_b, columns xa/xb (flat
-    offsets of the same channel), weights fx, fy; PIL's a + (b - a) * d, exact where a == b."""
-    top = source[row_a + xa] + (float(source[row_a + xb]) - source[row_a + xa]) * fx
-    bottom = source[row_b + xa] + (float(source[row_b + xb]) - source[row_b + xa]) * fx
-    return _clip8(top + (bottom - top) * fy)
-
-
-@numba.njit(nogil=True, cache=True)
 def warp_affine(image, scratch, a, b, c, d, e, f):
     """out(x, y) = image(a x + b y + c, d x + e y + f), PIL's AFFINE transform on pixel
-    centers, bilinear and truncated as PIL's; points outside the image get FILL."""
+    centers, bilinear and truncated as PIL's; points outside the image get FILL. Per row,
+    the sample points first (a loop LLVM vectorizes), then the samples."""
     height, width = image.shape[0], image.shape[1]
     flat = image.reshape(-1)
     source = scratch[:flat.size]
     source[:] = flat
     row = 3 * width
+    top_left, right, down = np.empty(width, np.int64), np.empty(width, np.int64), np.empty(width, np.int64)
+    fxs, fys, inside = np.empty(width), np.empty(width), np.empty(width, np.bool_)
     for y in range(height):
         by, ey = b * (y + 0.5), e * (y + 0.5)
         for x in range(width):
             u = a * (x + 0.5) + by + c
             v = d * (x + 0.5) + ey + f
-            out = (y * width + x) * 3
-            if not (0.0 <= u < width and 0.0 <= v < height):
-                for ch in range(3):
-                    flat[out + ch] = FILL[ch]
-                continue
+            inside[x] = 0.0 <= u < width and 0.0 <= v < height
             u, v = u - 0.5, v - 0.5
-            x0, y0 = int(math.floor(u)), int(math.floor(v))
-            fx, fy = u - x0, v - y0
-            xa, xb = 3 * max(x0, 0), 3 * min(x0 + 1, width - 1)
-            ya, yb = row * max(y0, 0), row * min(y0 + 1, height - 1)
-            for ch in range(3):
-                flat[out + ch] = _bilinear(source, ya, yb, xa + ch, xb + ch, fx, fy)
+            x0, y0 = math.floor(u), math.floor(v)
+            fxs[x], fys[x] = u - x0, v - y0
+            xa, ya = min(max(int(x0), 0), width - 1), min(max(int(y0), 0), height - 1)
+            top_left[x] = ya * row + 3 * xa
+            right[x] = 3 * (min(max(int(x0) + 1, 0), width - 1) - xa)
+            down[x] = row * (min(max(int(y0) + 1, 0), height - 1) - ya)
+        out = flat[y * row:(y + 1) * row]
+        for x in range(width):
+            if not inside[x]:
+                out[3 * x], out[3 * x + 1], out[3 * x + 2] = FILL[0], FILL[1], FILL[2]
+                continue
+            fx, fy = fxs[x], fys[x]
+            for ch in range(3):  # PIL's a + (b - a) * d, exact where a == b
+                at = top_left[x] + ch
+                top = source[at] + (float(source[at + right[x]]) - source[at]) * fx
+                bottom = source[at + down[x]] + (float(source[at + down[x] + right[x]]) - source[at + down[x]]) * fx
+                out[3 * x + ch] = _clip8(top + (bottom - top) * fy)
+
+
+@numba.njit(nogil=True, cache=True)
+def _lerp(first, second, weights, out):
+    """out[i] = _clip8(first[i] + (second[i] - first[i]) * weights[i]): PIL's bilinear sample
+    where one of its two interpolations has weight 0 (that one is exact: a + (b - a) * 0 == a)."""
+    for i in range(out.size):
+        start = float(first[i])
+        out[i] = _clip8(start + (float(second[i]) - start) * weights[i])
+
+
+@numba.njit(nogil=True, cache=True)
+def _fill(out):
+    for p in range(out.size // 3):
+        out[3 * p], out[3 * p + 1], out[3 * p + 2] = FILL[0], FILL[1], FILL[2]
+
+
+@numba.njit(nogil=True, cache=True)
+def _sample_points(slope, row_term, offset, size, floors, weights):
+    """One coordinate of a row's sample points as warp_affine computes it, t = slope (i + 0.5)
+    + row_term + offset (summed in that order), for i < floors.size: floors[i] = floor(t -
+    0.5), weights[3 i .. 3 i + 2] = (t - 0.5) - floors[i]. Returns the range [first, last) of
+    i with 0 <= t < size (one range: t is monotone in i)."""
+    count = floors.size
+    for i in range(count):
+        t = slope * (i + 0.5) + row_term + offset - 0.5
+        floors[i] = int(math.floor(t))
+        weights[3 * i] = t - math.floor(t)
+        weights[3 * i + 1] = weights[3 * i]
+        weights[3 * i + 2] = weights[3 * i]
+    first, last = 0, count
+    while first < count and not 0.0 <= slope * (first + 0.5) + row_term + offset < size:
+        first += 1
+    while last > first and not 0.0 <= slope * (last - 0.5) + row_term + offset < size:
+        last -= 1
+    return first, last
 
 
 @numba.njit(nogil=True, cache=True)
 def shift_rows(image, scratch, b, c):
     """warp_affine(image, scratch, 1, b, c, 0, 1, 0) (shear_x, translate_x), where every
     sample lies on its own row: v = y + 0.5 exactly, so fy = 0, and PIL's bilinear sample is
-    the row's linear one (top + (bottom - top) * 0 == top)."""
+    the row's linear one (top + (bottom - top) * 0 == top). Along a row the samples' columns
+    move with x, so pixels whose sample sits at the same offset form runs of contiguous
+    values, blended in vectorized loops; the row is copied with its edge pixels repeated
+    once on each side, PIL's clamping at the border."""
     height, width = image.shape[0], image.shape[1]
     flat = image.reshape(-1)
-    source = scratch[:flat.size]
-    source[:] = flat
+    row = 3 * width
+    padded = scratch[:row + 6]
+    floors, weights = np.empty(width, np.int64), np.empty(row)
     for y in range(height):
-        by, start = b * (y + 0.5), y * 3 * width
-        for x in range(width):
-            u = 1.0 * (x + 0.5) + by + c
-            out = start + 3 * x
-            if not 0.0 <= u < width:
-                for ch in range(3):
-                    flat[out + ch] = FILL[ch]
-                continue
-            u -= 0.5
-            x0 = int(math.floor(u))
-            fx = u - x0
-            xa, xb = start + 3 * max(x0, 0), start + 3 * min(x0 + 1, width - 1)
-            for ch in range(3):
-                flat[out + ch] = _clip8(source[xa + ch] + (float(source[xb + ch]) - source[xa + ch]) * fx)
+        out = flat[y * row:(y + 1) * row]
+        padded[3:row + 3] = out
+        padded[:3], padded[row + 3:] = out[:3], out[row - 3:]
+        first, last = _sample_points(1.0, b * (y + 0.5), c, width, floors, weights)
+        _fill(out[:3 * first])
+        _fill(out[3 * last:])
+        while first < last:  # x0 = floors[x] in [-1, width - 1]: padded pixel x0 + 1
+            shift, end = floors[first] - first, first + 1
+            while end < last and floors[end] - end == shift:
+                end += 1
+            at = 3 * (first + shift + 1)
+            _lerp(padded[at:at + 3 * (end - first)], padded[at + 3:at + 3 + 3 * (end - first)],
+                  weights[3 * first:3 * end], out[3 * first:3 * end])
+            first = end
 
 
 @numba.njit(nogil=True, cache=True)
 def shift_columns(image, scratch, d, f):
     """warp_affine(image, scratch, 1, 0, 0, d, 1, f) (shear_y, translate_y), where every
     sample lies on its own column: u = x + 0.5 exactly, so fx = 0, and PIL's bilinear sample
-    is the column's linear one between rows (the top and bottom samples are the pixels)."""
+    is the column's linear one between two rows. Pixels of a row whose samples fall between
+    the same two rows form runs of contiguous values, blended in vectorized loops."""
     height, width = image.shape[0], image.shape[1]
     flat = image.reshape(-1)
     source = scratch[:flat.size]
     source[:] = flat
     row = 3 * width
+    floors, weights = np.empty(width, np.int64), np.empty(row)
     for y in range(height):
-        ey = 1.0 * (y + 0.5)
-        for x in range(width):
-            v = d * (x + 0.5) + ey + f
-            out = y * row + 3 * x
-            if not 0.0 <= v < height:
-                for ch in range(3):
-                    flat[out + ch] = FILL[ch]
-                continue
-            v -= 0.5
-            y0 = int(math.floor(v))
-            fy = v - y0
-            ya, yb = row * max(y0, 0) + 3 * x, row * min(y0 + 1, height - 1) + 3 * x
-            for ch in range(3):
-                top = float(source[ya + ch])
-                flat[out + ch] = _clip8(top + (source[yb + ch] - top) * fy)
+        out = flat[y * row:(y + 1) * row]
+        first, last = _sample_points(d, 1.0 * (y + 0.5), f, height, floors, weights)
+        _fill(out[:3 * first])
+        _fill(out[3 * last:])
+        while first < last:
+            y0, end = floors[first], first + 1
+            while end < last and floors[end] == y0:
+                end += 1
+            above, below = row * max(y0, 0), row * min(y0 + 1, height - 1)
+            _lerp(source[above + 3 * first:above + 3 * end], source[below + 3 * first:below + 3 * end],
+                  weights[3 * first:3 * end], out[3 * first:3 * end])
+            first = end
 
 
 @numba.njit(nogil=True, cache=True)
