@@ -414,14 +414,23 @@ def _erase_box(image, noise, top, left, h, w):
     it is recomputed with draws.normal, so the pixels are normal()'s."""
     width = image.shape[1]
     flat = image.reshape(-1)
-    z = np.empty(3 * w)
+    z, mean, std = np.empty(3 * w), np.empty(3 * w), np.empty(3 * w)
+    for p in range(w):  # mean[c] and std[c] per value of a row, so the loop below is contiguous
+        for c in range(3):
+            mean[3 * p + c], std[3 * p + c] = _MEAN[c], _STD[c]
     for y in range(top, top + h):
         first = (y * width + left) * 3
+        out = flat[first:first + 3 * w]
         approx_normals(noise, first, z)
+        near = False
         for i in range(3 * w):
-            c = i % 3
-            value = _MEAN[c] + _STD[c] * z[i] + 0.5
+            value = mean[i] + std[i] * z[i] + 0.5
             fraction = value - math.floor(value)
-            if fraction < NEAR_INTEGER or fraction > 1.0 - NEAR_INTEGER:
-                value = _MEAN[c] + _STD[c] * normal(noise, 2 * (first + i)) + 0.5
-            flat[first + i] = _clip8(value)
+            near |= fraction < NEAR_INTEGER or fraction > 1.0 - NEAR_INTEGER
+            out[i] = _clip8(value)
+        if near:
+            for i in range(3 * w):
+                value = mean[i] + std[i] * z[i] + 0.5
+                fraction = value - math.floor(value)
+                if fraction < NEAR_INTEGER or fraction > 1.0 - NEAR_INTEGER:
+                    out[i] = _clip8(mean[i] + std[i] * normal(noise, 2 * (first + i)) + 0.5)
