@@ -18,10 +18,10 @@ import toy_model  # noqa: F401 - registers vit_toy here; ranks import it through
 from launch.__main__ import main as launch
 from test_data import noise_dir  # noqa: F401 - the fixture: 16 train and 4 val JPEGs
 from vsgd_dist.data import DataConfig, build_train_loader, train_epoch
-from vsgd_dist.data.draws import image_key
+from vsgd_dist.data.draws import approx_normals, image_key, normal
 from vsgd_dist.data.mixup import BatchMixer, mix_batch, mix_draw
 from vsgd_dist.data.normalize import IMAGENET_MEAN, IMAGENET_STD
-from vsgd_dist.data.randaugment import FILL, OPS, apply_op, rand_augment, random_erase
+from vsgd_dist.data.randaugment import FILL, OPS, _erase_box, apply_op, rand_augment, random_erase
 from vsgd_dist.data.repeated import repeated_order
 from vsgd_dist.models import build_model
 from vsgd_dist.models.drop_path import drop_path_draws
@@ -118,6 +118,25 @@ def test_random_erasing_draws_timms_boxes_and_normal_noise():
     assert 0.02 - 0.01 <= min(areas) and max(areas) <= 1 / 3 + 0.02  # rounding of the box's sides
     z = np.concatenate(noise)
     assert abs(z.mean()) < 0.02 and 0.9 < z.std() < 1.0  # clipped near -2.1 and +2.2..2.6
+
+
+def test_erasing_noise_is_libms_normal_draw_for_every_value():
+    """The SIMD normals (vector_math's log and cos) give the pixels the libm formula gives:
+    every value of large boxes, bitwise; the approximation itself within 1e-13."""
+    draws = np.empty(1 << 18)
+    approx_normals(np.uint64(image_key(5, 0, 0)), 7, draws)
+    exact = np.array([normal(np.uint64(image_key(5, 0, 0)), 2 * (7 + i)) for i in range(draws.size)])
+    assert np.abs(draws - exact).max() < 1e-13
+    height, width = 40, 56
+    for seed in range(4):
+        noise = np.uint64(image_key(seed, 2, 9))
+        image = np.zeros((height, width, 3), np.uint8)
+        _erase_box(image, noise, 3, 5, 30, 50)
+        z = np.array([[[normal(noise, 2 * ((y * width + x) * 3 + c)) for c in range(3)] for x in range(5, 55)]
+                      for y in range(3, 33)])
+        expected = np.clip(np.trunc(IMAGENET_MEAN + IMAGENET_STD * z + 0.5), 0, 255)
+        assert np.array_equal(image[3:33, 5:55], expected)
+        assert not image[:3].any() and not image[33:].any() and not image[:, :5].any() and not image[:, 55:].any()
 
 
 # --- Mixup and CutMix ----------------------------------------------------------------------

