@@ -20,6 +20,7 @@ COMMANDS = {
     "data": ("launch.data", "write ImageNet-style folders to FFCV .beton files"),
     "compare": ("launch.compare", "compare runs from their TensorBoard logs"),
     "checkpoint": ("launch.checkpoint", "inspect or consolidate checkpoints"),
+    "doctor": ("launch.doctor", "check this machine's environment for training (versions, GPUs, ffcv, SLURM)"),
 }
 
 
