@@ -158,4 +158,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from results import run_recorded
+
+    sys.exit(run_recorded("ivon_step", main))

@@ -164,4 +164,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from results import run_recorded
+
+    sys.exit(run_recorded("optim_step", main, record="--unfused-worker" not in sys.argv))

@@ -246,4 +246,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from results import run_recorded
+
+    sys.exit(run_recorded("sharded_step", main))

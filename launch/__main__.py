@@ -24,6 +24,7 @@ COMMANDS = {
     "compare": ("launch.compare", "compare runs from their TensorBoard logs"),
     "checkpoint": ("launch.checkpoint", "inspect or consolidate checkpoints"),
     "eval": ("launch.eval", "evaluate a checkpoint on val or minival (top-1, top-5, NLL, ECE)"),
+    "doctor": ("launch.doctor", "check this machine's environment for training (versions, GPUs, ffcv, SLURM)"),
 }
 
 

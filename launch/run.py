@@ -28,9 +28,15 @@ def add_arguments(parser, name):
     parser.add_argument("--nproc", type=int, default=1, help="local processes (ranks), default 1")
     parser.add_argument("--from-env", action="store_true",
                         help="join the process group described by RANK/WORLD_SIZE/MASTER_* (srun)")
+    parser.add_argument("--plan", action="store_true", help="print the memory each GPU needs at --nproc ranks and exit")
+    parser.add_argument("--gpu-memory-gib", type=float, help="with --plan: a GPU's memory, to say whether it fits")
 
 
 def main(args) -> int:
+    if args.plan:
+        from launch.plan import print_plan
+
+        return print_plan(args)
     if args.from_env:
         return run(args, None)
     with ForwardSignals() as signals:
