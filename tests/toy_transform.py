@@ -35,7 +35,8 @@ class GradNoise(GradientTransform):
 
     def __init__(self, cfg: GradNoiseConfig, context: TransformContext):
         self.cfg, self.engine, self.seed = cfg, context.engine, context.seed
-        self.rank = rank_and_world()[0]
+        # Sharded gradients: each rank draws its own part; replicated ones (ddp): every rank the same.
+        self.stream = rank_and_world()[0] if context.engine.sharded_grads else 0
         self.step, self.sigma, self.noised_steps = 0, 0.0, 0
         self.noise_sum: list[torch.Tensor] | None = None
 
@@ -44,7 +45,7 @@ class GradNoise(GradientTransform):
 
     @torch.no_grad()
     def apply(self, grads):
-        generator = torch.Generator(grads[0].device).manual_seed(self.seed * 1_000_003 + self.step * 1009 + self.rank)
+        generator = torch.Generator(grads[0].device).manual_seed(self.seed * 1_000_003 + self.step * 1009 + self.stream)
         noise = [torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype) * self.sigma
                  for g in grads]
         torch._foreach_add_(grads, noise)
