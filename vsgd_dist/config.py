@@ -24,7 +24,7 @@ from vsgd_dist.optim import OPTIMIZERS
 from vsgd_dist.registry import import_plugins, suggest
 from vsgd_dist.key_hints import key_hint
 from vsgd_dist.train.schedule import SCHEDULES
-from vsgd_dist.transforms import GRADIENT_TRANSFORMS, SVRGConfig
+from vsgd_dist.transforms import GRADIENT_TRANSFORMS
 
 PRECISIONS = ("fp32", "bf16")
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -204,7 +204,10 @@ class RecipeInfo:
 
 
 @dataclass
-class RunConfig:
+class RunSettings:
+    """The sections every run has; `RunConfig` adds one section per registered gradient
+    transform, made from its `TransformEntry.config`."""
+
     recipe: RecipeInfo = field(default_factory=RecipeInfo)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -212,8 +215,6 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    svrg: SVRGConfig = field(default_factory=SVRGConfig)
-    """alpha-SVRG, a gradient transform (`vsgd_dist.transforms`): off while svrg.alpha0 is 0."""
 
     def check(self, world_size: int | None = None) -> None:
         """Raise ConfigError for values that cannot work together."""
@@ -289,7 +290,7 @@ class RunConfig:
             raise ConfigError(f"optim.{o.name}: {e}") from None
 
     def _check_transforms(self) -> None:
-        """Each registered gradient transform's own checks of its section (`svrg`, ...)."""
+        """Each registered gradient transform's own checks of its section."""
         for name, entry in GRADIENT_TRANSFORMS.items():
             try:
                 entry.check(getattr(self, name), self)
@@ -305,6 +306,14 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+RunConfig = make_dataclass(
+    "RunConfig", [(name, entry.config, field(default_factory=entry.config))
+                  for name, entry in GRADIENT_TRANSFORMS.items()], bases=(RunSettings,))
+RunConfig.__module__ = __name__  # pickles by name like the other sections
+RunConfig.__doc__ = ("A whole run: the sections of `RunSettings` plus one per registered gradient transform "
+                     "(`vsgd_dist.transforms`; each is off by its own default).")
 
 
 # Short override names that read better than their paths.

@@ -19,13 +19,21 @@ from pathlib import Path
 
 import yaml
 
+from vsgd_dist.registry import import_plugins
+from vsgd_dist.transforms import GRADIENT_TRANSFORMS
+
+import_plugins()  # gradient transforms registered outside the package bring their own columns
 RECIPE_FILE = "recipe.yaml"
 # Not part of what a run is: the seed is what a group's members vary, the rest where and how it ran.
 NOT_GROUPED = {"train.seed", "train.out", "train.progress"}
 SCALARS = ("train/loss", "train/images_per_s", "val/top1", "val/top5", "val/nll", "val/ece", "val/predictive_top1",
-           "val/predictive_nll", "val/predictive_ece", "optimizer/state_mib_per_rank", "svrg/extra_steps")
+           "val/predictive_nll", "val/predictive_ece", "optimizer/state_mib_per_rank",
+           *(tag for _, entry in GRADIENT_TRANSFORMS.items() for tag in
+             {entry.extra_steps_tag, *(c.tag for c in entry.columns)} - {""}))
 # (header, tag, scale, format) of the table's metric columns, all at the final validation;
 # "predictive" is the posterior predictive of optimizers that train at weight samples (IVON).
+EXTRA_STEPS_TAGS = tuple(e.extra_steps_tag for _, e in GRADIENT_TRANSFORMS.items() if e.extra_steps_tag)
+"""Cumulative extra forward/backward passes of gradient transforms, in steps' worth."""
 FINAL_COLUMNS = (("final top-5", "val/top5", 100, ".2f"), ("NLL", "val/nll", 1, ".4f"),
                  ("ECE (%)", "val/ece", 100, ".2f"), ("predictive top-1", "val/predictive_top1", 100, ".2f"),
                  ("predictive NLL", "val/predictive_nll", 1, ".4f"),
@@ -51,9 +59,13 @@ class Run:
 
     def loss_at_compute(self) -> list[tuple[float, float]]:
         """(compute, train loss), compute in steps' worth of forward/backward passes: the step
-        plus the passes a gradient transform added by then (alpha-SVRG's `svrg/extra_steps`)."""
-        extra = dict(self.curves.get("svrg/extra_steps", []))
-        return [(step + extra.get(step, 0.0), loss) for step, loss in self.curves.get("train/loss", [])]
+        plus the passes gradient transforms added by then (`TransformEntry.extra_steps_tag`)."""
+        extras = [dict(self.curves.get(tag, [])) for tag in EXTRA_STEPS_TAGS]
+        return [(step + sum(extra.get(step, 0.0) for extra in extras), loss)
+                for step, loss in self.curves.get("train/loss", [])]
+
+    def extra_compute(self) -> bool:
+        return any(self.curves.get(tag) for tag in EXTRA_STEPS_TAGS)
 
     def mean_after_first(self, tag: str) -> float:
         """Mean of a logged rate without its first window (start-up and compilation)."""
@@ -93,13 +105,10 @@ def load_run(path: Path) -> Run:
 
 
 def _optimizer_label(recipe: dict) -> str:
-    """The optimizer's name, with the gradient transform that feeds it: "vsgd + alpha-SVRG
-    0.75 (cached)" for svrg.alpha0 = 0.75 in cached mode (vanilla is not named)."""
-    svrg = recipe.get("svrg") or {}
-    if not svrg.get("alpha0"):
-        return recipe["optim"]["name"]
-    mode = f" ({svrg['mode']})" if svrg.get("mode", "vanilla") != "vanilla" else ""
-    return f"{recipe['optim']['name']} + alpha-SVRG {svrg['alpha0']:g}{mode}"
+    """The optimizer's name, with the gradient transforms that feed it, each as its entry
+    labels itself ("vsgd + <label of the transform>")."""
+    sections = [(entry, entry.section(recipe.get(name))) for name, entry in GRADIENT_TRANSFORMS.items()]
+    return " + ".join([recipe["optim"]["name"], *(entry.label(s) for entry, s in sections if entry.enabled(s))])
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -155,14 +164,18 @@ def compare(paths: list[str], out: str | Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     # Columns no run logged (the predictive ones without IVON, NLL in older runs) are left out.
     columns = [c for c in FINAL_COLUMNS if any(r.curves.get(c[1]) for rs in groups.values() for r in rs)]
-    # Runs that cost more per step (alpha-SVRG's extra passes) are also read at the compute the
-    # cheapest run spent in all: its final loss against their loss when they had spent as much.
+    # Runs that cost more per step (a gradient transform's extra passes) are also read at the
+    # compute the cheapest run spent in all: its final loss against their loss when they had spent as much.
     budget = min((r.loss_at_compute()[-1][0] for rs in groups.values() for r in rs if r.loss_at_compute()),
                  default=0.0)
-    extra_compute = any(r.curves.get("svrg/extra_steps") for rs in groups.values() for r in rs)
+    extra_compute = any(r.extra_compute() for rs in groups.values() for r in rs)
+    # Gradient transforms' own columns (`TransformEntry.columns`), where a run logged them.
+    transform_columns = [c for _, entry in GRADIENT_TRANSFORMS.items() for c in entry.columns
+                         if any(r.curves.get(c.tag) for rs in groups.values() for r in rs)]
     compute_header = [f"train loss at {budget:g} steps' compute"] if extra_compute else []
     headers = ["run", "seeds", "final top-1", "best top-1", *(c[0] for c in columns), "final train loss",
-               *compute_header, "images/s", "train time (s)", "optimizer state per rank (MiB)"]
+               *compute_header, "images/s", "train time (s)", "optimizer state per rank (MiB)",
+               *(c.header for c in transform_columns)]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for label, members in groups.items():
         lines.append(" | ".join([
@@ -174,7 +187,8 @@ def compare(paths: list[str], out: str | Path) -> str:
             *([_mean_spread([_loss_within(r, budget) for r in members], ".4f")] if extra_compute else []),
             _mean_spread([r.mean_after_first("train/images_per_s") for r in members], ".0f"),
             _mean_spread([r.wall_s for r in members], ".0f"),
-            _mean_spread([r.final("optimizer/state_mib_per_rank") for r in members], ".3f")]) + " |")
+            _mean_spread([r.final("optimizer/state_mib_per_rank") for r in members], ".3f"),
+            *(_mean_spread([r.final(c.tag) * c.scale for r in members], c.format) for c in transform_columns)]) + " |")
     lines.append("")
     lines += _throughput_ratios(groups)
     lines.append("")
@@ -271,7 +285,7 @@ def _plot(groups: dict[str, list[Run]], out: Path) -> list[str]:
         name = tag.replace("/", "_")
         _save(fig, ax, out / f"{name}.png")
         names.append(name)
-    if any(r.curves.get("svrg/extra_steps") for rs in groups.values() for r in rs):
+    if any(r.extra_compute() for rs in groups.values() for r in rs):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, members in groups.items():
             _mean_band(ax, [run.loss_at_compute() for run in members], 1, *styles[label], label)

@@ -36,7 +36,7 @@ from vsgd_dist.train.ema import WeightEMA
 from vsgd_dist.train.predictions import SUMS_SIZE, metrics_from_sums, prediction_sums
 from vsgd_dist.train.schedule import lr_lambda
 from vsgd_dist.train.state import capture_rng, restore_rng
-from vsgd_dist.transforms import build_transforms
+from vsgd_dist.transforms import TransformContext, build_transforms
 
 
 MIN_LOG_POINTS = 8
@@ -144,11 +144,11 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
         self.log_diagnostics = entry.diagnostics
-        # Gradient transforms (alpha-SVRG): the engine hands them the averaged gradient before
-        # clipping and the step; they compute gradients at other weights through self._gradient.
-        self.transforms = build_transforms(cfg, engine=self.engine, gradient=self._gradient,
-                                           total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
-                                           log_every=self.log_every)
+        # Gradient transforms: the engine hands them the averaged gradient before clipping and
+        # the step; the loop calls their hooks (`vsgd_dist.transforms.registry`).
+        self.transforms = build_transforms(cfg, TransformContext(
+            engine=self.engine, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+            log_every=self.log_every, seed=tc.seed, gradient=self._gradient, read_steps=self._read_steps))
         self.engine.grad_transforms = [t.apply for t in self.transforms]
 
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=tc.keep_checkpoints)
@@ -176,7 +176,7 @@ class Trainer:
             print(f"trainer: {note}", file=sys.stderr, flush=True)
             self.logger.text("run/resumed", note, self.step)
         saved = loaded or {}
-        for t in self.transforms:  # alpha-SVRG's snapshot and caches, resharded like optimizer state
+        for t in self.transforms:  # their per-element state is resharded like optimizer state
             tensors = {k.split("/", 1)[1]: v for k, v in saved.get("grad_state", {}).items()
                        if k.startswith(t.name + "/")}
             t.load_state_dict(saved.get("transforms", {}).get(t.name), tensors, self.step)
@@ -185,15 +185,14 @@ class Trainer:
 
     def _batches_of_epoch(self):
         """The rest of the current epoch's steps (see `_steps_from`), stopping at the last
-        step. A gradient transform that reads batches ahead (alpha-SVRG's pass at a snapshot)
-        does so before the loader is opened at the current step, and says for how many steps
-        it may stay open."""
+        step. Gradient transforms' `before_steps` runs before the loader is opened (they may
+        read batches themselves then) and says for how many steps it may stay open."""
         self.engine.model.train()
         while self.step < self.total_steps and self.batch_in_epoch < self.steps_per_epoch:
             steps = self.steps_per_epoch - self.batch_in_epoch
             for t in self.transforms:
                 with self.timer.phase("grad_transform"):
-                    steps = min(steps, t.prepare(self.step, self.epoch, self._steps_ahead))
+                    steps = min(steps, t.before_steps(self.step, self.epoch))
             with contextlib.closing(self._steps_from(self.epoch, self.batch_in_epoch)) as steps_of_epoch:
                 for _ in range(steps):
                     if self.step >= self.total_steps:
@@ -231,16 +230,12 @@ class Trainer:
             images, labels = images.clone(), labels.clone()
         return images, labels, position
 
-    def _steps_ahead(self, count: int):
-        """The next `count` steps from the current position on (across epoch ends), read again
-        from the train loader: the same images, crops and flips training will get, since the
-        loader's draws are keyed by seed, epoch and sample index."""
-        epoch, batch = self.epoch, self.batch_in_epoch
-        while count > 0:
-            take = min(count, self.steps_per_epoch - batch)
-            with contextlib.closing(self._steps_from(epoch, batch)) as steps:
-                yield from itertools.islice(steps, take)
-            count, epoch, batch = count - take, epoch + 1, 0
+    def _read_steps(self, epoch: int, first: int, count: int):
+        """Steps `first` ... `first + count - 1` of `epoch` (fewer at the epoch's end), read
+        from the train loader for a gradient transform: the same images, crops, flips and mixes
+        training gets, since the loader's draws are keyed by seed, epoch and sample index."""
+        with contextlib.closing(self._steps_from(epoch, first)) as steps:
+            yield from itertools.islice(steps, count)
 
     def _train_step(self, micro_batches: list) -> None:
         """One optimizer step: per weight sample (one for optimizers that train at the mean) a
@@ -248,7 +243,7 @@ class Trainer:
         gradients add up to the batch mean, synchronized by the last backward only; then the
         update. The logged loss is the mean over samples and micro-batches."""
         losses, samples = [], self.engine.mc_samples
-        for t in self.transforms:  # alpha-SVRG: the snapshot's gradient on this batch
+        for t in self.transforms:
             with self.timer.phase("grad_transform"):
                 t.before_step(self.step, self.epoch, micro_batches)
         for k in range(samples):
@@ -285,7 +280,7 @@ class Trainer:
 
     def _gradient(self, micro_batches: list) -> list[torch.Tensor]:
         """The averaged gradient of one step's micro-batches at the weights the model holds,
-        as this rank holds it after the engine's reduction (for gradient transforms)."""
+        as this rank holds it after the engine's reduction (`TransformContext.gradient`)."""
         self._forward_backward(micro_batches)
         return self.engine.reduced_grads()
 

@@ -1,15 +1,17 @@
 """alpha-SVRG: variance-reduced gradients for any optimizer, as a gradient transform.
 
 From "A Coefficient Makes SVRG Effective" (Yin, Xu, Hu, Gao, Liu, arXiv 2311.05589, ICLR
-2025), written from its description (`../shared/docs/alpha-svrg-spec.md`). Every snapshot
-interval (`svrg.snapshot_every` steps, one epoch by default) starts with a snapshot of the
-weights, theta~, and a pass over that interval's batches at theta~ whose mean gradient is the
-full gradient F(theta~). Each step t of the interval then hands the optimizer
+2025), written from its description; docs/alpha-svrg.md says what each key does, how the keys
+map to the authors' flags and where this differs. Each snapshot interval starts with a
+snapshot of the weights, theta~, and a pass over the whole epoch's batches at theta~ whose mean
+gradient is the full gradient F(theta~). Each step t of the interval then hands the optimizer
 
     g_t = g_B(theta_t) - alpha * (g_B(theta~) - F(theta~))
 
 instead of the minibatch gradient g_B(theta_t), with alpha = linspace(alpha0, 0, number of
-snapshots)[snapshot index], constant within an interval and 0 from `svrg.end_epoch` on.
+snapshots in the run)[snapshot index], constant within an interval and 0 from `svrg.end_epoch`
+on. The intervals are `svrg.snapshot_every` steps (one epoch by default), restarting at every
+epoch start (`svrg.intervals=epoch`, as the authors do) or counted across the run.
 
 Where it runs: the engine calls `apply` on this rank's averaged gradient
 (`Engine.reduced_grads()`: after DDP's all-reduce, after ZeRO's or FSDP2's reduce-scatter,
@@ -17,16 +19,15 @@ this rank's shard), before clipping and the step. Everything it keeps (theta~, F
 the cached gradients) is laid out like that gradient, so under ZeRO-2 and FSDP2 each rank
 keeps 1/N of it and the correction needs no communication beyond the snapshot model's own
 reduction. Gradients at theta~ are computed by the same engine with the snapshot swapped in
-(`Engine.weights_swapped`: under ZeRO an all-gather of the sharded snapshot, and one of the
-weights back), so they are reduced exactly like the step's own.
+(`Engine.weights_swapped`), so they are reduced exactly like the step's own.
 
-The batches: the pass reads the interval's steps from the train loader before training
-reads them, and the loader's draws are keyed by (seed, epoch, sample index), so the pass
-sees the images, crops and flips training will see. `vanilla` runs the snapshot model on
-each step's own batch tensor (the same tensor; the RNG is forked, so a dropout draws the same
-masks in both forwards); `cached` keeps the pass's gradient of each step and reuses it.
-BatchNorm's running statistics and the RNG are put back after every pass at the snapshot,
-so the extra passes leave no trace on training apart from the gradient they correct.
+The batches: the pass reads the epoch's steps from the train loader (`read_steps`), whose
+draws are keyed by (seed, epoch, sample index), so it sees the images, crops and flips
+training sees. The random draws of the model's own forward (dropout) are keyed by
+(seed, step, rank): the RNG is seeded with that key before each step's forward, before the
+snapshot's forward on the step's batch (vanilla) and before the pass's forward on it, so all
+three draw the same masks, in either mode. BatchNorm's running statistics are put back after
+every pass at the snapshot unless `svrg.pass_updates_running_stats`.
 """
 from __future__ import annotations
 
@@ -37,11 +38,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vsgd_dist.distributed import all_reduce
+from vsgd_dist.distributed import all_reduce, rank_and_world
 from vsgd_dist.registry import suggest
-from vsgd_dist.transforms.registry import GRADIENT_TRANSFORMS, GradientTransform, TransformEntry
+from vsgd_dist.transforms.registry import (GRADIENT_TRANSFORMS, GradientTransform, ReportColumn, TransformContext,
+                                           TransformEntry)
 
 MODES = ("vanilla", "cached")
+INTERVALS = ("epoch", "run")
 ENGINES = ("zero", "ddp", "fsdp2")
 """Engines whose averaged gradient `Engine.reduced_grads()` exposes before the step."""
 
@@ -50,20 +53,32 @@ ENGINES = ("zero", "ddp", "fsdp2")
 class SVRGConfig:
     alpha0: float = 0.0
     """alpha-SVRG's coefficient at the first snapshot, decaying linearly to 0 at the last one
-    (linspace(alpha0, 0, number of snapshots)); 0 turns alpha-SVRG off (the paper uses 0.75;
-    1 with no decay would be classic SVRG)."""
+    (linspace(alpha0, 0, number of snapshots in the run)); 0 turns alpha-SVRG off (the paper
+    uses 0.75; 1 with no decay would be classic SVRG). The authors' --coefficient."""
     snapshot_every: int = 0
-    """Steps between snapshots; each starts with a pass over that interval's batches at the
-    snapshot for the full gradient (0: one epoch, as in the paper)."""
+    """Steps between snapshots (0: one epoch, as in the paper; the authors'
+    --snapshot_pass_freq). Each snapshot takes a pass over the whole epoch's batches for the
+    full gradient, whatever the interval."""
+    intervals: str = "epoch"
+    """How the snapshot intervals fall. epoch (the authors'): they restart at every epoch
+    start, so an epoch of S steps has ceil(S / snapshot_every) snapshots, the last interval
+    possibly shorter, and snapshot_every >= S means one per epoch. run: every snapshot_every
+    steps counted from the run's start, across epoch ends (a snapshot every few epochs)."""
     end_epoch: int = 0
-    """From this epoch on the coefficient is 0: no more snapshots or extra passes (0: never,
-    the whole run)."""
+    """From this epoch on (epochs counted from 0) the coefficient is 0: no more snapshots or
+    extra passes (0: never, the whole run). The authors keep the correction while
+    epoch <= --svrg_end, so their svrg_end = N is end_epoch = N + 1."""
     mode: str = "vanilla"
     """How a step gets the snapshot's gradient on its batch. vanilla: one more forward/backward
     of the snapshot each step (about 2x the compute of a step, plus the pass; memory: the
     snapshot and the full gradient, 2 gradients' worth per rank, 1/N of the model under zero and
-    fsdp2). cached: the pass keeps each step's gradient and the step reuses it (no extra
-    forward/backward per step, but memory grows with the interval: steps x 1 gradient per rank)."""
+    fsdp2). cached: the pass keeps the gradients of the interval's steps and the steps reuse
+    them (no extra forward/backward per step; memory: the interval's steps x 1 gradient per
+    rank). Both give the same gradients."""
+    pass_updates_running_stats: bool = False
+    """Whether the pass at each snapshot updates BatchNorm's running statistics, as the
+    authors' code does (its pass runs the training model). false: they are put back after it,
+    so they describe the weights training evaluates (the pass sees the snapshot's weights)."""
 
 
 def check(cfg: SVRGConfig, run) -> None:
@@ -72,6 +87,9 @@ def check(cfg: SVRGConfig, run) -> None:
         raise ValueError(f"svrg.alpha0={cfg.alpha0} must be in [0, 1] (0 turns alpha-SVRG off; the paper uses 0.75)")
     if cfg.mode not in MODES:
         raise ValueError(f"svrg.mode={cfg.mode!r} is not one of {', '.join(MODES)}{suggest(cfg.mode, MODES)}")
+    if cfg.intervals not in INTERVALS:
+        raise ValueError(f"svrg.intervals={cfg.intervals!r} is not one of {', '.join(INTERVALS)}"
+                         f"{suggest(cfg.intervals, INTERVALS)}")
     if cfg.snapshot_every < 0:
         raise ValueError(f"svrg.snapshot_every={cfg.snapshot_every} must be >= 0 (0: one snapshot per epoch)")
     if cfg.end_epoch < 0:
@@ -84,15 +102,13 @@ def check(cfg: SVRGConfig, run) -> None:
 
 
 class AlphaSVRG(GradientTransform):
-    """alpha-SVRG on one engine; `gradient(micro_batches)` runs forward/backward at the weights
-    the model holds and returns `engine.reduced_grads()`."""
+    """alpha-SVRG on one engine (see the module docstring)."""
 
-    def __init__(self, cfg: SVRGConfig, *, engine, gradient, total_steps: int, steps_per_epoch: int,
-                 log_every: int):
-        self.cfg, self.engine, self.gradient = cfg, engine, gradient
-        self.every = cfg.snapshot_every or steps_per_epoch
-        self.snapshots = -(-total_steps // self.every)
-        self.total_steps, self.log_every = total_steps, log_every
+    def __init__(self, cfg: SVRGConfig, context: TransformContext):
+        self.cfg, self.context, self.engine = cfg, context, context.engine
+        self.steps_per_epoch, self.total_steps = context.steps_per_epoch, context.total_steps
+        self.every = cfg.snapshot_every or context.steps_per_epoch
+        self.rank = rank_and_world()[0]
         self.interval = -1  # the interval whose snapshot is held (-1: none yet)
         self.alpha = 0.0  # that interval's coefficient
         self.snapshot: list[torch.Tensor] | None = None  # theta~ (vanilla mode only)
@@ -106,6 +122,27 @@ class AlphaSVRG(GradientTransform):
         self.extra_steps = 0  # forward/backward passes over a step's batch beyond training's own, so far
 
     # ---- the schedule ----------------------------------------------------------------------
+    def interval_of(self, step: int) -> tuple[int, int]:
+        """(index, end step) of the snapshot interval that holds `step`."""
+        if self.cfg.intervals == "run":
+            index = step // self.every
+            return index, min((index + 1) * self.every, self.total_steps)
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        part = in_epoch // self.every
+        end = min(epoch * self.steps_per_epoch + min((part + 1) * self.every, self.steps_per_epoch), self.total_steps)
+        return epoch * self._per_epoch(self.steps_per_epoch) + part, end
+
+    def _per_epoch(self, steps: int) -> int:
+        return -(-steps // self.every)
+
+    @property
+    def snapshots(self) -> int:
+        """Snapshot intervals in the run: the points linspace(alpha0, 0, .) has."""
+        if self.cfg.intervals == "run":
+            return -(-self.total_steps // self.every)
+        epochs, rest = divmod(self.total_steps, self.steps_per_epoch)
+        return epochs * self._per_epoch(self.steps_per_epoch) + self._per_epoch(rest)
+
     def coefficient(self, interval: int) -> float:
         """linspace(alpha0, 0, number of snapshots)[interval]."""
         if self.snapshots <= 1:
@@ -115,40 +152,59 @@ class AlphaSVRG(GradientTransform):
     def _ended(self, epoch: int) -> bool:
         return self.cfg.end_epoch > 0 and epoch >= self.cfg.end_epoch
 
-    def _interval_end(self, interval: int) -> int:
-        return min((interval + 1) * self.every, self.total_steps)
+    def step_seed(self, step: int) -> int:
+        """The seed of step `step`'s random draws on this rank: (train.seed, step, rank)."""
+        return int(np.random.SeedSequence([self.context.seed, step, self.rank]).generate_state(1)[0])
 
-    # ---- the trainer's calls ---------------------------------------------------------------
-    def prepare(self, step, epoch, steps_ahead):
+    # ---- the hooks ---------------------------------------------------------------------------
+    def before_steps(self, step, epoch):
         """At the first step of an interval (or of a resume that holds no snapshot): the
-        snapshot and its pass over the interval's (remaining) batches."""
-        interval = step // self.every
-        end = self._interval_end(interval)
+        snapshot and its pass."""
+        interval, end = self.interval_of(step)
         if interval != self.interval:
-            self._take_snapshot(interval, step, end, epoch, steps_ahead)
+            self._take_snapshot(interval, step, end, epoch)
         return end - step
 
-    def _take_snapshot(self, interval: int, step: int, end: int, epoch: int, steps_ahead) -> None:
+    def _steps(self, first: int, count: int):
+        """(step, micro-batches) for `count` steps from `first`, across epoch ends."""
+        while count > 0:
+            epoch, in_epoch = divmod(first, self.steps_per_epoch)
+            take = min(count, self.steps_per_epoch - in_epoch)
+            for offset, micro_batches in enumerate(self.context.read_steps(epoch, in_epoch, take)):
+                yield first + offset, micro_batches
+            first, count = first + take, count - take
+
+    def _take_snapshot(self, interval: int, step: int, end: int, epoch: int) -> None:
+        """theta~ = the weights now; F(theta~) = the mean gradient at theta~ over the epoch's
+        steps; kept: the gradients of the steps this mode takes from the pass."""
         self.interval, self.alpha = interval, 0.0 if self._ended(epoch) else self.coefficient(interval)
         self.snapshot = self.full_grad = None
         self.cache = {}
-        if self.alpha == 0:
-            return  # no correction this interval: no pass either
+        if self._ended(epoch) or self.alpha == 0 and not self.cfg.pass_updates_running_stats:
+            return  # no correction this interval: no pass either (the authors' pass at alpha 0 only moves BN stats)
+        keep = set(range(step, end)) if self.cfg.mode == "cached" else {step}
+        epoch_start, epoch_end = epoch * self.steps_per_epoch, (epoch + 1) * self.steps_per_epoch
         snapshot = [w.clone() for w in self.engine.local_weights()]
         total, squares, count = None, None, 0
-        with self.engine.weights_swapped(snapshot), isolated(self.engine.model):
-            for offset, micro_batches in enumerate(steps_ahead(end - step)):
-                grads = self.gradient(micro_batches)
+        keep_stats = not self.cfg.pass_updates_running_stats
+        with self.engine.weights_swapped(snapshot), isolated(self.engine.model, keep_stats):
+            for s, micro_batches in self._steps(epoch_start, self.steps_per_epoch):
+                grads = self._gradient_at(s, micro_batches)
                 with torch.no_grad():
                     if total is None:
                         total = [g.clone() for g in grads]
                     else:
                         torch._foreach_add_(total, grads)
                     squares = squared_norm(grads) + (0 if squares is None else squares)
-                    if self.cfg.mode == "cached" or offset == 0:  # vanilla: the first step's is this one too
-                        self.cache[step + offset] = [g.clone() for g in grads]
+                    if s in keep:
+                        self.cache[s] = [g.clone() for g in grads]
                 self.engine.zero_grad()
                 count += 1
+            if self.cfg.mode == "cached":  # intervals=run: the interval's steps past the epoch, not in F
+                for s, micro_batches in self._steps(epoch_end, end - epoch_end):
+                    self.cache[s] = [g.clone() for g in self._gradient_at(s, micro_batches)]
+                    self.engine.zero_grad()
+                    self.extra_steps += 1
         self.extra_steps += count
         torch._foreach_div_(total, count)
         self.full_grad = total
@@ -156,23 +212,28 @@ class AlphaSVRG(GradientTransform):
         # Variance of the pass's minibatch gradients around their mean: mean ||g_j||^2 - ||F||^2.
         self._snapshot_variance = squares / count - squared_norm(total)
 
+    def _gradient_at(self, step: int, micro_batches: list) -> list[torch.Tensor]:
+        """The gradient of `step`'s batch at the weights the model holds, with that step's draws."""
+        torch.manual_seed(self.step_seed(step))
+        return self.context.gradient(micro_batches)
+
     def before_step(self, step, epoch, micro_batches):
         """This step's g_B(theta~) - F(theta~): from the cache, or (vanilla) a forward/backward
-        of the snapshot on `micro_batches` with the RNG forked, so the step's own forward draws
-        the same random numbers."""
+        of the snapshot on `micro_batches`; then the RNG is seeded with the step's key, so the
+        step's own forward draws what the snapshot's did."""
         self._alpha_step = 0.0 if self.full_grad is None or self._ended(epoch) else self.alpha
-        self._measure = (step + 1) % self.log_every == 0 or step + 1 == self.total_steps
+        self._measure = (step + 1) % self.context.log_every == 0 or step + 1 == self.total_steps
         self._diff = None
         snapshot_grad = self.cache.pop(step, None)
-        if not self._alpha_step:
-            return
-        if snapshot_grad is None:
-            with self.engine.weights_swapped(self.snapshot), isolated(self.engine.model):
-                snapshot_grad = [g.clone() for g in self.gradient(micro_batches)]
-                self.engine.zero_grad()
-            self.extra_steps += 1
-        torch._foreach_sub_(snapshot_grad, self.full_grad)
-        self._diff = snapshot_grad
+        if self._alpha_step:
+            if snapshot_grad is None:
+                with self.engine.weights_swapped(self.snapshot), isolated(self.engine.model, True):
+                    snapshot_grad = [g.clone() for g in self._gradient_at(step, micro_batches)]
+                    self.engine.zero_grad()
+                self.extra_steps += 1
+            torch._foreach_sub_(snapshot_grad, self.full_grad)
+            self._diff = snapshot_grad
+        torch.manual_seed(self.step_seed(step))
 
     @torch.no_grad()
     def apply(self, grads):
@@ -195,7 +256,7 @@ class AlphaSVRG(GradientTransform):
         (the same for the corrected gradient); after a pass, svrg/grad_var_snapshot (the
         variance of the pass's minibatch gradients around F(theta~)); svrg/state_mib (this
         rank's snapshot, full gradient and cache); svrg/extra_steps (forward/backward passes
-        over a step's batch it ran so far: the pass and, in vanilla mode, the snapshot's per
+        over a step's batch it ran so far: the passes and, in vanilla mode, the snapshot's per
         step; the compute of step s is s + extra_steps steps' worth)."""
         values = {"svrg/alpha": self._alpha_step, "svrg/state_mib": self.state_bytes() / 2**20,
                   "svrg/extra_steps": float(self.extra_steps)}
@@ -230,19 +291,19 @@ class AlphaSVRG(GradientTransform):
         return values, tensors
 
     def load_state_dict(self, values, tensors, step):
-        """Continue the saved interval; saved at its end (or with another snapshot_every), the
-        next `prepare` starts a new one. What this mode needs but the checkpoint lacks (a cached
-        run resumed as vanilla has no snapshot) also makes `prepare` take a snapshot here."""
+        """Continue the saved interval; saved at its end (or with other intervals), the next
+        `before_steps` starts a new one. What this mode needs but the checkpoint lacks (a cached
+        run resumed as vanilla has no snapshot) also makes `before_steps` take a snapshot here."""
         if values is None:
             return
         self.extra_steps = int(values.get("extra_steps", 0))
-        if values["interval"] != step // self.every:
+        interval, end = self.interval_of(step)
+        if values["interval"] != interval:
             return
-        self.interval, self.alpha = int(values["interval"]), float(values["alpha"])
+        self.interval, self.alpha = interval, float(values["alpha"])
         self.full_grad, self.snapshot = tensors.get("full_grad"), tensors.get("snapshot")
         self.cache = {int(key.split(".", 1)[1]): grads for key, grads in tensors.items() if key.startswith("cache.")}
-        needed = range(step, self._interval_end(self.interval))
-        if self.full_grad is not None and self.snapshot is None and any(s not in self.cache for s in needed):
+        if self.full_grad is not None and self.snapshot is None and any(s not in self.cache for s in range(step, end)):
             self.interval = -1
 
 
@@ -252,10 +313,10 @@ def squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def isolated(model: torch.nn.Module):
-    """Forward/backward passes inside leave no trace: BatchNorm's running statistics are put
-    back, and the RNG state after is the state before (forked)."""
-    buffers = [b.detach().clone() for b in model.buffers()]
+def isolated(model: torch.nn.Module, keep_running_stats: bool):
+    """The RNG state after is the state before (forked); with `keep_running_stats`, BatchNorm's
+    running statistics (the model's buffers) are put back too."""
+    buffers = [b.detach().clone() for b in model.buffers()] if keep_running_stats else []
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         yield
@@ -264,5 +325,14 @@ def isolated(model: torch.nn.Module):
             buffer.copy_(saved)
 
 
-GRADIENT_TRANSFORMS.register("svrg", TransformEntry(config=SVRGConfig, enabled=lambda cfg: cfg.alpha0 > 0,
-                                                    check=check, build=AlphaSVRG))
+def label(cfg: SVRGConfig) -> str:
+    """"alpha-SVRG 0.75", with the mode when cached and the intervals when counted over the run."""
+    details = [x for x in (cfg.mode if cfg.mode != "vanilla" else "",
+                           "intervals over the run" if cfg.intervals == "run" else "") if x]
+    return f"alpha-SVRG {cfg.alpha0:g}" + (f" ({', '.join(details)})" if details else "")
+
+
+GRADIENT_TRANSFORMS.register("svrg", TransformEntry(
+    config=SVRGConfig, enabled=lambda cfg: cfg.alpha0 > 0, check=check, build=AlphaSVRG, label=label,
+    columns=(ReportColumn("alpha-SVRG extra passes (steps)", "svrg/extra_steps", 1, ".0f"),),
+    extra_steps_tag="svrg/extra_steps"))
