@@ -298,8 +298,8 @@ class IVON(Optimizer):
                     check_counter(seed, step, mc_sample, start, n)
             if not fused.accepts(items):
                 return False
-        for step, members in by_step.items():
-            if not fused.sample((group_index, step), buckets[step], (seed, step, mc_sample), group["ess"],
+        for ordinal, step in enumerate(by_step):  # the table's key: not the step, which changes
+            if not fused.sample((group_index, ordinal), buckets[step], (seed, step, mc_sample), group["ess"],
                                 group["weight_decay"], keep_mean):
                 return False  # only where the kernel cannot be built: then nothing has run
             for p, mean, eps, _ in members:
@@ -393,10 +393,10 @@ class IVON(Optimizer):
             key = (p.device, p.dtype, eps.dtype, int(state["step"]), n, single)
             buckets.setdefault(key, []).append((_flat(p), _flat(mean), g, stat, _flat(state["m"]),
                                                 _flat(state["h"])))
-        for (device, _, _, t, n, single), items in buckets.items():
+        for ordinal, ((device, _, _, t, n, single), items) in enumerate(buckets.items()):
             scalars = _StepScalars.of(group, t, n, single)
             columns = [list(c) for c in zip(*items)]
-            if group["fused"] and self.fused_path.step((index, device, t, n, single), columns,
+            if group["fused"] and self.fused_path.step((index, ordinal), columns,
                                                        scalars.fused_values(), single, scalars.price):
                 continue
             if group["foreach"] or (group["foreach"] is None and device.type == "cuda"):
