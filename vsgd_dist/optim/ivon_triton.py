@@ -4,7 +4,7 @@ As `vsgd_triton`, a device-side table holds the pointers and sizes of every rang
 the sample, the global index of its first element); each program handles one block of one
 range; `ivon_fused.FusedIVON` keeps the table while the addresses hold. The noise is
 `noise.normal_from_index`: Philox4x32-10 (the rounds of Triton's `tl.randint4x`, written here
-so the interpreter runs them too) per element's group of four, then the float32 Box-Muller of `noise` with its
+so the interpreter runs them too) per element's counter, then the float32 Box-Muller of `noise` with its
 constants. Launched without fp fusion, with IEEE division and square root, every float
 operation rounds on its own, so the interpreter gives the C++ kernel's bits, and a GPU should
 too; the step is the C++ kernel's sequence of operations.
@@ -67,7 +67,7 @@ def _philox(c0, c1, c2, c3, k0, k1):
 @triton.jit
 def _normal(index, seed, step, sample):
     """noise.normal_from_index for int64 `index` (seed int64, step and sample int32)."""
-    group = index >> 2
+    group = ((index >> 6) << 4) | (index & 15)
     c0 = (group & 0xFFFFFFFF).to(tl.uint32)
     c1 = (group >> 32).to(tl.uint32)
     c2 = (index * 0 + step).to(tl.uint32)
@@ -76,7 +76,7 @@ def _normal(index, seed, step, sample):
     k0 = (index * 0 + (seed & 0xFFFFFFFF)).to(tl.uint32)
     k1 = (index * 0 + (seed >> 32)).to(tl.uint32)
     w0, w1, w2, w3 = _philox(c0, c1, c2, c3, k0, k1)
-    second_pair = ((index >> 1) & 1) != 0
+    second_pair = ((index >> 5) & 1) != 0
     a = tl.where(second_pair, w2, w0)
     b = tl.where(second_pair, w3, w1)
     u1 = ((a >> 8) + 1).to(tl.float32) * TWO_M24
@@ -99,7 +99,7 @@ def _normal(index, seed, step, sample):
     sin_f = tl.where(upper, k, s)
     cos_f = tl.where(upper, s, k)
     quadrant = b >> 30
-    odd = (index & 1) != 0
+    odd = ((index >> 4) & 1) != 0
     use_sin = odd ^ ((quadrant & 1) != 0)
     value = tl.where(use_sin, sin_f, cos_f)
     negative = tl.where(odd, quadrant >= 2, (quadrant == 1) | (quadrant == 2))

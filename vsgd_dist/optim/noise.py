@@ -7,13 +7,16 @@ whatever slice it draws, so runs at different world sizes can be compared bit fo
 
 The definition (this module is its reference; IVON's fused kernels compute the same bits):
 
-- Elements come in groups of four, `g = i >> 2`. Philox4x32-10 (Salmon et al., SC'11;
-  Random123's constants) of the counter (g low 32 bits, g high 32 bits, step, sample) under
-  the key (seed low, seed high) gives four 32-bit words w0..w3: one Philox per four elements.
-- Elements 4g, 4g+1 use the pair (w0, w1), elements 4g+2, 4g+3 the pair (w2, w3): Box-Muller,
-  r = sqrt(-2 log u1) with u1 = ((a >> 8) + 1) * 2^-24 in (0, 1], the angle a quarter turn
-  times (b >> 30) plus (b >> 6 & 0xFFFFFF) * 2^-24 of a quarter turn; the even element takes
-  r cos, the odd one r sin.
+- Elements come in chunks of 64 (`i >> 6`), each drawn from 16 Philox counters: element i
+  takes word `(i >> 4) & 3` of counter `g = (i >> 6) * 16 + (i & 15)`, so a chunk's words lie
+  in memory order (word 0 of the 16 counters, then word 1, ...) and a vectorized kernel needs no
+  shuffles. Philox4x32-10 (Salmon et al., SC'11; Random123's constants) of the counter (g low
+  32 bits, g high 32 bits, step, sample) under the key (seed low, seed high) gives the four
+  32-bit words w0..w3: one Philox per four elements.
+- Words (w0, w1) and (w2, w3) are Box-Muller pairs (a, b): r = sqrt(-2 log u1) with
+  u1 = ((a >> 8) + 1) * 2^-24 in (0, 1], the angle a quarter turn times (b >> 30) plus
+  (b >> 6 & 0xFFFFFF) * 2^-24 of a quarter turn; the element of word w0 or w2 takes r cos,
+  that of w1 or w3 r sin.
 - In float32 only, with polynomials for log, sin and cos (Cephes' logf, sinf, cosf
   coefficients, rounded to float32) and IEEE +, -, *, / and sqrt, each rounded on its own:
   the torch ops below, a C++ loop built with -ffp-contract=off and a Triton kernel launched
@@ -119,10 +122,10 @@ def _sin_cos(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def normal_from_index(index: torch.Tensor, seed, step, sample) -> torch.Tensor:
     """float32 standard normals for int64 element indices (seed, step, sample: ints or 0-d
     int64 tensors)."""
-    group = index >> 2
+    group = ((index >> 6) << 4) | (index & 15)
     w0, w1, w2, w3 = philox4x32(group & _MASK32, group >> 32, step & _MASK32, sample & _MASK32,
                                 seed & _MASK32, (seed >> 32) & _MASK32)
-    second_pair = ((index >> 1) & 1).bool()
+    second_pair = ((index >> 5) & 1).bool()
     a = torch.where(second_pair, w2, w0)
     b = torch.where(second_pair, w3, w1)
     u1 = ((a >> 8) + 1).to(torch.float32) * CONSTANTS["two_m24"]  # (0, 1]: log is finite
@@ -132,7 +135,7 @@ def normal_from_index(index: torch.Tensor, seed, step, sample) -> torch.Tensor:
     sin_r, cos_r = _sin_cos(torch.where(upper, 1.0 - fraction, fraction) * CONSTANTS["half_pi"])
     sin_f, cos_f = torch.where(upper, cos_r, sin_r), torch.where(upper, sin_r, cos_r)  # of phi
     quadrant = b >> 30  # the angle is quadrant * pi/2 + phi
-    odd = (index & 1).bool()
+    odd = ((index >> 4) & 1).bool()
     # even: cos(angle) = cos, -sin, -cos, sin phi; odd: sin(angle) = sin, cos, -sin, -cos phi
     use_sin = odd ^ (quadrant & 1).bool()
     value = torch.where(use_sin, sin_f, cos_f)
