@@ -35,26 +35,31 @@ from vsgd_dist.engines import build_engine  # noqa: E402
 from vsgd_dist.spawn import run_distributed  # noqa: E402
 
 
-def time_steps(make, shapes, steps: int, warmup: int) -> float:
-    """Median seconds of `make(params).step()` on fresh parameters of `shapes` whose `.grad`
-    stays set (after `warmup` steps: state allocation, compilation)."""
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen) * 1e-2
-    opt = make(params)
-    for _ in range(warmup):
-        opt.step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def time_round_robin(makers: dict, shapes, steps: int, warmup: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds of `make(params).step()` per variant, each on its own fresh
+    parameters of `shapes` whose `.grad` stays set, stepping in turn (round robin) so that load
+    from other processes hits them alike; after `warmup` rounds (state, kernel loads). CPU
+    seconds (all threads of this process) do not count time spent waiting for a core."""
+    built = {}
+    for name, make in makers.items():
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+        built[name] = make(params)
+    times = {name: ([], []) for name in makers}
+    for round_ in range(warmup + steps):
+        for name, opt in built.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            opt.step()
+            if round_ >= warmup:
+                times[name][0].append(time.perf_counter() - wall)
+                times[name][1].append(time.process_time() - cpu)
+    return {name: (statistics.median(w), statistics.median(c)) for name, (w, c) in times.items()}
 
 
 class _Iteration:
-    """Presents IVON's per-iteration work as `step()` for `time_steps` (the gradient stays
+    """Presents IVON's per-iteration work as `step()` for `time_round_robin` (the gradient stays
     in `.grad` between calls, as there)."""
 
     def __init__(self, optimizer: IVON, finish: str):
@@ -91,31 +96,37 @@ class _LinearLoss(torch.nn.Module):
 
 
 def engine_rank(rank, world_size, model, steps):
-    """(optimizer, slowest rank's median s/iteration, this rank's state bytes) on ZeRO-2."""
-    rows = []
+    """(optimizer, slowest rank's median wall s/iteration, its median CPU s, this rank's state
+    bytes) on ZeRO-2; the two engines iterate in turn, so that load hits them alike."""
+    engines = {}
     for name, lr in (("adamw", 1e-3), ("ivon", 0.1)):
         cfg = RunConfig()
         cfg.optim.name, cfg.optim.fused, cfg.optim.weight_decay = name, True, 5e-5
         cfg.optim.ivon.ess, cfg.optim.ivon.hess_init = 1_281_167, 0.05
-        engine = build_engine(_LinearLoss(MODELS[model]()), cfg, lr)
-        times = []
-        for _ in range(steps + 1):  # the first compiles
+        engines[name] = build_engine(_LinearLoss(MODELS[model]()), cfg, lr)
+    times = {name: ([], []) for name in engines}
+    for round_ in range(steps + 1):  # the first loads the kernels
+        for name, engine in engines.items():
             torch.distributed.barrier()
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             engine.sample(0)
             engine.backward(engine.wrapped())
             engine.step()
-            elapsed = torch.tensor(time.perf_counter() - start)
+            elapsed = torch.tensor([time.perf_counter() - start, time.process_time() - cpu])
             torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
-            times.append(elapsed.item())
-        rows.append((name, statistics.median(times[1:]), engine.state_bytes()))
-    return rows
+            if round_:
+                times[name][0].append(elapsed[0].item())
+                times[name][1].append(elapsed[1].item())
+    return [(name, statistics.median(times[name][0]), statistics.median(times[name][1]), engine.state_bytes())
+            for name, engine in engines.items()]
 
 
 def state_bytes_per_param(optimizer, n: int) -> float:
-    """Bytes of per-element state tensors (not the scalar step counters) per parameter."""
+    """Bytes of per-element tensors kept between steps (state, not the scalar step counters;
+    fused IVON's sample buffers too) per parameter."""
     total = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim())
-    return total / n
+    buffers = getattr(getattr(optimizer, "fused_path", None), "buffers", {})
+    return (total + sum(t.nbytes for kept in buffers.values() for t in kept)) / n
 
 
 def main() -> None:
@@ -128,8 +139,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.steps} steps\n")
-    print("| model | params | optimizer | ms | vs AdamW fused step | state B/param |")
-    print("|---|---|---|---|---|---|")
+    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
+    print("| model | params | optimizer | ms | vs AdamW fused step | CPU ms | CPU vs AdamW | state B/param |")
+    print("|---|---|---|---|---|---|---|---|")
     for model in args.models:
         shapes = MODELS[model]()
         n = numel(shapes)
@@ -141,21 +153,22 @@ def main() -> None:
                 return built[name]
             return make
 
-        results = {name: time_steps(keep(name), shapes, args.steps, args.warmup) for name in VARIANTS}
-        base = results["AdamW fused step"]
-        for name, seconds in results.items():
+        results = time_round_robin({name: keep(name) for name in VARIANTS}, shapes, args.steps, args.warmup)
+        base, base_cpu = results["AdamW fused step"]
+        for name, (seconds, cpu) in results.items():
             optimizer = getattr(built[name], "optimizer", built[name])
             print(f"| {model} | {n / 1e6:.1f}M | {name} | {seconds * 1e3:.1f} | {seconds / base:.2f}x | "
-                  f"{state_bytes_per_param(optimizer, n):.0f} |")
+                  f"{cpu * 1e3:.1f} | {cpu / base_cpu:.2f}x | {state_bytes_per_param(optimizer, n):.0f} |", flush=True)
         if args.world_size:
             rows = run_distributed(engine_rank, args.world_size, model, args.steps, timeout=3600)
-            base = rows[0][0][1]
-            for i, (name, seconds, _) in enumerate(rows[0]):
-                per_rank = max(r[i][2] for r in rows)
+            base, base_cpu = rows[0][0][1], rows[0][0][2]
+            for i, (name, seconds, cpu, _) in enumerate(rows[0]):
+                per_rank = max(r[i][3] for r in rows)
                 label = {"adamw": "AdamW fused: fwd/bwd + step", "ivon": "IVON fused: sample + fwd/bwd + step"}[name]
                 print(f"| {model} | {n / 1e6:.1f}M | ZeRO-2 x{args.world_size}: {label} | {seconds * 1e3:.1f} | "
-                      f"{seconds / base:.2f}x | {per_rank / n:.2f} per rank |", flush=True)
-
+                      f"{seconds / base:.2f}x | {cpu * 1e3:.1f} | {cpu / base_cpu:.2f}x | {per_rank / n:.2f} per rank |",
+                      flush=True)
+    print(f"\nload average after: {os.getloadavg()[0]:.1f}")
 
 if __name__ == "__main__":
     from results import run_recorded

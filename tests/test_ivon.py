@@ -483,3 +483,21 @@ def test_group_mc_samples_must_agree_and_paths_are_exclusive():
         opt.add_param_group({"params": [torch.ones(1, requires_grad=True)], "mc_samples": 2})
     with pytest.raises(ValueError, match="exclusive"):
         IVON([torch.ones(1, requires_grad=True)], lr=0.1, ess=10.0, foreach=True, fused=True)
+
+
+# -------------------------------------------------------------------------- fused path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_runs_any_mix_of_configurations_in_one_process(dtype):
+    """Every combination of dtype, MC samples, clip and Hessian estimate, two steps each on
+    tiny tensors, in one process: the fused path takes them all (once it compiled one graph
+    per combination and torch's recompile limit failed the 9th), and each agrees with the
+    per-tensor path."""
+    for mc in (1, 2, 3):
+        for clip in (math.inf, 0.05):
+            for approx in ("price", "gradsq"):
+                hp = dict(mc_samples=mc, clip_radius=clip, hess_approx=approx)
+                fused, fused_opt = random_run(PATHS["fused"], dtype, steps=2, shapes=[(3,), (2, 2), (1,)], **hp)
+                plain, plain_opt = random_run(PATHS["per_tensor"], dtype, steps=2, shapes=[(3,), (2, 2), (1,)], **hp)
+                for x, y in zip(fused, plain):
+                    torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+                    torch.testing.assert_close(fused_opt.state[x]["h"], plain_opt.state[y]["h"], rtol=1e-6, atol=1e-7)

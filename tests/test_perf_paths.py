@@ -1,5 +1,5 @@
-"""The fast paths keep the numbers: VSGD's fused kernels and its fallback, the chunked unfused
-path, the rank processes' allocator settings.
+"""The fast paths keep the numbers: VSGD's and IVON's fused kernels and their fallbacks, the
+chunked unfused path, the rank processes' allocator settings.
 
 Tolerances: the C++ kernel and the Triton kernel (run here by Triton's interpreter) are the
 same sequence of fp32 operations on the same fp32 scalars; on a GPU Triton may contract a
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -19,8 +20,8 @@ import torch
 
 from launch.clusters import ClusterProfile
 from launch.slurm import REPO, build_spec
-from vsgd_dist import VSGD, allocator
-from vsgd_dist.optim import vsgd as vsgd_module, vsgd_cpu
+from vsgd_dist import IVON, VSGD, allocator
+from vsgd_dist.optim import ivon_cpu, ivon_fused, noise, vsgd as vsgd_module, vsgd_cpu
 from vsgd_dist.spawn import run_distributed
 
 BIG_SHAPES = [(300, 301), (200_001,), (5,), (64, 40, 7, 7)]  # all but one larger than a chunk
@@ -204,6 +205,162 @@ def test_staged_copies_rebuild_the_table_every_step():
         assert kept.identity is None
         tables.append(kept.table)
     assert tables[0] is not tables[1]
+
+
+# ---------------------------------------------------------------------------- IVON fused
+IVON_HP = dict(lr=0.05, ess=50.0, hess_init=0.5, beta1=0.9, beta2=0.99, weight_decay=0.01, clip_radius=1.0)
+IVON_SHAPES = [(64, 40, 3, 3), (33, 7), (5,), (5000,), (3, 5, 1, 1)]
+
+
+def ivon_run(opt_kwargs, steps=4, dtype=torch.float32, mc_samples=1, channels_last=False, runs=None,
+             shapes=IVON_SHAPES, **hp):
+    """IVON on `shapes` with its own noise; with `runs`, one flat master described by them."""
+    params = make_params(shapes, dtype, channels_last)
+    if runs is not None:
+        params = [torch.cat([p.detach().reshape(-1) for p in params]).requires_grad_()]
+    opt = IVON(params, **{**IVON_HP, **hp}, mc_samples=mc_samples, **opt_kwargs)
+    if runs is not None:
+        opt.set_global_offset(params[0], runs)
+    gen = torch.Generator().manual_seed(1)
+    samples = []
+    for _ in range(steps):
+        for k in range(mc_samples):
+            opt.sample(k)
+            samples.append([p.detach().clone() for p in params])
+            for p in params:
+                p.grad = (p.detach() * 0.3 + torch.randn(p.shape, generator=gen).to(dtype) * 0.1)
+            if k + 1 < mc_samples:
+                opt.accumulate()
+        opt.step()
+    return params, opt, samples
+
+
+@pytest.mark.parametrize("start", [0, 1, 3, 4097, 2**32 - 3, 2**61])
+def test_cpu_noise_is_the_reference_bitwise(start):
+    """The C++ draw (vectorized blocks, unaligned starts, indices beyond 32 bits, a seed beyond
+    32 bits) gives the bits of the torch reference, `noise.standard_normal`."""
+    for seed, step, sample in ((0, 1, 0), (2**40 + 7, 2**32 - 1, 3)):
+        assert torch.equal(ivon_cpu.normals(seed, step, sample, start, 3001),
+                           noise.standard_normal(seed, step, sample, start, 3001))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_ivon_samples_are_the_unfused_samples_bitwise(dtype):
+    """From one state (after three fused steps), every weight sample the fused kernel writes
+    (the first keeps the mean, later ones start from it) and its eps are the per-tensor path's,
+    channels_last tensors included; fp64 to sqrt's rounding (torch's float64 sqrt is not
+    correctly rounded, the kernel's is)."""
+    fused, fused_opt, _ = ivon_run(dict(fused=True), steps=3, dtype=dtype, mc_samples=3, channels_last=True)
+    plain = [p.detach().clone().requires_grad_() for p in fused]
+    plain_opt = IVON(plain, **IVON_HP, mc_samples=3, foreach=False)
+    plain_opt.load_state_dict(fused_opt.state_dict())
+    for k in range(3):
+        fused_opt.sample(k)
+        plain_opt.sample(k)
+        for x, y in zip(fused, plain):
+            pairs = [(x, y), (fused_opt._stash[x][1], plain_opt._stash[y][1])]  # eps: private, the kernel's output
+            for a, b in pairs:
+                if dtype == torch.float32:
+                    assert torch.equal(a, b)
+                else:
+                    torch.testing.assert_close(a, b, rtol=1e-15, atol=0)
+        fused_opt.accumulate()
+        plain_opt.accumulate()
+
+
+def test_fused_ivon_master_of_runs_equals_its_tensors():
+    """One flat master holding the tensors' elements in another order, described as runs (a
+    ZeRO rank's buckets fill in reverse), draws and steps to the tensors' numbers bitwise."""
+    sizes = [math.prod(s) for s in IVON_SHAPES]
+    total = sum(sizes)
+    order = torch.cat([torch.arange(sizes[0], total), torch.arange(0, sizes[0])])
+    params = make_params(IVON_SHAPES)
+    master = torch.cat([p.detach().reshape(-1) for p in params])[order].requires_grad_()
+    opt_params, opt_master = IVON(params, **IVON_HP, fused=True), IVON([master], **IVON_HP, fused=True)
+    opt_master.set_global_offset(master, [(sizes[0], total - sizes[0]), (0, sizes[0])])
+    target = torch.randn(total, generator=torch.Generator().manual_seed(2))
+    for _ in range(4):
+        opt_params.sample()
+        opt_master.sample()
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        assert torch.equal(flat[order], master.detach())
+        for p, g in zip(params, (flat - target).split(sizes)):
+            p.grad = g.view(p.shape)
+        master.grad = (flat - target)[order]
+        opt_params.step()
+        opt_master.step()
+    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in params])[order], master.detach())
+
+
+@pytest.fixture
+def ivon_triton_on_cpu(monkeypatch):
+    """Puts fused IVON's CUDA kernels (`ivon_triton`) in place of the C++ kernels for CPU
+    tensors, run by Triton's interpreter."""
+    pytest.importorskip("triton", reason="Triton comes with requirements-dev.txt")
+    from vsgd_dist.optim import ivon_triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    interpreted = importlib.reload(ivon_triton)
+    tables = (interpreted.TritonSampleTable, interpreted.TritonStepTable)
+    monkeypatch.setattr(ivon_fused, "_kernels", lambda device, dtype: tables if dtype == torch.float32 else None)
+    yield interpreted
+    monkeypatch.undo()
+    importlib.reload(ivon_triton)
+
+
+@pytest.mark.parametrize("hp", [dict(mc_samples=2), dict(hess_approx="gradsq", clip_radius=math.inf)],
+                         ids=["price-mc2", "gradsq"])
+def test_triton_ivon_kernels_give_the_cpu_kernels_bits(ivon_triton_on_cpu, hp):
+    """Sample and step through the Triton kernels (one launch each over the whole list, blocks
+    straddling tensor ends) give the C++ kernels' bits: the same integer Philox and the same
+    float32 operations, each rounded on its own."""
+    shapes = [(40, 3, 3, 3), (33, 7), (5,), (1500,), (3, 5, 1, 1)]
+    cpu, cpu_opt, cpu_samples = ivon_run(dict(fused=True), steps=2, channels_last=True, shapes=shapes, **hp)
+    triton_params, triton_opt, triton_samples = ivon_run(dict(fused=True), steps=2, channels_last=True,
+                                                         shapes=shapes, **hp)
+    [kept] = [k for key, k in triton_opt.fused_path.step_tables.items()]
+    assert type(kept.table).__name__ == "TritonStepTable"
+    for a, b in zip(cpu_samples, triton_samples):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for x, y in zip(cpu, triton_params):
+        assert torch.equal(x, y)
+        assert torch.equal(cpu_opt.state[x]["h"], triton_opt.state[y]["h"])
+        assert torch.equal(cpu_opt.state[x]["m"], triton_opt.state[y]["m"])
+
+
+def test_fused_ivon_keeps_its_tables_and_buffers_while_addresses_hold():
+    params = make_params([(300, 7), (11,)])
+    opt = IVON(params, **IVON_HP, fused=True)
+    for _ in range(2):
+        opt.sample()
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    [sample_kept], [step_kept] = opt.fused_path.sample_tables.values(), opt.fused_path.step_tables.values()
+    tables = sample_kept.table, step_kept.table
+    buffers = {p: tuple(t.data_ptr() for t in b) for p, b in opt.fused_path.buffers.items()}
+    opt.sample()
+    for p in params:
+        p.grad = torch.ones_like(p)  # new gradients: the step's table is rebuilt, the sample's kept
+    opt.step()
+    assert opt.fused_path.sample_tables[next(iter(opt.fused_path.sample_tables))].table is tables[0]
+    assert next(iter(opt.fused_path.step_tables.values())).table is not tables[1]
+    assert buffers == {p: tuple(t.data_ptr() for t in b) for p, b in opt.fused_path.buffers.items()}
+
+
+def test_fused_ivon_without_compiler_warns_and_runs_unfused(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+    ivon_cpu.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="vsgd_dist.optim.ivon_fused"):
+            fused, _, fused_samples = ivon_run(dict(fused=True))
+    finally:
+        ivon_cpu.library.cache_clear()
+    warnings = [r for r in caplog.records if r.name == "vsgd_dist.optim.ivon_fused"]
+    assert len(warnings) == 1 and "fused kernel unavailable (RuntimeError: false failed" in warnings[0].getMessage()
+    plain, _, plain_samples = ivon_run(dict(foreach=False))
+    assert all(torch.equal(x, y) for x, y in zip(fused, plain))
 
 
 # ------------------------------------------------------------------------------ allocator

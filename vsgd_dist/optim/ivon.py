@@ -2,7 +2,8 @@
 
 IVON learns a diagonal Gaussian posterior N(m_w, sigma^2) over the weights, sigma^2 =
 1 / (ess * (h + weight_decay)), trains at weight samples and estimates the Hessian h from
-the same gradients. The update is in ../shared/docs/ivon-spec.md.
+the same gradients. The update rule, line by line, is `_single_tensor_update`; docs/kernels.md
+describes the fused kernels and the noise.
 
 One optimizer step (the parameters hold m_w between steps):
 
@@ -37,9 +38,11 @@ authors' code. `evaluation=True` samples (posterior predictive) use `evaluation_
 Everything after the backward is elementwise (`elementwise = True`): a flat slice gives the
 numbers of the whole tensor, given the same eps and gradient. Three paths compute the step:
 per-tensor (`foreach=False`), multi-tensor (`foreach=True`, the same ops as `torch._foreach_*`,
-bitwise equal on CPU) and `fused=True`, one `torch.compile`d pass per tensor; Inductor may
-contract multiply-adds, so it agrees with the others to float rounding. The first two draw
-the noise with eager torch ops; `fused=True` also draws it in one compiled pass per run.
+bitwise equal on CPU) and `fused=True` (`ivon_fused`): one kernel call draws a whole group's
+sample and one steps a whole bucket (C++ on CPU, Triton on CUDA, no torch.compile). The fused
+sample is bitwise the unfused one on CPU; the fused step rounds differently from torch's ops
+(torch fuses some multiply-adds), so it agrees with the others to float rounding. Where no
+fused kernel takes the tensors (bf16 parameters, other devices) the unfused path runs.
 """
 from __future__ import annotations
 
@@ -50,9 +53,9 @@ from typing import Iterable, Sequence
 import torch
 from torch.optim import Optimizer
 
-from vsgd_dist.optim.noise import _check_counter, normal_from_index, standard_normal
+from vsgd_dist.optim.ivon_fused import FusedIVON
+from vsgd_dist.optim.noise import check_counter, normal_from_index, sqrt_rn, standard_normal
 from vsgd_dist.optim.registry import OPTIMIZERS, Diagnostics, OptimizerEntry
-from vsgd_dist.optim.host_rows import host_rows_to_device
 from vsgd_dist.optim.vsgd import _local
 from vsgd_dist.sharding.layout import memory_dim_order, to_memory_flat
 
@@ -126,6 +129,11 @@ class _StepScalars:
                             clip=float(group["clip_radius"]), n=n, single=single,
                             price=group["hess_approx"] == "price")
 
+    def fused_values(self) -> tuple[float, ...]:
+        """The fused kernels' scalars (`ivon_fused.STEP_SCALARS`), in double precision."""
+        return (self.lr, self.ess, self.wd, self.beta1, 1.0 - self.beta1, self.beta2, 1.0 - self.beta2, self.c,
+                self.bias, self.clip, float(self.n))
+
 
 class IVON(Optimizer):
     """IVON with the hyperparameter names and defaults of the authors' code.
@@ -146,7 +154,8 @@ class IVON(Optimizer):
         seed: of the counter-based noise (saved with the param groups, so a resume redraws
             the same noise).
         foreach: multi-tensor step; None picks it when the parameters are on CUDA.
-        fused: compiled sample and step (fastest; compiles on first use).
+        fused: one kernel call per sample and per step bucket (fastest; the C++ kernel builds
+            once per machine, in about a second).
     State per parameter: m, h (fp32 for bf16/fp16 parameters, else the parameter's dtype)
     and `step`.
     """
@@ -168,10 +177,13 @@ class IVON(Optimizer):
         self._drawn = 0  # samples drawn this step
         self._accumulated = 0  # gradients moved into the sums this step
         self._pending = False  # a sample whose gradient is not accumulated yet
+        self._global_runs: dict[torch.Tensor, list[tuple[int, int]]] | None = None  # cache of _runs()
+        self.fused_path = FusedIVON()  # kernels, tables and sample buffers of fused=True groups
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
+        self._global_runs = None
         group = self.param_groups[-1]
         _validate_group(group)
         if group["mc_samples"] != self.param_groups[0]["mc_samples"]:
@@ -191,6 +203,7 @@ class IVON(Optimizer):
         """Load keeping fp32 state for bf16 parameters (torch would cast it to bf16)."""
         saved_state = state_dict["state"]
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        self.fused_path.forget_tables()
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
             for param, param_id in zip(group["params"], saved_group["params"]):
                 if param_id in saved_state:
@@ -214,14 +227,18 @@ class IVON(Optimizer):
             raise ValueError(f"IVON: global offset runs {runs} must be non-negative and cover the tensor's "
                              f"{_local(tensor).numel()} local elements")
         self._offsets[tensor] = runs
+        self._global_runs = None
 
     def _runs(self) -> dict[torch.Tensor, list[tuple[int, int]]]:
-        runs, base = {}, 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                runs[p] = self._offsets.get(p) or [(base + _dtensor_local_start(p), _local(p).numel())]
-                base += p.numel()  # a DTensor's global numel
-        return runs
+        """Each parameter's runs of global indices (kept until an offset or a group changes)."""
+        if self._global_runs is None:
+            runs, base = {}, 0
+            for group in self.param_groups:
+                for p in group["params"]:
+                    runs[p] = self._offsets.get(p) or [(base + _dtensor_local_start(p), _local(p).numel())]
+                    base += p.numel()  # a DTensor's global numel
+            self._global_runs = runs
+        return self._global_runs
 
     # ------------------------------------------------------------------------- sampling
     @torch.no_grad()
@@ -240,25 +257,54 @@ class IVON(Optimizer):
             raise ValueError(f"IVON.sample: z has {len(z)} tensors for {len(params)} parameters")
         runs = self._runs() if z is None else None
         index = 0
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
+            key = group["seed"] if seed is None else seed
+            key = evaluation_seed(key) if evaluation else key
+            if z is None and group["fused"] and self._sample_fused(group_index, group, runs, key, mc_sample):
+                index += len(group["params"])
+                continue
             for p in group["params"]:
                 state = self.state[p] or self._init_state(group, p)
                 if p not in self._stash:  # the first sample of the step: keep m_w
                     self._stash[p] = (_local(p).detach().clone(memory_format=torch.preserve_format),
                                       torch.empty_like(_local(state["h"]), memory_format=torch.preserve_format))
                 mean, eps = self._stash[p]
-                key = group["seed"] if seed is None else seed
-                counter = (evaluation_seed(key) if evaluation else key, int(state["step"]) + 1, mc_sample)
                 views = [_flat(t) for t in (p, state["h"], mean, eps)]
                 if z is not None:
                     _sample_eager(*views, _flat(z[index], _local(p)).to(eps.dtype), group)
-                elif group["fused"]:
-                    _sample_fused(*views, runs[p], counter, group)
                 else:
+                    counter = (key, int(state["step"]) + 1, mc_sample)
                     _sample_eager(*views, _standard_normal_runs(counter, runs[p], eps.device, eps.dtype), group)
                 index += 1
         self._drawn += 1
         self._pending = True
+
+    def _sample_fused(self, group_index: int, group: dict, runs: dict, seed: int, mc_sample: int) -> bool:
+        """The group's sample in one kernel call per step count (one, unless some parameter
+        missed steps); False, having changed nothing, where the fused kernels do not take it."""
+        fused, by_step = self.fused_path, {}
+        keep_mean = not group["params"] or group["params"][0] not in self._stash
+        for p in group["params"]:
+            state = self.state[p] or self._init_state(group, p)
+            local = _local(p)
+            mean, eps = self._stash.get(p) or fused.buffers_of(p, local, _local(state["h"]))
+            by_step.setdefault(int(state["step"]) + 1, []).append((p, mean, eps, state))
+        buckets = {}
+        for step, members in by_step.items():
+            items = buckets[step] = [(_flat(p), _flat(state["h"]), _flat(mean, _local(p)), _flat(eps, _local(p)),
+                                      runs[p]) for p, mean, eps, state in members]
+            for *_, param_runs in items:
+                for start, n in param_runs:
+                    check_counter(seed, step, mc_sample, start, n)
+            if not fused.accepts(items):
+                return False
+        for ordinal, step in enumerate(by_step):  # the table's key: not the step, which changes
+            if not fused.sample((group_index, ordinal), buckets[step], (seed, step, mc_sample), group["ess"],
+                                group["weight_decay"], keep_mean):
+                return False  # only where the kernel cannot be built: then nothing has run
+            for p, mean, eps, _ in members:
+                self._stash[p] = (mean, eps)
+        return True
 
     @torch.no_grad()
     def accumulate(self) -> None:
@@ -291,8 +337,8 @@ class IVON(Optimizer):
         self._clear()
 
     def _clear(self) -> None:
-        self._stash.clear()
-        self._sums.clear()
+        self._stash = {}
+        self._sums = {}
         self._drawn = self._accumulated = 0
         self._pending = False
 
@@ -321,12 +367,12 @@ class IVON(Optimizer):
             raise RuntimeError(f"IVON.step: drew {self._drawn} samples and took {gradients} gradients, "
                                f"but mc_samples={mc}: call sample(k) for k < mc_samples and accumulate() "
                                "after each backward but the last")
-        for group in self.param_groups:
-            self._step_group(group)
+        for index, group in enumerate(self.param_groups):
+            self._step_group(index, group)
         self._clear()
         return loss
 
-    def _step_group(self, group: dict) -> None:
+    def _step_group(self, index: int, group: dict) -> None:
         # Bucket by everything a single multi-tensor call must share.
         buckets: dict[tuple, list[tuple]] = {}
         for p in group["params"]:
@@ -347,12 +393,13 @@ class IVON(Optimizer):
             key = (p.device, p.dtype, eps.dtype, int(state["step"]), n, single)
             buckets.setdefault(key, []).append((_flat(p), _flat(mean), g, stat, _flat(state["m"]),
                                                 _flat(state["h"])))
-        for (device, _, _, t, n, single), items in buckets.items():
+        for ordinal, ((device, _, _, t, n, single), items) in enumerate(buckets.items()):
             scalars = _StepScalars.of(group, t, n, single)
             columns = [list(c) for c in zip(*items)]
-            if group["fused"]:
-                _fused_update(*columns, scalars)
-            elif group["foreach"] or (group["foreach"] is None and device.type == "cuda"):
+            if group["fused"] and self.fused_path.step((index, ordinal), columns,
+                                                       scalars.fused_values(), single, scalars.price):
+                continue
+            if group["foreach"] or (group["foreach"] is None and device.type == "cuda"):
                 _foreach_update(*columns, scalars)
             else:
                 for item in items:
@@ -390,49 +437,16 @@ def _standard_normal_runs(counter: tuple, runs: list[tuple[int, int]], device, d
     if len(runs) == 1:
         return standard_normal(*counter, *runs[0], device=device, dtype=dtype)
     for start, n in runs:
-        _check_counter(*counter, start, n)
+        check_counter(*counter, start, n)
     index = torch.cat([torch.arange(start, start + n, dtype=torch.int64, device=device) for start, n in runs])
     return normal_from_index(index, *counter).to(dtype)
 
 
 def _sample_eager(param, h, mean, eps, z, group: dict) -> None:
-    sigma = (h + group["weight_decay"]).mul_(group["ess"]).sqrt_().reciprocal_()
+    """eps = z * sigma, param = mean + eps (the fused kernels' operations, in their order)."""
+    sigma = sqrt_rn((h + group["weight_decay"]).mul_(group["ess"])).reciprocal_()
     torch.mul(z, sigma, out=eps)
     param.copy_(mean.to(eps.dtype) + eps)
-
-
-def _sample_kernel(param, h, mean, eps, counter, scalars):
-    """One pass: draws z for global elements start.., writes eps and param = mean + eps.
-
-    Counter and scalars are tensors so a new step or sample index does not recompile."""
-    start, seed, step, sample = counter.unbind()
-    ess, wd = scalars.unbind()
-    index = torch.arange(param.numel(), dtype=torch.int64, device=param.device) + start
-    z = normal_from_index(index, seed, step, sample).to(h.dtype)
-    e = z * (1.0 / torch.sqrt((h + wd) * ess))
-    eps.copy_(e)
-    param.copy_((mean.to(h.dtype) + e).to(param.dtype))
-
-
-_compiled_sample = None
-
-
-def _sample_fused(param, h, mean, eps, runs, counter, group: dict) -> None:
-    """A compiled pass per run (a ZeRO shard has a run per parameter piece). One pass over
-    all runs, each element finding its run by binary search (torch.bucketize), was slower on
-    CPU: 259 against 191 ms per ResNet-50 sample, 590 against 480 ms per ZeRO-2 iteration."""
-    global _compiled_sample
-    if _compiled_sample is None:
-        _compiled_sample = torch.compile(_sample_kernel, dynamic=True, fullgraph=True,
-                                         options={"cpp.dynamic_threads": True})
-    for start, n in runs:
-        _check_counter(*counter, start, n)
-    counters, scalars = host_rows_to_device(([(start, *counter) for start, _ in runs],
-                                              (group["ess"], group["weight_decay"])), (torch.int64, h.dtype), h.device)
-    at = 0
-    for row, (_, n) in zip(counters, runs):
-        _compiled_sample(*(t[at:at + n] for t in (param, h, mean, eps)), row, scalars)
-        at += n
 
 
 # ================================================================================ update
@@ -494,41 +508,6 @@ def _foreach_update(params, means, grads, stats, ms, hs, s: _StepScalars) -> Non
     torch._foreach_add_(ws, steps, alpha=-s.lr)
     for p, w in zip(params, ws):
         p.copy_(w)
-
-
-def _ivon_kernel(param, mean, grad, stat, m, h, scalars):
-    """One pass over memory: reads param's mean, grad, stat, m, h; writes param, m, h.
-
-    `scalars` is a tensor (not Python floats) so a new lr or t does not recompile."""
-    lr, ess, wd, beta1, beta2, c, bias, clip, n, single, price = scalars.unbind()
-    dtype = m.dtype
-    g = grad.to(dtype)
-    st = torch.where(single > 0, g * stat.to(dtype), stat.to(dtype)) / n
-    g = g / n
-    hd = h + wd
-    hhat = torch.where(price > 0, hd * ess, ess) * st
-    h_new = beta2 * h + (1.0 - beta2) * hhat + c * (h - hhat) * (h - hhat) / hd
-    m_new = beta1 * m + (1.0 - beta1) * g
-    w = mean.to(dtype)
-    step = torch.clamp((m_new / bias + wd * w) / (h_new + wd), -clip, clip)
-    param.copy_((w - lr * step).to(param.dtype))
-    m.copy_(m_new)
-    h.copy_(h_new)
-
-
-_compiled_update = None
-
-
-def _fused_update(params, means, grads, stats, ms, hs, s: _StepScalars) -> None:
-    global _compiled_update
-    if _compiled_update is None:
-        _compiled_update = torch.compile(_ivon_kernel, dynamic=True, fullgraph=True,
-                                         options={"cpp.dynamic_threads": True})
-    values = (s.lr, s.ess, s.wd, s.beta1, s.beta2, s.c, s.bias, s.clip, float(s.n), float(s.single),
-              float(s.price))
-    [scalars] = host_rows_to_device((values,), (ms[0].dtype,), ms[0].device)
-    for tensors in zip(params, means, grads, stats, ms, hs):
-        _compiled_update(*tensors, scalars)
 
 
 # ======================================================================= registration
