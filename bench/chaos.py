@@ -186,8 +186,15 @@ class LocalCluster:
         return runs[-1] if runs else "UNKNOWN"
 
     def restore_node(self) -> None:
-        """start.sh again: starts the slurmd that is missing (the lost node)."""
-        self.start()
+        """start.sh again: starts the slurmd that is missing (the lost node); it may take
+        SLURM a while to take a node it marked DOWN back."""
+        for attempt in range(3):
+            try:
+                return self.start()
+            except ChaosError as e:
+                self.log(f"restoring the node, try {attempt + 1}: {e}")
+                time.sleep(10)
+        raise ChaosError("the lost node did not come back after three tries of slurm/local/start.sh")
 
 
 def free_net() -> str:

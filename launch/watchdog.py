@@ -109,13 +109,18 @@ class TaskWatchdog:
         self.rank, self.timeout_s = rank, timeout_s
         self.me = {"pid": os.getpid(), "host": os.uname().nodename}
         self._seen: int | None = None
+        self._changes = 0
         self._last_progress: float | None = None
 
     def check(self, step: int | None) -> str | None:
         """Publish this rank's heartbeat; the verdict once no step completed for timeout_s."""
         now = time.time()
         if step is not None and self._seen is not None and step != self._seen:
-            self._last_progress = now  # completed here, not resumed
+            # The first change may be the resume (0 -> the checkpoint's step), and the first
+            # step after it compiles and warms up: armed from the second change on.
+            self._changes += 1
+            if self._changes >= 2:
+                self._last_progress = now
         self._seen = step if step is not None else self._seen
         with contextlib.suppress(OSError):  # a full disk must not end the task; the watch goes on
             tmp = self.files[self.rank].with_suffix(".tmp")
