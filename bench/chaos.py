@@ -54,6 +54,10 @@ QUEUED = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEU
 DEFAULT_PORTS = {"SLURM_LOCAL_CTLD_PORT": "6857", "SLURM_LOCAL_SLURMD_PORT": "6858",
                  "SLURM_LOCAL_DBD_PORT": "6859", "SLURM_LOCAL_DB_PORT": "3347"}
 """The cluster's ports unless the environment sets them (another cluster may use the defaults)."""
+SLURMD_SOCKET = "cluster/slurm/spool/node1/node1_4294967294.4294967291"
+"""The longest socket path slurmstepd makes under the work folder (a Unix socket path has
+at most SOCKET_PATH_MAX bytes: a longer one fails every job launch)."""
+SOCKET_PATH_MAX = 107
 UNSEEDED_RNGS = ("python", "numpy")
 """Global RNGs the trainer never seeds nor draws from: left out of the comparison."""
 
@@ -390,9 +394,9 @@ class Chaos:
             equal = self.final_checks(reference)
             self.leftover_processes()
             self.attempts()
-        except ChaosError as e:
-            self.problems.append(str(e))
-            self.say(f"error: {e}")
+        except (ChaosError, KeyboardInterrupt) as e:
+            self.problems.append(str(e) or "interrupted")
+            self.say(f"error: {e or 'interrupted'}")
             chaos_s = ref_s = 0.0
         finally:
             with contextlib.suppress(Exception):
@@ -465,9 +469,7 @@ class Chaos:
             if latest_step(self.run_dir) >= self.cfg.steps - self.cfg.ckpt_every:
                 time.sleep(0.5)  # too close to the end for another fault to matter
                 continue
-            if fault.kind == "preempt_in_save":
-                self.wait_for_a_save(baseline)
-            else:
+            if fault.kind != "preempt_in_save":  # that one strikes when a save starts
                 time.sleep(fault.delay_s)
             if self.cluster.queued_state(self.jid) != "RUNNING" or not rank_pids(self.jid):
                 continue
@@ -485,16 +487,21 @@ class Chaos:
         now = training_step(self.job_dir, self.jid)
         return now is not None and now > step
 
-    def wait_for_a_save(self, baseline: int) -> None:
-        """Return while a checkpoint newer than `baseline` is being written (its .tmp folder
-        exists), polling fast; after three saves missed (too quick to see), return anyway."""
-        folder, missed, deadline = self.run_dir / "checkpoints", 0, time.time() + 120
-        while missed < 3 and time.time() < deadline:
-            if any(int(p.stem.removeprefix("step_")) > baseline for p in folder.glob("*.tmp")):
-                return
-            if latest_step(self.run_dir) > baseline:
+    def wait_for_a_save(self, pids: list[int]) -> str | None:
+        """Send USR2 to `pids` as soon as a checkpoint is being written (its .tmp folder
+        exists), polling every millisecond; return that folder's name, or None when three
+        saves were too quick to see (then the signal goes out after the third)."""
+        folder, baseline, missed, deadline = self.run_dir / "checkpoints", latest_step(self.run_dir), 0, time.time() + 120
+        saving = None
+        while missed < 3 and time.time() < deadline and saving is None:
+            saving = next((p.name for p in folder.glob("*.tmp")), None)
+            if saving is None and latest_step(self.run_dir) > baseline:
                 missed, baseline = missed + 1, latest_step(self.run_dir)
-            time.sleep(0.002)
+            time.sleep(0.001)
+        for pid in pids:  # what `scancel --signal=USR2` delivers, without its round trip to slurmctld
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR2)
+        return saving
 
     def follow(self) -> str:
         """Keep the job going: resubmit a job that ended without completing, after following
@@ -567,9 +574,12 @@ class Chaos:
         fault.target = f"job {self.jid}"
 
     def inject_preempt_in_save(self, fault: Fault) -> None:
-        saving = [p.name for p in (self.run_dir / "checkpoints").glob("*.tmp")]
-        self.cluster.slurm("scancel", "--signal=USR2", self.jid)
-        fault.target = f"job {self.jid} while writing {saving[0] if saving else '(the write had just ended)'}"
+        pids = [pid for pid, _ in rank_pids(self.jid).values()]
+        saving = self.wait_for_a_save(pids)
+        still = saving and (self.run_dir / "checkpoints" / saving).exists()
+        fault.target = (f"job {self.jid} while writing {saving}" + (" (still being written after the signal)"
+                                                                   if still else "")
+                        if saving else f"job {self.jid} (three saves too quick to catch; after the third)")
 
     def inject_lose_node(self, fault: Fault) -> None:
         node = f"node{1 + fault.pick % 2}"
@@ -786,15 +796,26 @@ def parse_args(argv: list[str] | None = None) -> ChaosConfig:
     if os.geteuid() != 0:
         p.error("the local SLURM cluster, the tmpfs and the network cut need root; run as root")
     steps = a.steps or a.ckpt_every * (a.faults + 4)
+    if a.workdir and a.workdir.exists() and any(a.workdir.iterdir()):
+        p.error(f"--workdir {a.workdir} is not empty (the harness deletes its work folder): give a new folder")
+    workdir = (a.workdir or Path(tempfile.mkdtemp(prefix="vsgd-chaos-", dir="/tmp"))).resolve()
+    if len(str(workdir / SLURMD_SOCKET)) > SOCKET_PATH_MAX:
+        p.error(f"--workdir {workdir} is too long for slurmstepd's sockets under it "
+                f"({SOCKET_PATH_MAX} bytes at most); pick a shorter one, e.g. under /tmp")
     return ChaosConfig(faults=a.faults, seed=a.seed, kinds=kinds, steps=steps, ckpt_every=a.ckpt_every,
                        hang_timeout_s=a.hang_timeout, max_attempts=a.max_attempts or 2 * a.faults + 3,
                        time_limit_s=a.time_limit or 300 + 150 * a.faults,
-                       workdir=(a.workdir or Path(tempfile.mkdtemp(prefix="vsgd-chaos-"))).resolve(),
+                       workdir=workdir,
                        keep=a.keep, reference=a.reference.resolve() if a.reference else None)
 
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"{signal.Signals(signum).name} received")
+
+    signal.signal(signal.SIGTERM, interrupt)  # clean up (jobs, cluster, tmpfs) as on Ctrl-C
     return Chaos(parse_args(argv)).run()
 
 
