@@ -74,6 +74,12 @@ def record_interruption(job_dir: Path, kind: str, job_id: str, step: Any) -> lis
     return events
 
 
+def hang_timeout_s(recipe: dict) -> float:
+    """The recipe's train.hang_timeout_s (0, no watchdog, for trainers whose recipe has none)."""
+    train = recipe.get("train")
+    return float(train.get("hang_timeout_s") or 0) if isinstance(train, dict) else 0.0
+
+
 def check_master_addr(master_addr: str, num_nodes: int) -> None:
     """On a job over several nodes, exit with one line if MASTER_ADDR is a loopback address
     here (a hosts file mapping a node's name to 127.x): the other nodes could never reach
@@ -163,6 +169,7 @@ class TrainJob(Checkpointable):
         Path(self.run_dir).mkdir(parents=True, exist_ok=True)
         print(f"launch: rank {dist_env.rank}/{dist_env.world_size} on {job_env.hostname} master "
               f"{dist_env.master_addr}:{dist_env.master_port} run_dir {self.run_dir}", flush=True)
+        from launch.watchdog import TaskWatchdog  # here: it imports torch, which `launch submit` does not need
         from vsgd_dist.train.run_lock import RunLock
 
         # global rank 0 holds the run folder's lock (a requeued attempt of this job takes it over)
@@ -170,8 +177,15 @@ class TrainJob(Checkpointable):
             self._trainer = load_factory(self.factory)(self.recipe, self.run_dir)
             self._thread = threading.Thread(target=self._work, name="trainer", daemon=True)
             self._thread.start()
+            watchdog = TaskWatchdog(job_env.paths.folder, job_env.job_id, dist_env.rank, dist_env.world_size,
+                                    hang_timeout_s(self.recipe))
             while self._thread.is_alive():
                 self._thread.join(timeout=1)  # short waits: signal handlers run between them
+                verdict = watchdog.check(getattr(self._trainer, "step", None))
+                if verdict:  # the trainer thread is stuck in a collective: end the process now
+                    print(f"launch: error: {verdict}", file=sys.stderr, flush=True)
+                    sys.stdout.flush()
+                    os._exit(1)
         if "error" in self._outcome:
             raise self._outcome["error"]
         summary = self._outcome["summary"]

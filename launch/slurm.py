@@ -131,6 +131,10 @@ class JobSpec:
         if not self.gpus_per_node:
             params.pop("gpus_per_node")
         params["comment"] = comment
+        # One task that dies (killed, crashed, ended by its step watchdog) ends every task of
+        # the step at once: the others would wait in a collective for the process-group
+        # timeout, and a frozen (SIGSTOPped) task would hold the job until its time limit.
+        params["srun_args"] = ["--kill-on-bad-exit=1"]
         return params
 
 

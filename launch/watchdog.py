@@ -1,4 +1,4 @@
-"""Step watchdog of `launch run`: a run in which no rank completes a step for
+"""Step watchdogs of `launch run` and of SLURM tasks (TaskWatchdog): a run in which no rank completes a step for
 train.hang_timeout_s seconds ends with a message naming the stalled rank, instead of hanging
 until the process-group timeout (or forever: a frozen rank times nothing out).
 
@@ -11,6 +11,7 @@ collective or the data pipeline hangs. Then it kills the ranks.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import threading
@@ -92,3 +93,51 @@ def _stopped(pid: float) -> bool:
         return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
     except (OSError, IndexError):
         return False
+
+
+class TaskWatchdog:
+    """The step watchdog of a SLURM task. Under srun no launcher shares memory with the ranks,
+    so each task publishes its heartbeat (pid, host, time, last step) to its own file in the
+    job's submitit folder, which every node sees, and watches its own trainer: when no step
+    completes for `timeout_s` (0: never) after the first, `check` returns the verdict naming
+    the ranks whose heartbeat went silent (a frozen, SIGSTOPped or lost task) or, when every
+    rank beats, a hung collective. The caller then ends its task; srun --kill-on-bad-exit
+    ends the others, the frozen one included."""
+
+    def __init__(self, folder: Path, job_id: str, rank: int, world_size: int, timeout_s: float):
+        self.files = [Path(folder) / f"{job_id}_{r}_heartbeat.json" for r in range(world_size)]
+        self.rank, self.timeout_s = rank, timeout_s
+        self.me = {"pid": os.getpid(), "host": os.uname().nodename}
+        self._seen: int | None = None
+        self._changes = 0
+        self._last_progress: float | None = None
+
+    def check(self, step: int | None) -> str | None:
+        """Publish this rank's heartbeat; the verdict once no step completed for timeout_s."""
+        now = time.time()
+        if step is not None and self._seen is not None and step != self._seen:
+            # The first change may be the resume (0 -> the checkpoint's step), and the first
+            # step after it compiles and warms up: armed from the second change on.
+            self._changes += 1
+            if self._changes >= 2:
+                self._last_progress = now
+        self._seen = step if step is not None else self._seen
+        with contextlib.suppress(OSError):  # a full disk must not end the task; the watch goes on
+            tmp = self.files[self.rank].with_suffix(".tmp")
+            tmp.write_text(json.dumps({**self.me, "time": now, "step": self._seen}))
+            os.replace(tmp, self.files[self.rank])
+        if not self.timeout_s or self._last_progress is None or now - self._last_progress <= self.timeout_s:
+            return None
+        stalled = []
+        for r, file in enumerate(self.files):
+            try:
+                beat = json.loads(file.read_text())
+            except (OSError, ValueError):
+                stalled.append(f"rank {r} never published a heartbeat")
+                continue
+            if now - beat["time"] > SILENT_S:
+                stalled.append(f"rank {r} (pid {beat['pid']} on {beat['host']}) is silent for "
+                               f"{now - beat['time']:.0f} s")
+        cause = ", ".join(stalled) if stalled else "every rank is alive, so a collective or the data pipeline hangs"
+        return (f"no step completed for {self.timeout_s:g} s (train.hang_timeout_s) after step {self._seen}: "
+                f"{cause}; ending the job's tasks")

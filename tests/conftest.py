@@ -7,7 +7,7 @@ import pytest
 # distributed tests start several ranks at once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-SLURM_MODULES = {"test_slurm.py", "test_multinode.py"}
+SLURM_MODULES = {"test_slurm.py", "test_multinode.py", "test_chaos.py"}
 """Tests that skip when no SLURM cluster can start here; CI must run them."""
 GPU_FOLDER = Path(__file__).resolve().parent / "gpu"
 LANES = {

@@ -626,3 +626,27 @@ def test_cancel_of_an_unknown_or_ended_job_says_so(cluster, tmp_path):
     assert cluster.wait_done(jid, timeout=120) == {jid: "COMPLETED"}
     err = one_line_error(cluster.launch("cancel", tmp_path / "job"))
     assert f"job {jid} is not queued or running (it ended COMPLETED); nothing cancelled" in err, err
+
+
+@pytest.mark.timeout(400)
+def test_a_run_killed_right_after_a_checkpoint_kept_every_step_logged_up_to_it(tmp_path):
+    """TensorBoard's writer flushes every two minutes; the steps logged before a checkpoint
+    must be on disk when it is published, since a run killed then resumes after them and
+    never logs them again (found by bench/chaos.py)."""
+    out = tmp_path / "run"
+    proc = start_run(out, "train.ckpt_every=4")
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "checkpoints" / "step_00000004").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        for rank in ranks_of(proc):
+            os.kill(rank, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert {1, 2, 3, 4} <= {e.step for e in events.Scalars("train/loss")}

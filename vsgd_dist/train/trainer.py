@@ -346,6 +346,10 @@ class Trainer:
     def _save(self) -> None:
         if self.window_losses:
             self._window_mean_loss()  # a NaN since the last log is reported before anything is saved
+        # The events up to this step reach the disk before the checkpoint that a killed run
+        # resumes from: the writer's own flush (every 2 min) would lose them, and the resumed
+        # run never logs those steps again.
+        self.logger.flush()
         self.engine.sync_buffers()
         values, grad_state = {}, {}
         for t in self.transforms:
