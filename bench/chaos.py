@@ -676,8 +676,11 @@ class Chaos:
                 break
             time.sleep(0.5)
         if fault.kind == "lose_node":
+            runs = self.cluster.runs(jid)
+            seen = ("SLURM ended the run NODE_FAIL" if runs.count("NODE_FAIL") > node_fails else
+                    f"the job {self.cluster.queued_state(jid) or 'ended ' + runs[-1]}")
             self.cluster.restore_node()
-            self.say(f"fault {fault.index}: {self.lost} restored (SLURM ended the run NODE_FAIL and requeued it)")
+            self.say(f"fault {fault.index}: {self.lost} restored ({seen})")
         self.recomputed += max(0, heartbeat_step(self.job_dir, jid) - latest_step(self.run_dir))
         fault.recovered_s = time.time() - self.t0
         logs = logs_of(self.job_dir, jid)

@@ -115,13 +115,11 @@ def check_gpus(profile) -> list[Check]:
 
 def _all_reduce(rank: int, world_size: int) -> tuple[str, float]:
     import torch
-    import torch.distributed as dist
 
-    from vsgd_dist.distributed import pick_device
+    from vsgd_dist.distributed import all_reduce, pick_device
 
     device = pick_device()
-    values = torch.full((1 << 20,), float(rank + 1), device=device)
-    dist.all_reduce(values)
+    values = all_reduce(torch.full((1 << 20,), float(rank + 1), device=device))
     expected = world_size * (world_size + 1) / 2
     return str(device), float((values - expected).abs().max())
 

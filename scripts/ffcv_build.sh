@@ -18,7 +18,7 @@ ffcv_find() {
 
 ffcv_build_env() {
   local missing=() p
-  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null && command -v dpkg >/dev/null; then
+  if ((EUID == 0)) && command -v apt-get >/dev/null && command -v dpkg >/dev/null; then
     for p in "${FFCV_APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
     if ((${#missing[@]})); then
       # apt must never start services on these machines (see slurm/local/start.sh).
@@ -38,10 +38,11 @@ ffcv_build_env() {
   [[ -n "$cv_include" && -n "$cv_lib" ]] || missing+=("OpenCV core+imgproc headers and libraries")
   [[ -n "$jpeg_include" && -n "$jpeg_lib" ]] || missing+=("libturbojpeg headers and library")
   if ((${#missing[@]})); then
-    local packages="${FFCV_APT_PKGS[*]}" IFS=,
-    echo "setup: ffcv builds from source and this machine lacks: ${missing[*]}; either install from a wheelhouse" \
+    local lacking
+    lacking=$(printf '%s, ' "${missing[@]}")
+    echo "setup: ffcv builds from source and this machine lacks: ${lacking%, }; either install from a wheelhouse" \
       "built where they exist (bash scripts/wheelhouse.sh DIR there, then bash scripts/setup.sh --wheelhouse DIR here)," \
-      "or ask an administrator for the Debian packages $packages (Red Hat: pkgconf gcc-c++ opencv-devel turbojpeg-devel)" >&2
+      "or ask an administrator for the Debian packages ${FFCV_APT_PKGS[*]} (Red Hat: pkgconf gcc-c++ opencv-devel turbojpeg-devel)" >&2
     exit 1
   fi
   # ffcv's build asks pkg-config for "opencv4", which only the (large) full OpenCV package

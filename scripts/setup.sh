@@ -47,6 +47,10 @@ if [[ ! -e "$stamp" ]]; then
   if [[ -z "$WHEELHOUSE" ]] && ! .venv/bin/python -c "import ffcv" 2>/dev/null; then
     ffcv_build_env  # ffcv builds from source: its headers, or one line saying what is missing
   fi
+  # pip takes an installed 2.13.0+cpu for torch==2.13.0: switching a venv to CUDA removes it first
+  if [[ "$TORCH" == cuda ]] && .venv/bin/python -m pip show torch 2>/dev/null | grep -q '^Version: .*+cpu$'; then
+    .venv/bin/python -m pip uninstall -q -y torch
+  fi
   # numpy first: ffcv's setup.py imports it at build time.
   "${PIP[@]}" torch==2.13.0 numpy wheel setuptools
   DS_BUILD_OPS=0 "${PIP[@]}" --no-build-isolation -r requirements.txt

@@ -181,10 +181,11 @@ def test_eval_matches_training_and_a_resumed_run_says_so(tmp_path, capfd):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
-    common = ["run", DEMO, f"out={run}", *QUIET, "train.global_batch=32", "data.minival=100", "train.ema_decay=0.9"]
-    assert launch([*common, "max_steps=2"]) == 0
+    common = ["run", DEMO, f"out={run}", *QUIET, "train.global_batch=32", "data.minival=100", "train.ema_decay=0.9",
+              "max_steps=4"]
+    assert launch([*common, "train.stop_at=2"]) == 0  # stopped: saved, not validated
     capfd.readouterr()
-    assert launch([*common, "max_steps=4"]) == 0  # the ranks' output reaches the file descriptors
+    assert launch(common) == 0  # the ranks' output reaches the file descriptors
     assert f"trainer: resumed from step 2 ({run / 'checkpoints' / 'step_00000002'})" in capfd.readouterr().err
 
     acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "tensors": 0})

@@ -84,3 +84,17 @@ def test_user_without_root_or_network_installs_from_the_wheelhouse_and_runs_the_
     assert res.stdout.count("launch run: completed at step 2") == 2, res.stdout[-3000:]
     assert (repo / "runs/demo/report/report.md").is_file()
     assert (repo / ".venv").is_dir() and (repo / ".venv").stat().st_uid != 0
+
+
+def test_without_root_a_missing_build_package_is_one_line_naming_both_ways_out(tmp_path):
+    """ffcv's build check as a user without root, on a machine where nothing it needs is
+    found: no apt-get, one line, exit status 1."""
+    script = (f"source {REPO}/scripts/ffcv_build.sh && FFCV_PREFIXES=({tmp_path}) && PATH={tmp_path} && "
+              "ffcv_build_env; echo unreachable")
+    res = subprocess.run(["runuser", "-u", "nobody", "--", "/bin/bash", "-c", script], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and res.stdout == "", res
+    (line,) = res.stderr.splitlines()
+    assert "lacks: pkg-config, g++, OpenCV core+imgproc headers and libraries, libturbojpeg headers and library;" in line
+    assert "bash scripts/setup.sh --wheelhouse DIR" in line
+    assert "pkg-config libopencv-core-dev libopencv-imgproc-dev libturbojpeg0-dev g++" in line

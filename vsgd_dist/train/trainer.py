@@ -57,11 +57,13 @@ class Trainer:
 
     def run(self) -> dict:
         owns_group = init_process_group_from_env()
-        try:
-            return self._train()
-        finally:
-            if owns_group:
-                close_process_group()
+        summary = self._train()
+        # Closed only after success: after an error on this rank (a full disk while saving),
+        # the others wait in a collective this rank never joins, and the closing barrier would
+        # hang it and hide the error; the launcher ends the other ranks instead.
+        if owns_group:
+            close_process_group()
+        return summary
 
     # ------------------------------------------------------------------------- the loop
     def _train(self) -> dict:
