@@ -85,6 +85,9 @@ class ClusterProfile:
     """sbatch --constraint, e.g. a GPU model feature such as "a100"."""
     gpus_per_node: int = 0
     """GPUs on one node; 0 marks a CPU-only cluster (tasks then set by --tasks-per-node, gloo)."""
+    gpu_memory_gib: float = 0
+    """One GPU's memory in GiB: the dry run's memory plan then says whether the recipe fits
+    and, if not, what would (0: the plan is printed without that verdict)."""
     cpus_per_node: int = 1
     """CPU cores on one node; tasks_per_node * cpus_per_task may not exceed it."""
     cpus_per_task: int = 1
@@ -136,6 +139,8 @@ def _check_type(name: str, value: object, hint: object, where: str) -> None:
         ok = isinstance(value, list) and all(isinstance(v, args[0]) for v in value)
     elif hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     else:
         ok = isinstance(value, hint)  # type: ignore[arg-type]
     if not ok:

@@ -47,6 +47,19 @@ def batch_lines(recipe: dict, world: int) -> list[str]:
     return lines
 
 
+def memory_lines(recipe: dict, spec: JobSpec, profile: ClusterProfile) -> list[str]:
+    """The memory one GPU needs for `recipe` at the job's world size (vsgd_dist/memory_plan.py);
+    with the profile's gpu_memory_gib, whether it fits and what would."""
+    from launch.plan import num_classes
+    from vsgd_dist.config import build_config
+    from vsgd_dist.memory_plan import plan_lines
+
+    cfg = build_config(recipe, [], spec.world_size, source="the resolved recipe")
+    memory = int(profile.gpu_memory_gib * 2**30) if profile.gpu_memory_gib else None
+    return plan_lines(cfg, spec.world_size, memory, num_classes(cfg.data.data_dir),
+                      ranks_per_node=spec.gpus_per_node or spec.ntasks_per_node)
+
+
 def dry_run_summary(spec: JobSpec, profile: ClusterProfile, job_dir: Path, recipes: dict[str, dict],
                     real_trainer: bool, data_problems: dict[str, str] | None, array: bool) -> list[str]:
     """Lines of the summary. `recipes`: point name ('' for a single job) -> resolved recipe;
@@ -62,6 +75,7 @@ def dry_run_summary(spec: JobSpec, profile: ClusterProfile, job_dir: Path, recip
     first = next(iter(recipes.values()))
     if real_trainer:
         lines += batch_lines(first, spec.world_size)
+        lines += memory_lines(first, spec, profile)
     lines.append(f"job folder:   {job_dir}")
     if array:
         lines.append(f"run folders:  {job_dir}/<point>/run for {len(recipes)} points: {', '.join(recipes)}")
