@@ -176,6 +176,7 @@ def test_a_profile_without_a_required_field_names_it(field, tmp_path, capsys):
 
 
 # --- launch eval, and a resumed run says so -----------------------------------------------------
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 def test_eval_matches_training_and_a_resumed_run_says_so(tmp_path, capfd):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -260,6 +261,7 @@ def test_compare_plots_the_mean_over_seeds_with_a_band_in_percent(tmp_path):
 
 
 # --- the sbatch template's path: launch run --from-env under srun --------------------------------
+@pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_from_env_stops_with_a_checkpoint_on_usr2(tmp_path):
     """SLURM sends USR2 before the time limit: a task of slurm/sbatch_template.sh saves at one

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.dist  # its tests run the doctor in a subprocess (a collective on 2 CPU processes)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -48,6 +48,7 @@ def allocated_state_bytes(rank: int, world_size: int) -> dict:
     return held
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_optimizer_state_is_what_the_engines_allocate(world_size):

@@ -48,6 +48,7 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars(tag)} if tag in acc.Tags()["scalars"] else {}
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_transform_registered_outside_trains_compares_and_resumes_on_another_world_size(engine, tmp_path):
@@ -78,6 +79,7 @@ def test_a_transform_registered_outside_trains_compares_and_resumes_on_another_w
     assert re.search(r"\| 6 \| [0-9.e+-]+ \|$", row), row
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(120)
 def test_its_recipe_keys_are_checked_in_the_launcher(tmp_path):
     bad = launch_run(tmp_path / "bad", 2, "grad_noise.scale=-1")
