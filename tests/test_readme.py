@@ -141,7 +141,7 @@ def demo_runs(tmp_path_factory):
     return root, runs
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_demo_run_commands_run(demo_runs):
     _, runs = demo_runs
     assert {"runs/demo/vsgd", "runs/demo/adamw"} <= set(runs)
