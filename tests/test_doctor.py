@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.dist  # the doctor runs in a subprocess and starts ranks
 
 
 def doctor(*args: str) -> subprocess.CompletedProcess:

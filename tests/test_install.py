@@ -18,9 +18,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 USER = "vsgd-offline-test"
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.dist, pytest.mark.skipif(
     os.geteuid() != 0 or not all(shutil.which(c) for c in ("useradd", "userdel", "runuser", "unshare", "ip")),
-    reason="needs root with useradd, runuser, unshare and ip (CI runs as root)")
+    reason="needs root with useradd, runuser, unshare and ip (CI runs as root)")]
 
 
 def _drop_user() -> None:

@@ -141,6 +141,7 @@ def demo_runs(tmp_path_factory):
     return root, runs
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(900)
 def test_demo_run_commands_run(demo_runs):
     _, runs = demo_runs
@@ -155,6 +156,7 @@ def as_demo_paths(args: list[str], root: Path) -> list[str]:
             for a in args]
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 def test_compare_and_checkpoint_commands_run(demo_runs, capsys):
     root, _ = demo_runs
@@ -170,6 +172,7 @@ def test_compare_and_checkpoint_commands_run(demo_runs, capsys):
             assert Path(args[args.index("--out") + 1]).exists(), command
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 def test_data_write_command_runs(tmp_path):
     src = tmp_path / "imagenet"
@@ -186,6 +189,7 @@ def test_data_write_command_runs(tmp_path):
         assert {"train.beton", "val.beton", "manifest.json"} <= {p.name for p in out.iterdir()}
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 def test_plan_commands_run(capsys):
     for command in commands_for("test_plan_commands_run"):
