@@ -13,6 +13,7 @@ import pytest
 pytestmark = pytest.mark.dist  # its tests run the doctor in a subprocess (a collective on 2 CPU processes)
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.dist  # the doctor runs in a subprocess and starts ranks
 
 
 def doctor(*args: str) -> subprocess.CompletedProcess:

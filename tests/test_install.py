@@ -24,6 +24,8 @@ pytestmark = [pytest.mark.dist, pytest.mark.skipif(
 
 
 def _drop_user() -> None:
+    """The test user and everything it still runs (a timed-out install leaves its processes)."""
+    subprocess.run(["pkill", "-KILL", "-u", USER], capture_output=True)
     subprocess.run(["userdel", "--remove", USER], capture_output=True)
 
 

@@ -14,6 +14,7 @@ from vsgd_dist.memory_plan import (FP32, HEADROOM, _activation_peak, activation_
                                    plan_lines, state_elements_per_rank, state_tensors)
 from vsgd_dist.spawn import run_distributed
 
+pytestmark = pytest.mark.dist  # ranks, and forward/backward passes of real models
 DEMO = "recipes/demo.yaml"
 LAYOUTS = [("ddp", 2), ("zero", 1), ("zero", 2), ("fsdp2", 2)]
 OPTIMIZERS = ["vsgd", "adamw", "ivon"]

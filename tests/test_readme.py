@@ -142,7 +142,7 @@ def demo_runs(tmp_path_factory):
 
 
 @pytest.mark.dist
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_demo_run_commands_run(demo_runs):
     _, runs = demo_runs
     assert {"runs/demo/vsgd", "runs/demo/adamw"} <= set(runs)
@@ -189,6 +189,7 @@ def test_data_write_command_runs(tmp_path):
         assert {"train.beton", "val.beton", "manifest.json"} <= {p.name for p in out.iterdir()}
 
 
+@pytest.mark.dist
 @pytest.mark.timeout(600)
 def test_plan_commands_run(capsys):
     for command in commands_for("test_plan_commands_run"):
