@@ -329,23 +329,38 @@ def test_triton_ivon_kernels_give_the_cpu_kernels_bits(ivon_triton_on_cpu, hp):
 
 
 def test_fused_ivon_keeps_its_tables_and_buffers_while_addresses_hold():
+    """A group's plan (private: what the kept tables are is the point) keeps its sample table,
+    buffers and, while the gradients' addresses hold, its step table; new gradients get a new
+    step table, and the numbers equal a run that rebuilds everything every step."""
     params = make_params([(300, 7), (11,)])
     opt = IVON(params, **IVON_HP, fused=True)
-    for _ in range(2):
+    grads = [torch.ones_like(p) for p in params]
+    for _ in range(3):
         opt.sample()
-        for p in params:
-            p.grad = torch.ones_like(p)
+        for p, g in zip(params, grads):
+            p.grad = g
         opt.step()
-    [sample_kept], [step_kept] = opt.fused_path.sample_tables.values(), opt.fused_path.step_tables.values()
-    tables = sample_kept.table, step_kept.table
+    plan = opt.fused_path.plans[0]
+    tables = plan.sample_table, plan.step_table
     buffers = {p: tuple(t.data_ptr() for t in b) for p, b in opt.fused_path.buffers.items()}
     opt.sample()
+    old_grads = grads  # kept alive: the new gradients get new memory
     for p in params:
-        p.grad = torch.ones_like(p)  # new gradients: the step's table is rebuilt, the sample's kept
+        p.grad = torch.full_like(p, 2.0)
     opt.step()
-    assert opt.fused_path.sample_tables[next(iter(opt.fused_path.sample_tables))].table is tables[0]
-    assert next(iter(opt.fused_path.step_tables.values())).table is not tables[1]
+    assert opt.fused_path.plans[0] is plan and plan.sample_table is tables[0] and old_grads
+    assert plan.step_table is not tables[1] and plan.t == 4
     assert buffers == {p: tuple(t.data_ptr() for t in b) for p, b in opt.fused_path.buffers.items()}
+    reference = make_params([(300, 7), (11,)])
+    ref_opt = IVON(reference, **IVON_HP, fused=True)
+    for value in (1.0, 1.0, 1.0, 2.0):
+        ref_opt.sample()
+        for p in reference:
+            p.grad = torch.full_like(p, value)
+        ref_opt.step()
+        ref_opt.fused_path.forget_tables()
+    assert all(torch.equal(p, r) for p, r in zip(params, reference))
+    assert all(int(opt.state[p]["step"]) == 4 for p in params)
 
 
 def test_fused_ivon_without_compiler_warns_and_runs_unfused(monkeypatch, tmp_path, caplog):

@@ -53,6 +53,52 @@ class _Kept:
         self.identity, self.table = identity, table
 
 
+class GroupPlan:
+    """Everything a fused group's sample and one-sample step read, kept while it holds, so that
+    such a step checks addresses and launches (host work per step on ResNet-50's 161 tensors:
+    see bench/optim_step.py --host). Valid while the parameters' addresses hold and every
+    parameter has the same step count `t`; the optimizer drops it on any other change (a step
+    through the general path, load_state_dict, new offsets or groups)."""
+
+    def __init__(self, params: list, param_ptrs: list, steps: torch.Tensor, t: int, stash: dict, sample_table,
+                 flat: dict, price: bool) -> None:
+        self.params, self.param_ptrs, self.steps, self.t = params, param_ptrs, steps, t
+        self.stash, self.sample_table, self.flat, self.price = stash, sample_table, flat, price
+        self.grad_ptrs: list | None = None  # the gradients of the kept step table
+        self.step_table = None
+
+    def valid_for(self, params: list) -> bool:
+        return params == self.params and [p.data_ptr() for p in params] == self.param_ptrs
+
+    def step_table_for(self, grads: list, kernels_for) -> object | None:
+        """The step kernel's table for these gradients (kept while their addresses hold), or
+        None where a gradient's layout differs from its parameter's (the general path runs)."""
+        grad_ptrs = [g.data_ptr() for g in grads]
+        if grad_ptrs != self.grad_ptrs:
+            if any(g.stride() != p.stride() or g.dtype != p.dtype for g, p in zip(grads, self.params)):
+                return None
+            flat = self.flat
+            grads_flat = [g.view(-1) if g.is_contiguous() else _memory_view(g, p) for g, p in zip(grads, self.params)]
+            if any(g is None for g in grads_flat):
+                return None
+            stats = flat["eps"] if self.price else grads_flat
+            operands = list(zip(flat["param"], flat["mean"], grads_flat, stats, flat["m"], flat["h"]))
+            kernels = kernels_for(self.params[0].device, self.params[0].dtype)
+            self.step_table, self.grad_ptrs = kernels[1](operands), grad_ptrs
+        return self.step_table
+
+
+def _memory_view(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor | None:
+    """1-D view of a dense gradient laid out like its parameter, or None."""
+    from vsgd_dist.sharding.layout import memory_dim_order, to_memory_flat
+
+    try:
+        view = to_memory_flat(grad, memory_dim_order(param, "param"))
+    except ValueError:
+        return None
+    return view if _dense_1d(view) else None
+
+
 class FusedIVON:
     """The fused kernels of one IVON optimizer and what they keep across steps."""
 
@@ -60,13 +106,15 @@ class FusedIVON:
         self.buffers: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}  # param -> (mean, eps)
         self.sample_tables: dict[tuple, _Kept] = {}
         self.step_tables: dict[tuple, _Kept] = {}
+        self.plans: dict[int, GroupPlan] = {}  # group index -> its plan
         self.unavailable = ""  # why the kernels cannot be built here (warned once); empty: they can
         self.kernels_for: Callable = _kernels
 
     def forget_tables(self) -> None:
-        """Drop every kept table (the state tensors were replaced, e.g. by load_state_dict)."""
+        """Drop every kept table and plan (the state tensors were replaced, e.g. by load_state_dict)."""
         self.sample_tables.clear()
         self.step_tables.clear()
+        self.plans.clear()
 
     def buffers_of(self, param: torch.Tensor, local: torch.Tensor, state_h: torch.Tensor):
         """The kept (mean, eps) of `param`, shaped like its local tensor and its h."""
