@@ -628,7 +628,7 @@ def test_cancel_of_an_unknown_or_ended_job_says_so(cluster, tmp_path):
     assert f"job {jid} is not queued or running (it ended COMPLETED); nothing cancelled" in err, err
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_a_run_killed_right_after_a_checkpoint_kept_every_step_logged_up_to_it(tmp_path):
     """TensorBoard's writer flushes every two minutes; the steps logged before a checkpoint
     must be on disk when it is published, since a run killed then resumes after them and
