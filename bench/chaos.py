@@ -169,9 +169,12 @@ class LocalCluster:
 
     def submit(self, job_dir: Path, overrides: list[str]) -> str:
         env = {k: v for k, v in self.env.items() if k != "SLURM_CONF"}
-        res = subprocess.run([sys.executable, "-m", "launch", "submit", "recipes/demo.yaml", "--cluster", "local",
-                              "--time", "20", "--nodes", "2", "--tasks-per-node", "2", "--out", str(job_dir),
-                              *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        try:
+            res = subprocess.run([sys.executable, "-m", "launch", "submit", "recipes/demo.yaml", "--cluster", "local",
+                                  "--time", "20", "--nodes", "2", "--tasks-per-node", "2", "--out", str(job_dir),
+                                  *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            raise ChaosError("launch submit did not return within 600 s (is the machine overloaded?)") from None
         if res.returncode:
             raise ChaosError(f"launch submit failed: {res.stderr.strip()}")
         return json.loads((job_dir / "job.json").read_text())["job_id"]
@@ -403,7 +406,10 @@ class Chaos:
                 for jid in self.jids:
                     self.cluster.slurm("scancel", jid, check=False)
             self.cluster.stop()
-            subprocess.run(["umount", str(self.fs)], capture_output=True, timeout=60)
+            for _ in range(30):  # busy until the killed tasks are reaped
+                if subprocess.run(["umount", str(self.fs)], capture_output=True, timeout=60).returncode == 0:
+                    break
+                time.sleep(1)
         self.leftovers_after_stop(before)
         return self.report(equal, max(0.0, chaos_s - ref_s))
 

@@ -628,17 +628,19 @@ def test_cancel_of_an_unknown_or_ended_job_says_so(cluster, tmp_path):
     assert f"job {jid} is not queued or running (it ended COMPLETED); nothing cancelled" in err, err
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_a_run_killed_right_after_a_checkpoint_kept_every_step_logged_up_to_it(tmp_path):
     """TensorBoard's writer flushes every two minutes; the steps logged before a checkpoint
     must be on disk when it is published, since a run killed then resumes after them and
     never logs them again (found by bench/chaos.py)."""
     out = tmp_path / "run"
-    proc = start_run(out, "train.ckpt_every=4")
+    proc = subprocess.Popen([sys.executable, "-m", "launch", "run", *DEMO, "--nproc", "2", f"out={out}",
+                             "max_steps=100000", "train.ckpt_every=4"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 480
         while not (out / "checkpoints" / "step_00000004").is_dir():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint of step 4"
             time.sleep(0.05)
         for rank in ranks_of(proc):
             os.kill(rank, signal.SIGKILL)
