@@ -15,6 +15,7 @@ weights, IVON's leaves it to the next sample); the slowest rank's median seconds
 rank's optimizer state bytes per parameter.
 
     python bench/ivon_step.py [--models resnet50 vit_b16] [--steps 5] [--threads N] [--world-size 2]
+    python bench/ivon_step.py --host   # host work per fused step, kernels replaced by no-ops
 """
 from __future__ import annotations
 
@@ -129,6 +130,37 @@ def state_bytes_per_param(optimizer, n: int) -> float:
     return (total + sum(t.nbytes for kept in buffers.values() for t in kept)) / n
 
 
+def host_work(model: str, steps: int = 300) -> dict[str, float]:
+    """Median CPU ms of Python/host work per fused VSGD step and IVON sample + step on `model`'s
+    tensor list (tiny tensors of the same count), every kernel launch replaced by a no-op: what
+    a GPU step costs the host besides the launches."""
+    from vsgd_dist.optim import ivon_cpu, vsgd_cpu
+
+    launches = [(vsgd_cpu.CpuTable, "launch"), (ivon_cpu.CpuSampleTable, "launch"), (ivon_cpu.CpuStepTable, "launch")]
+    saved = [getattr(cls, name) for cls, name in launches]
+    for cls, name in launches:
+        setattr(cls, name, lambda self, *args: None)
+    try:
+        shapes = [tuple(min(d, 2) for d in s) for s in MODELS[model]()]
+        results = {}
+        for name in ("VSGD fused step", "IVON fused sample + step"):
+            params = [torch.zeros(s).requires_grad_() for s in shapes]
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            opt = VARIANTS[name](params)
+            times = []
+            for i in range(steps + 20):
+                cpu = time.thread_time()
+                opt.step()
+                if i >= 20:
+                    times.append(time.thread_time() - cpu)
+            results[name] = statistics.median(times) * 1e3
+        return results
+    finally:
+        for (cls, name), fn in zip(launches, saved):
+            setattr(cls, name, fn)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -136,7 +168,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--world-size", type=int, default=2, help="ranks of the ZeRO-2 engine rows (0: none)")
+    parser.add_argument("--host", action="store_true", help="only the host work per fused step (no-op kernels)")
     args = parser.parse_args()
+    if args.host:
+        print("| model | tensors | optimizer | host CPU ms per step (no-op kernels) |\n|---|---|---|---|")
+        for model in args.models:
+            for name, ms in host_work(model).items():
+                print(f"| {model} | {len(MODELS[model]())} | {name} | {ms:.3f} |")
+        return
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.steps} steps\n")
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
