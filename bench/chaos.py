@@ -213,7 +213,9 @@ def free_net() -> str:
 
 def job_processes(jids: set[str]) -> dict[int, dict]:
     """{pid: its SLURM environment} of every process of these jobs' tasks."""
-    found = {}
+    from vsgd_dist.compat.submitit import SUBMIT_MODULE
+
+    submit_module, found = SUBMIT_MODULE.encode(), {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -223,7 +225,7 @@ def job_processes(jids: set[str]) -> dict[int, dict]:
         except OSError:
             continue
         env = dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
-        if env.get("SLURM_JOB_ID") in jids and b"submitit.core._submit" in cmdline:
+        if env.get("SLURM_JOB_ID") in jids and submit_module in cmdline:
             found[int(entry.name)] = env
     return found
 

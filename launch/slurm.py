@@ -292,18 +292,11 @@ def read_job_file(job_dir: Path) -> dict | None:
 
 
 # --- submission ---------------------------------------------------------------------------
-def submitit_command(folder: Path) -> str:
-    """What sbatch runs on every task (the same string submitit's executor builds)."""
-    return f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
-
-
 def render_sbatch(spec: JobSpec, job_dir: Path, array_size: int | None = None) -> str:
     """The sbatch script submitit would write, without needing sbatch (for --dry-run)."""
-    from submitit.slurm.slurm import _make_sbatch_string
+    from vsgd_dist.compat.submitit import sbatch_script
 
-    folder = job_dir / "submitit"
-    return _make_sbatch_string(command=submitit_command(folder), folder=folder, map_count=array_size,
-                               **spec.sbatch_parameters(comment=str(job_dir)))
+    return sbatch_script(job_dir / "submitit", array_size, **spec.sbatch_parameters(comment=str(job_dir)))
 
 
 def sbatch_directives(script: str) -> list[str]:

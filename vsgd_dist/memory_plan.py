@@ -115,27 +115,21 @@ def activation_peak(cfg, num_classes: int, batch: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _activation_peak(model_name: str, num_classes: int, resolution: int, blurpool: bool, drop_path: float, seed: int,
                      bf16: bool, batch: int) -> int:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
-
+    from vsgd_dist.compat.torch import fake_activation_peak
     from vsgd_dist.models import build_model
 
     with torch.device("meta"):  # initialisers that read values (trunc_normal_) cannot run on fake tensors
         model = build_model(model_name, num_classes, image_size=resolution, blurpool=blurpool, drop_path=drop_path,
                             seed=seed)
-    with FakeTensorMode(allow_non_fake_inputs=True):  # the meta parameters become fake CPU ones
-        model = model.to_empty(device="cpu")
+
+    def forward_backward(fake_model: torch.nn.Module) -> None:
         images = torch.randn(batch, 3, resolution, resolution)
         labels = torch.zeros(batch, dtype=torch.long)
-        tracker = MemTracker()
-        tracker.track_external(model)
-        with tracker:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = torch.nn.functional.cross_entropy(model(images), labels)
-            loss.backward()
-        peak = tracker.get_tracker_snapshot("peak")
-    by_kind = next(iter(peak.values()))
-    return int(by_kind[_MemRefType.ACT] + by_kind[_MemRefType.TEMP])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(fake_model(images), labels)
+        loss.backward()
+
+    return fake_activation_peak(model, forward_backward)
 
 
 def memory_plan(cfg, world_size: int, num_classes: int, ranks_per_node: int | None = None) -> MemoryPlan:
