@@ -9,6 +9,11 @@ DeiT rows add what the ViT-S recipe turns on in the loader: RandAugment (2 ops, 
 Mixup 0.8 / CutMix 1.0 runs on the device in training; its cost per batch on this CPU is
 timed on its own.
 
+Each FFCV row also gives the CPU time per image, over all of the process's threads: on a
+machine others share, images/s moves with their load, the CPU time per image much less.
+`--rounds N` times the train loaders with and without the DeiT augmentation N times in
+turn, and reports medians and the median of the rounds' ratios.
+
     python bench/data_loading.py                       # 2000 generated JPEGs, 300-500 px
     python bench/data_loading.py --src /data/imagenet  # an existing ImageFolder tree
 """
@@ -19,6 +24,7 @@ import dataclasses
 import math
 import os
 import random
+import resource
 import shutil
 import sys
 import tempfile
@@ -100,15 +106,39 @@ def mix_ms_per_batch(images: torch.Tensor, labels: torch.Tensor, mixer: BatchMix
     return 1e3 * float(np.median(times))
 
 
-def images_per_second(batches, epochs: int) -> float:
-    """Throughput over `epochs` passes after one untimed warm-up pass (compile, fork, cache)."""
+def cpu_seconds() -> float:
+    """User + system CPU time of this process's threads so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def warm_up(batches) -> None:
+    """One untimed pass (compile, fork, cache)."""
     for _ in batches(-1):
         pass
-    count, start = 0, time.perf_counter()
+
+
+def images_per_second(batches, epochs: int, warm: bool = True) -> tuple[float, float]:
+    """(images/s, this process's CPU ms per image) over `epochs` passes, after one untimed
+    warm-up pass unless `warm` is False."""
+    if warm:
+        warm_up(batches)
+    count, start, cpu = 0, time.perf_counter(), cpu_seconds()
     for epoch in range(epochs):
         for images, _ in batches(epoch):
             count += images.shape[0]
-    return count / (time.perf_counter() - start)
+    return count / (time.perf_counter() - start), 1e3 * (cpu_seconds() - cpu) / count
+
+
+def alternate(loaders: dict, epochs: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """{name: [(images/s, CPU ms per image) per round]}: the loaders timed in turn, `rounds` times."""
+    for batches in loaders.values():
+        warm_up(batches)
+    timings = {name: [] for name in loaders}
+    for _ in range(rounds):
+        for name, batches in loaders.items():
+            timings[name].append(images_per_second(batches, epochs, warm=False))
+    return timings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--res", type=int, default=64, help="output side in pixels")
     parser.add_argument("--max-resolution", type=int, default=512, help="longest side stored in the .beton")
     parser.add_argument("--epochs", type=int, default=2, help="timed passes per loader")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="times the train loaders with and without DeiT augmentation are timed in turn")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -136,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                                          num_workers=args.workers),
                     "50% raw": WriteSettings(max_resolution=args.max_resolution, write_mode="proportion",
                                              compress_probability=0.5, num_workers=args.workers)}
-        results = {}
+        results, ratios = {}, {}
         for storage, settings in storages.items():
             out = Path(tmp) / storage.replace("% ", "-")
             write_image_folder(src, out, settings)
@@ -144,13 +176,18 @@ def main(argv: list[str] | None = None) -> int:
                              end_res=args.res, val_res=args.res)
             train = build_train_loader(cfg, torch.device("cpu"), batch_size=args.batch_size)
             val = build_val_loader(cfg, torch.device("cpu"), batch_size=args.batch_size)
-            results[f"FFCV train, {storage} (random resized crop, flip, normalize)"] = images_per_second(
-                lambda epoch: train_epoch(train, cfg, epoch + 1), args.epochs)
             deit = dataclasses.replace(cfg, randaugment_n=2, randaugment_m=9.0, randaugment_mstd=0.5,
                                        erase_prob=0.25, repeated_aug=3)
             deit_train = build_train_loader(deit, torch.device("cpu"), batch_size=args.batch_size)
-            results[f"FFCV train, {storage}, + DeiT augmentation"] = images_per_second(
-                lambda epoch: train_epoch(deit_train, deit, epoch + 1), args.epochs)
+            plain_name = f"FFCV train, {storage} (random resized crop, flip, normalize)"
+            deit_name = f"FFCV train, {storage}, + DeiT augmentation"
+            rounds = alternate({plain_name: lambda epoch: train_epoch(train, cfg, epoch + 1),
+                                deit_name: lambda epoch: train_epoch(deit_train, deit, epoch + 1)},
+                               args.epochs, args.rounds)
+            for name, timings in rounds.items():
+                results[name] = tuple(np.median(timings, axis=0))
+            ratios[storage] = (float(np.median([d[0] / p[0] for p, d in zip(rounds[plain_name], rounds[deit_name])])),
+                               float(np.median([p[1] / d[1] for p, d in zip(rounds[plain_name], rounds[deit_name])])))
             batches = train_epoch(deit_train, deit, 0)
             images, labels = (t.clone() for t in next(batches))  # a batch to time Mixup/CutMix on
             batches.close()  # stops its decoding thread
@@ -162,22 +199,23 @@ def main(argv: list[str] | None = None) -> int:
         pil = torch.utils.data.DataLoader(PILTrainImages(samples, args.res), batch_size=args.batch_size,
                                           shuffle=True, drop_last=True, num_workers=args.workers,
                                           persistent_workers=True)
-        results["PIL + torch DataLoader train (same augmentations)"] = images_per_second(lambda epoch: pil,
-                                                                                       args.epochs)
+        results["PIL + torch DataLoader train (same augmentations)"] = (
+            images_per_second(lambda epoch: pil, args.epochs)[0], math.nan)  # its CPU time is in worker processes
 
     print(f"\n{len(samples)} JPEGs ({'from ' + args.src if args.src else f'generated, {args.sides[0]}-{args.sides[1]} px'}), "
           f"output {args.res}x{args.res} fp32, batch {args.batch_size}, {args.workers} workers, "
-          f"{os.cpu_count()} CPU cores\n")
-    print("| loader | images/s |\n|---|---:|")
-    for name, rate in results.items():
-        print(f"| {name} | {rate:,.0f} |")
-    pil_rate = results["PIL + torch DataLoader train (same augmentations)"]
+          f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}"
+          f"{f', medians of {args.rounds} rounds' if args.rounds > 1 else ''}\n")
+    print("| loader | images/s | CPU ms per image |\n|---|---:|---:|")
+    for name, (rate, cpu_ms) in results.items():
+        print(f"| {name} | {rate:,.0f} | {'-' if math.isnan(cpu_ms) else f'{cpu_ms:.2f}'} |")
+    pil_rate = results["PIL + torch DataLoader train (same augmentations)"][0]
     for storage in storages:
-        train_rate = results[f"FFCV train, {storage} (random resized crop, flip, normalize)"]
-        deit_rate = results[f"FFCV train, {storage}, + DeiT augmentation"]
+        train_rate = results[f"FFCV train, {storage} (random resized crop, flip, normalize)"][0]
+        rate_ratio, cpu_ratio = ratios[storage]
         print(f"\nFFCV train ({storage}) / PIL train: {train_rate / pil_rate:.1f}x; feeds "
               f"{train_rate / A100_RESNET50_IMAGES_PER_S:.2f} of one A100 on ResNet-50; with the DeiT "
-              f"augmentation {deit_rate / train_rate:.2f}x the images/s", end="")
+              f"augmentation {rate_ratio:.2f}x the images/s ({cpu_ratio:.2f}x by CPU time per image)", end="")
     mixer = BatchMixer(len(classes), 0, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5)
     print(f"\n\nMixup/CutMix (0.8/1.0) of one batch of {args.batch_size} on this CPU, 1 thread: "
           f"{mix_ms_per_batch(images, labels, mixer):.1f} ms (median of 20 steps; on a GPU one pass over the batch).")
