@@ -17,7 +17,7 @@ this rank's shard), before clipping and the step. Everything it keeps (theta~, F
 the cached gradients) is laid out like that gradient, so under ZeRO-2 and FSDP2 each rank
 keeps 1/N of it and the correction needs no communication beyond the snapshot model's own
 reduction. Gradients at theta~ are computed by the same engine with the snapshot swapped in
-(`Engine.weights_swapped`: under ZeRO an all-gather of the sharded snapshot, and one of the
+(`vsgd_dist.engines.ownership.weights_swapped`: under ZeRO an all-gather of the sharded snapshot, and one of the
 weights back), so they are reduced exactly like the step's own.
 
 The batches: the pass reads the interval's steps from the train loader before training
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from vsgd_dist.distributed import all_reduce
+from vsgd_dist.engines.ownership import local_weights, weights_swapped
 from vsgd_dist.registry import suggest
 from vsgd_dist.transforms.registry import GRADIENT_TRANSFORMS, GradientTransform, TransformEntry
 
@@ -134,9 +135,9 @@ class AlphaSVRG(GradientTransform):
         self.cache = {}
         if self.alpha == 0:
             return  # no correction this interval: no pass either
-        snapshot = [w.clone() for w in self.engine.local_weights()]
+        snapshot = [w.clone() for w in local_weights(self.engine.ownership())]
         total, squares, count = None, None, 0
-        with self.engine.weights_swapped(snapshot), isolated(self.engine.model):
+        with weights_swapped(self.engine.ownership(), snapshot), isolated(self.engine.model):
             for offset, micro_batches in enumerate(steps_ahead(end - step)):
                 grads = self.gradient(micro_batches)
                 with torch.no_grad():
@@ -167,7 +168,7 @@ class AlphaSVRG(GradientTransform):
         if not self._alpha_step:
             return
         if snapshot_grad is None:
-            with self.engine.weights_swapped(self.snapshot), isolated(self.engine.model):
+            with weights_swapped(self.engine.ownership(), self.snapshot), isolated(self.engine.model):
                 snapshot_grad = [g.clone() for g in self.gradient(micro_batches)]
                 self.engine.zero_grad()
             self.extra_steps += 1
@@ -208,8 +209,9 @@ class AlphaSVRG(GradientTransform):
             pending.append(self._snapshot_variance.reshape(1))
         if pending:
             summed = torch.cat(pending)
-            if self.engine.sharded_grads:
-                summed = all_reduce(summed, process_group=self.engine.shard_group)
+            own = self.engine.ownership()
+            if own.sharded_grads:
+                summed = all_reduce(summed, process_group=own.shard_group)
             values.update(zip(names, summed.tolist()))
         self._variance = self._snapshot_variance = None
         return values
