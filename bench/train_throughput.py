@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vsgd_dist.config import load_recipe  # noqa: E402
-from vsgd_dist.engines import build_engine  # noqa: E402
+from vsgd_dist.engines.sampling import WeightSampling  # noqa: E402
+from vsgd_dist.train.engine_setup import engine_for  # noqa: E402
 from vsgd_dist.models import build_model  # noqa: E402
 from vsgd_dist.optim import OPTIMIZERS  # noqa: E402
 from vsgd_dist.spawn import run_distributed  # noqa: E402
@@ -48,7 +49,7 @@ def make_engine(optimizer: str, res: int, prefetch: bool | None = None):
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    return build_engine(model, cfg, cfg.optim.lr), criterion, cfg
+    return engine_for(model, cfg, cfg.optim.lr), criterion, cfg
 
 
 def bench_rank(rank, world_size, batch, res, steps, warmup):
@@ -66,7 +67,7 @@ def bench_rank(rank, world_size, batch, res, steps, warmup):
             engine.backward(criterion(engine.wrapped(images), labels))
             middle = time.perf_counter()
             engine.step()
-            engine.restore()  # a prefetched gather ends here, not in the other engine's barrier
+            WeightSampling(engine).mean_weights()  # a prefetched gather ends here, not in the other engine's barrier
             end = time.perf_counter()
             seconds = torch.tensor([end - start, end - middle])
             dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
@@ -90,12 +91,12 @@ def overlap_rank(rank, world_size, batch, res, steps, warmup):
         engine, criterion, _ = make_engine("vsgd", res, prefetch)
         for i in range(warmup + steps):
             if i == warmup:
-                engine.restore()
+                WeightSampling(engine).mean_weights()
                 dist.barrier()
                 start = time.perf_counter()
             engine.backward(criterion(engine.wrapped(images), labels))
             engine.step()
-        engine.restore()
+        WeightSampling(engine).mean_weights()
         seconds = torch.tensor([(time.perf_counter() - start) / steps])
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
         result[prefetch] = seconds.item()

@@ -141,8 +141,9 @@ def check_diagnostics(engine, reference, ref_opt):
     layer_of = {n: n.split(".")[0] for n in names.values()}
     ref_pieces = ((names[q], *(ref_opt.state[q][k] for k in DIAGNOSTICS.state_keys), g)
                   for g in ref_opt.param_groups for q in g["params"])
-    sharded, hist = reduced_diagnostics(DIAGNOSTICS, state_pieces(engine.ownership(), DIAGNOSTICS.state_keys),
-                                        layer_of.get, reduce=engine.ownership().sharded_state, device=torch.device("cpu"))
+    own = engine.ownership()
+    sharded, hist = reduced_diagnostics(DIAGNOSTICS, state_pieces(own, DIAGNOSTICS.state_keys), layer_of.get,
+                                        reduce=own.sharded_state, device=torch.device("cpu"))
     expected, ref_hist = reduced_diagnostics(DIAGNOSTICS, ref_pieces, layer_of.get, reduce=False,
                                              device=torch.device("cpu"))
     assert sharded.keys() == expected.keys() == set(layer_of.values())

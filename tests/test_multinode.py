@@ -248,7 +248,7 @@ def test_shard_within_node_on_two_nodes_continues_the_world_run_within_tolerance
     checkpoint (resharding world -> node): every rank holds half the optimizer state (world:
     a quarter), only node 1's ranks write shards, and steps 21-40 end within the tolerances
     above of the world run."""
-    from vsgd_dist.engines import full_state
+    from vsgd_dist.train.engine_state import full_state
     from vsgd_dist.train.checkpoint import open_checkpoint
 
     job = tmp_path / "job"

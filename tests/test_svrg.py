@@ -28,7 +28,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from vsgd_dist.config import ConfigError, RunConfig, load_recipe
-from vsgd_dist.engines import build_engine, engine_class
+from vsgd_dist.engines.ownership import local_weights
+from vsgd_dist.engines.sampling import WeightSampling
+from vsgd_dist.train.engine_setup import engine_for
+from vsgd_dist.train.engine_state import grad_state_full
 from vsgd_dist.optim.ivon import IVONHparams
 from vsgd_dist.spawn import run_distributed
 from vsgd_dist.train.checkpoint import Checkpointer, latest_checkpoint, open_checkpoint
@@ -52,7 +55,7 @@ def test_least_squares_correction_matches_the_formula_in_float64():
     cfg = RunConfig()
     cfg.engine.name, cfg.optim.name, cfg.optim.lr = "ddp", "sgd", 0.05
     model = nn.Linear(d, 1, bias=False).double()
-    engine = build_engine(model, cfg, cfg.optim.lr)
+    engine = engine_for(model, cfg, cfg.optim.lr)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
 
     def gradient(idx):
@@ -63,7 +66,6 @@ def test_least_squares_correction_matches_the_formula_in_float64():
     svrg = AlphaSVRG(SVRGConfig(alpha0=0.75), engine=engine, gradient=gradient, total_steps=epochs * steps_per_epoch,
                      steps_per_epoch=steps_per_epoch, log_every=1)
     seen = []
-    engine.grad_transforms = [svrg.apply, lambda grads: seen.append(grads[0].detach().reshape(-1).numpy().copy())]
 
     def grad_of(w, idx):
         return X[idx].T @ (X[idx] @ w - y[idx]) / len(idx)
@@ -79,7 +81,9 @@ def test_least_squares_correction_matches_the_formula_in_float64():
                                    rtol=1e-12, atol=1e-15)
         w = model.weight.detach().reshape(-1).numpy().copy()
         svrg.before_step(step, epoch, batches[b])
-        gradient(batches[b])
+        grads = gradient(batches[b])
+        svrg.apply(grads)  # what the trainer does before the step
+        seen.append(grads[0].detach().reshape(-1).numpy().copy())
         engine.step()
         alpha = [0.75, 0.375, 0.0][epoch]
         alphas.append(svrg._alpha_step)
@@ -144,10 +148,10 @@ class TinyRun:
         cfg.optim.ivon = IVONHparams(ess=50.0, hess_init=0.5, beta2=0.99, mc_samples=2)  # used by optimizer=ivon
         cfg.svrg = SVRGConfig(alpha0=0.75, snapshot_every=EVERY, mode=mode)
         self.cfg = cfg
-        self.engine = build_engine(tiny_model(), cfg, cfg.optim.lr)
+        self.engine = engine_for(tiny_model(), cfg, cfg.optim.lr)
+        self.sampling = WeightSampling(self.engine, cfg.train.grad_clip)
         self.svrg = AlphaSVRG(cfg.svrg, engine=self.engine, gradient=self.gradient, total_steps=STEPS,
                               steps_per_epoch=4, log_every=1)
-        self.engine.grad_transforms = [self.svrg.apply]
 
     def mine(self, step):
         x, y = batch_of(step)
@@ -165,13 +169,14 @@ class TinyRun:
         for step in range(start, stop):
             self.svrg.prepare(step, 0, lambda count, s=step: (self.mine(s + i) for i in range(count)))
             self.svrg.before_step(step, 0, self.mine(step))
-            for k in range(self.engine.mc_samples):
-                self.engine.sample(k)
+            for k in range(self.sampling.mc_samples):
+                self.sampling.sample(k)
                 self.gradient(self.mine(step))
-                if k + 1 < self.engine.mc_samples:
-                    self.engine.accumulate()
+                self.svrg.apply(self.engine.reduced_grads())  # what the trainer does before either
+                if k + 1 < self.sampling.mc_samples:
+                    self.sampling.accumulate()
             self.engine.step()
-        self.engine.restore()
+        self.sampling.mean_weights()
         return self
 
     def weights(self) -> dict:
@@ -207,7 +212,7 @@ def layout_payload(rank, world, folder):
         p.grad = g
     grads = [g.clone() for g in run.engine.reduced_grads()]
     Checkpointer(Path(folder), keep=1).save(run.engine, run.cfg, step=1, grad_state={
-        "grad": grads, "weights": [w.clone() for w in run.engine.local_weights()]})
+        "grad": grads, "weights": [w.clone() for w in local_weights(run.engine.ownership())]})
     run.engine.zero_grad()
 
 
@@ -241,7 +246,7 @@ def resumed_elsewhere(rank, world, root):
     for p, g in zip(run.engine.model.parameters(), expected):
         p.grad = g.clone()  # every rank the same: the average is itself
     runs["layout_equal"] = all(torch.equal(a, b) for a, b in zip(loaded["grad"], run.engine.reduced_grads()))
-    runs["weights_equal"] = all(torch.equal(a, b) for a, b in zip(loaded["weights"], run.engine.local_weights()))
+    runs["weights_equal"] = all(torch.equal(a, b) for a, b in zip(loaded["weights"], local_weights(run.engine.ownership())))
     return runs
 
 
@@ -253,7 +258,7 @@ def test_sharded_engines_equal_one_process_and_checkpoints_reshard(tmp_path):
 
     # The full gradient state of the 2-rank checkpoint, put together offline: exact.
     meta, read = open_checkpoint(latest_checkpoint(tmp_path / "layout"))
-    full = engine_class(meta["engine"]).grad_state_full(lambda r: read(r)["engine"], meta)
+    full = grad_state_full(lambda r: read(r)["engine"], meta)
     model = tiny_model()
     expected = [sum(gs) / 2 for gs in zip(*(exact_grads(model, r) for r in range(2)))]
     for (name, p), g in zip(model.named_parameters(), expected):

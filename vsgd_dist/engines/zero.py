@@ -11,8 +11,14 @@ from torch.nn.parallel import DistributedDataParallel
 from vsgd_dist.distributed import node_mesh
 from vsgd_dist.engines.base import Engine
 from vsgd_dist.engines.ownership import OwnedParam, OwnedRange, Ownership
+from vsgd_dist.optim.registry import Sampler
 from vsgd_dist.sharding import ZeroOptimizer
-from vsgd_dist.sharding.zero import SHARDED_SAMPLER
+
+SHARDED_SAMPLER = Sampler(sample=ZeroOptimizer.sample, accumulate=ZeroOptimizer.accumulate,
+                          mean_weights=ZeroOptimizer.mean_weights,
+                          set_global_offset=lambda *_: None,  # its masters already say where they lie
+                          mc_samples=ZeroOptimizer.mc_samples)
+"""A ZeroOptimizer over a sampling optimizer is driven as that optimizer is."""
 
 
 class ZeroEngine(Engine):

@@ -27,10 +27,10 @@ offset)`: an int (the tensor's elements are offset, offset + 1, ...) or runs [(s
 `sample(k, z=[...])` takes the standard-normal draws directly instead (known-answer tests,
 comparisons with another implementation).
 
-In training runs the engines do this (through the registry entry's `Sampler`, registered as
-`optimizer=ivon`; `vsgd_dist.engines.sampling.WeightSampling`): `zero` runs IVON on each rank's flat fp32 master shard and all-gathers
-m_w + eps (`ZeroOptimizer.sample`), `fsdp2` on the local DTensor shards, `ddp` on replicas
-that all draw the same eps. BatchNorm's running statistics are updated by every training
+In training runs the engines do this (`vsgd_dist.engines.sampling.WeightSampling`, through
+the `Sampler` of the registry entry `optimizer=ivon`): `zero` runs IVON on each rank's flat
+fp32 master shard and all-gathers m_w + eps (`ZeroOptimizer.sample`), `fsdp2` on the local
+DTensor shards, `ddp` on replicas that all draw the same eps. BatchNorm's running statistics are updated by every training
 forward, so they are those of the weight samples (mc_samples updates per step), as in the
 authors' code. `evaluation=True` samples (posterior predictive) use `evaluation_seed`.
 

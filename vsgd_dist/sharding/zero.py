@@ -23,7 +23,8 @@ the parameters stays inside the node.
 Gradients are reduced in `reduce_dtype` (fp32 by default, also for bf16 models) and the
 masters are fp32; the all-gather writes them back in the parameters' own dtype.
 An inner optimizer that trains at weight samples (IVON) is driven through its declared
-`Sampler` (section "weight samples" below); `SHARDED_SAMPLER` drives this optimizer alike.
+`Sampler` (section "weight samples" below), and is driven alike itself (`sample`,
+`accumulate`, `mean_weights`).
 Gradient accumulation: run all micro-batches but the last inside `no_sync()`. As with DDP,
 every rank must produce gradients for the same parameters in each backward (a bucket is
 reduced when all its gradients arrived; the rest are reduced in `step()`, with zeros for
@@ -33,15 +34,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 import torch.distributed as dist
 
 from vsgd_dist.full_form import is_per_element
-from vsgd_dist.optim.registry import Sampler
 from vsgd_dist.registry import class_path
 from vsgd_dist.sharding.layout import Slot, from_memory_flat, owned_part, plan, to_memory_flat
+
+if TYPE_CHECKING:
+    from vsgd_dist.optim.registry import Sampler
 
 STATE_DICT_FORMAT = "vsgd_dist.zero/1"
 ELEMENTWISE_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
@@ -305,6 +308,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if pending is not None:
                 pending[0].wait()
 
+    @property
+    def gathers_running(self) -> int:
+        """How many buckets' all-gathers are still running (`prefetch` leaves them after a step)."""
+        return len(self._gathering)
+
     def wait_for_parameters(self) -> None:
         """Complete every all-gather still running: the parameters are the new weights."""
         self.wait_for_buckets(list(self._gathering))
@@ -535,13 +543,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 k: (v[part] if is_per_element(v, shard) else v).detach().clone().to(master.device)
                 if torch.is_tensor(v) else v for k, v in saved.items() if k != "master"}
         self._gather_parameters()
-
-
-SHARDED_SAMPLER = Sampler(sample=ZeroOptimizer.sample, accumulate=ZeroOptimizer.accumulate,
-                          mean_weights=ZeroOptimizer.mean_weights,
-                          set_global_offset=lambda *_: None,  # its masters already say where they lie
-                          mc_samples=ZeroOptimizer.mc_samples)
-"""A ZeroOptimizer over a sampling optimizer, driven as that optimizer is (`Sampler`)."""
 
 
 def _concat(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
