@@ -138,7 +138,7 @@ def launch_plugin(plugin: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "VSGD_DIST_PLUGINS": plugin,
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", "launch", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=600)
 
 
 def sampling_run(out: Path, nproc: int, *overrides: str) -> subprocess.CompletedProcess:
@@ -148,7 +148,7 @@ def sampling_run(out: Path, nproc: int, *overrides: str) -> subprocess.Completed
                          "train.log_every=2", *overrides)
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 @pytest.mark.parametrize("engine", ["zero", "fsdp2", "ddp"])
 def test_a_sampling_optimizer_registered_outside_trains_reshards_and_is_compared(engine, tmp_path):
     """One file (tests/toy_sampling_optimizer.py) declares a sampler in its registry entry:
