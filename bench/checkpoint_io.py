@@ -23,6 +23,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from vsgd_dist.config import RunConfig  # noqa: E402
+from vsgd_dist.engines.ownership import state_bytes  # noqa: E402
 from vsgd_dist.spawn import run_distributed  # noqa: E402
 
 
@@ -33,13 +34,13 @@ def make_cfg() -> RunConfig:
 
 
 def build():
-    from vsgd_dist.engines import build_engine
+    from vsgd_dist.train.engine_setup import engine_for
     from vsgd_dist.models import build_model
 
     torch.manual_seed(0)
     cfg = make_cfg()
     model = build_model("vit_b16", 1000)
-    return model, build_engine(model, cfg, 1e-3), cfg
+    return model, engine_for(model, cfg, 1e-3), cfg
 
 
 def timed(fn) -> float:
@@ -63,7 +64,7 @@ def save_and_load(rank, world, folder):
     load_s = timed(lambda: ckpt.load_latest(engine, cfg))
     file = ckpt.latest() / f"rank{rank}.pt"
     return {"save_s": save_s, "load_s": load_s, "file_mib": file.stat().st_size / 2**20,
-            "state_mib": engine.state_bytes() / 2**20, "params": sum(p.numel() for p in model.parameters())}
+            "state_mib": state_bytes(engine.ownership()) / 2**20, "params": sum(p.numel() for p in model.parameters())}
 
 
 def reshard(rank, world, folder):
@@ -71,12 +72,12 @@ def reshard(rank, world, folder):
 
     _, engine, cfg = build()
     return {"load_s": timed(lambda: Checkpointer(Path(folder), keep=1).load_latest(engine, cfg)),
-            "state_mib": engine.state_bytes() / 2**20}
+            "state_mib": state_bytes(engine.ownership()) / 2**20}
 
 
 def convert_offline(folder: Path) -> float:
     from vsgd_dist.train.checkpoint import latest_checkpoint, open_checkpoint
-    from vsgd_dist.engines import full_state
+    from vsgd_dist.train.engine_state import full_state
 
     start = time.perf_counter()
     meta, read = open_checkpoint(latest_checkpoint(folder))

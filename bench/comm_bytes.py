@@ -36,7 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_shapes import MODELS, numel  # noqa: E402
 
 from vsgd_dist.config import RunConfig  # noqa: E402
-from vsgd_dist.engines import build_engine, engine_class  # noqa: E402
+from vsgd_dist.engines import engine_class  # noqa: E402
+from vsgd_dist.train.engine_setup import engine_for  # noqa: E402
 from vsgd_dist.spawn import run_distributed  # noqa: E402
 
 PAYLOAD = {"all_gather_single": "output_tensor", "all_gather_into_tensor": "output_tensor",
@@ -138,7 +139,7 @@ def count_rank(rank, world_size, per_node, model_name, engine_name):
     for layout in LAYOUTS:
         cfg = RunConfig()
         cfg.engine.name, cfg.engine.shard_within, cfg.model.channels_last = engine_name, layout, False
-        engine = build_engine(ParameterModel(MODELS[model_name]()), cfg, 1e-3)
+        engine = engine_for(ParameterModel(MODELS[model_name]()), cfg, 1e-3)
         for _ in range(2):  # a warm-up step, then the counted one
             log.clear()
             engine.backward(engine.wrapped())

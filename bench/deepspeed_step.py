@@ -34,7 +34,8 @@ from model_shapes import MODELS  # noqa: E402
 from sharded_step import SyntheticModel, slowest_rank  # noqa: E402
 
 from vsgd_dist.config import RunConfig  # noqa: E402
-from vsgd_dist.engines import build_engine  # noqa: E402
+from vsgd_dist.engines.ownership import state_bytes  # noqa: E402
+from vsgd_dist.train.engine_setup import engine_for  # noqa: E402
 from vsgd_dist.engines import deepspeed as deepspeed_engine  # noqa: E402
 from vsgd_dist.spawn import run_distributed  # noqa: E402
 
@@ -74,10 +75,10 @@ def time_phases(engine, steps: int) -> tuple[float, float]:
 
 
 def bench_rank(rank, world_size, model_name, engine_name, optimizer, fused, steps):
-    engine = build_engine(SyntheticModel(MODELS[model_name]()),
-                          bench_config(engine_name, optimizer, fused, world_size), lr=1e-3)
+    engine = engine_for(SyntheticModel(MODELS[model_name]()),
+                          bench_config(engine_name, optimizer, fused, world_size), 1e-3)
     backward, step = time_phases(engine, steps)
-    return engine.state_bytes(), backward, step
+    return state_bytes(engine.ownership()), backward, step
 
 
 def variant_engine(model_name: str, optimizer: str, world_size: int, changes: dict):
@@ -91,11 +92,11 @@ def variant_engine(model_name: str, optimizer: str, world_size: int, changes: di
         return config
     deepspeed_engine.deepspeed_config = changed
     try:
-        engine = build_engine(SyntheticModel(MODELS[model_name]()), bench_config("deepspeed", optimizer, None,
-                                                                                 world_size), lr=1e-3)
+        engine = engine_for(SyntheticModel(MODELS[model_name]()), bench_config("deepspeed", optimizer, None,
+                                                                                 world_size), 1e-3)
     finally:
         deepspeed_engine.deepspeed_config = original
-    zero, buffers = engine.zero, []
+    zero, buffers = engine._zero, []  # DeepSpeed's own ZeRO optimizer, measured from outside
     setup = zero.setup_buckets
 
     def recorded_setup():

@@ -27,7 +27,8 @@ from vsgd_dist.config import load_recipe  # noqa: E402
 from vsgd_dist.data.normalize import normalization_table, normalize_images  # noqa: E402
 from vsgd_dist.distributed import (close_process_group, init_process_group_from_env, pick_device,  # noqa: E402
                                    rank_and_world, set_kernel_options)
-from vsgd_dist.engines import build_engine  # noqa: E402
+from vsgd_dist.engines.ownership import state_bytes  # noqa: E402
+from vsgd_dist.train.engine_setup import engine_for  # noqa: E402
 from vsgd_dist.models import build_model  # noqa: E402
 
 RECIPES = {"resnet50": "recipes/imagenet/resnet50_{}.yaml", "vit_b16": "recipes/imagenet/vit_b16_{}.yaml"}
@@ -47,7 +48,7 @@ def measure(model_name: str, optimizer: str, engine_name: str, steps: int, warmu
     model = build_model(cfg.model.name, 1000, image_size=res).to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    engine = build_engine(model, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_clip=0.0)),
+    engine = engine_for(model, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_clip=0.0)),
                           cfg.optim.lr)
     pixels = torch.randint(0, 256, (batch, res, res, 3), dtype=torch.uint8, device=device)
     images = normalize_images(pixels.permute(0, 3, 1, 2), normalization_table(dtype).to(device))
@@ -74,7 +75,7 @@ def measure(model_name: str, optimizer: str, engine_name: str, steps: int, warmu
     result = {"model": model_name, "optimizer": optimizer, "batch": batch, "res": res,
               "images_per_s": steps * batch * world / seconds, "step_ms": seconds * 1000 / steps,
               "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-              "state_mib": engine.state_bytes() / 2**20,
+              "state_mib": state_bytes(engine.ownership()) / 2**20,
               "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
     del engine, model, images, pixels
     gc.collect()

@@ -7,8 +7,8 @@ sample alone (with `restore`, which puts m_w back), in one process, median of st
 bytes count the tensors kept between steps; IVON additionally holds m_w and eps from `sample`
 to `step` (8 B per fp32 parameter more, freed by `step`).
 
-The engine rows run the trainer's native ZeRO-2 engine (`build_engine`, fused optimizers)
-over N gloo ranks: an iteration is `engine.sample(0)` (IVON: noise for this rank's shard and
+The engine rows run the trainer's native ZeRO-2 engine (`engine_for`, fused optimizers)
+over N gloo ranks: an iteration is `WeightSampling(engine).sample(0)` (IVON: noise for this rank's shard and
 the all-gather of m + eps; a no-op for AdamW), a trivial forward/backward (loss = sum(p * r):
 the gradient reduce-scatter) and `engine.step()` (AdamW's includes the all-gather of the new
 weights, IVON's leaves it to the next sample); the slowest rank's median seconds, and each
@@ -32,7 +32,9 @@ from model_shapes import MODELS, numel  # noqa: E402
 
 from vsgd_dist import IVON, VSGD  # noqa: E402
 from vsgd_dist.config import RunConfig  # noqa: E402
-from vsgd_dist.engines import build_engine  # noqa: E402
+from vsgd_dist.engines.ownership import state_bytes  # noqa: E402
+from vsgd_dist.engines.sampling import WeightSampling  # noqa: E402
+from vsgd_dist.train.engine_setup import engine_for  # noqa: E402
 from vsgd_dist.spawn import run_distributed  # noqa: E402
 
 
@@ -104,13 +106,13 @@ def engine_rank(rank, world_size, model, steps):
         cfg = RunConfig()
         cfg.optim.name, cfg.optim.fused, cfg.optim.weight_decay = name, True, 5e-5
         cfg.optim.ivon.ess, cfg.optim.ivon.hess_init = 1_281_167, 0.05
-        engines[name] = build_engine(_LinearLoss(MODELS[model]()), cfg, lr)
+        engines[name] = engine_for(_LinearLoss(MODELS[model]()), cfg, lr)
     times = {name: ([], []) for name in engines}
     for round_ in range(steps + 1):  # the first loads the kernels
         for name, engine in engines.items():
             torch.distributed.barrier()
             start, cpu = time.perf_counter(), time.process_time()
-            engine.sample(0)
+            WeightSampling(engine).sample(0)
             engine.backward(engine.wrapped())
             engine.step()
             elapsed = torch.tensor([time.perf_counter() - start, time.process_time() - cpu])
@@ -118,7 +120,7 @@ def engine_rank(rank, world_size, model, steps):
             if round_:
                 times[name][0].append(elapsed[0].item())
                 times[name][1].append(elapsed[1].item())
-    return [(name, statistics.median(times[name][0]), statistics.median(times[name][1]), engine.state_bytes())
+    return [(name, statistics.median(times[name][0]), statistics.median(times[name][1]), state_bytes(engine.ownership()))
             for name, engine in engines.items()]
 
 

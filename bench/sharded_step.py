@@ -44,8 +44,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_shapes import MODELS, numel  # noqa: E402
 
 from vsgd_dist.config import RunConfig  # noqa: E402
-from vsgd_dist.engines import build_engine  # noqa: E402
-from vsgd_dist.engines.base import local_tensor  # noqa: E402
+from vsgd_dist.engines.ownership import state_bytes  # noqa: E402
+from vsgd_dist.train.engine_setup import engine_for  # noqa: E402
+from vsgd_dist.distributed import local_tensor  # noqa: E402
 from vsgd_dist.optim import OPTIMIZERS, named_param_groups  # noqa: E402
 from vsgd_dist.spawn import run_distributed  # noqa: E402
 
@@ -152,7 +153,7 @@ def build(optimizer: str, shapes, engine: str, stage: int):
     cfg = bench_config(optimizer, engine, stage)
     if engine == "torch_zero":
         return TorchZeroEngine(SyntheticModel(shapes), cfg)
-    return build_engine(SyntheticModel(shapes), cfg, LR)
+    return engine_for(SyntheticModel(shapes), cfg, LR)
 
 
 def storage_bytes(tensors) -> int:
@@ -182,7 +183,7 @@ def memory_parts(engine, engine_name: str, stage: int) -> dict[str, int]:
         held = [getattr(zero, name, None) for name in ("grads_in_partition", "ipg_buffer")]
         grads = storage_bytes(t for h in held if h is not None for t in (h if isinstance(h, (list, tuple)) else [h]))
         masters = storage_bytes(zero.single_partition_of_fp32_groups)
-    return {"params": param_bytes, "grads": grads, "masters": masters, "state": engine.state_bytes()}
+    return {"params": param_bytes, "grads": grads, "masters": masters, "state": engine.state_bytes() if isinstance(engine, TorchZeroEngine) else state_bytes(engine.ownership())}
 
 
 def bench_rank(rank, world_size, model_name, labels, steps):

@@ -35,11 +35,12 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vsgd_dist.config import load_recipe  # noqa: E402
 from vsgd_dist.data.mixup import BatchMixer  # noqa: E402
-from vsgd_dist.engines import build_engine  # noqa: E402
+from vsgd_dist.engines.sampling import WeightSampling  # noqa: E402
 from vsgd_dist.models import build_model  # noqa: E402
 from vsgd_dist.models.drop_path import drop_path_draws  # noqa: E402
 from vsgd_dist.optim import OPTIMIZERS  # noqa: E402
 from vsgd_dist.spawn import run_distributed  # noqa: E402
+from vsgd_dist.train.engine_setup import engine_for  # noqa: E402
 
 RECIPES = {"resnet50": {"vsgd": ("resnet50_vsgd.yaml", ()), "adamw": ("resnet50_adamw.yaml", ())},
            "vit_s16": {"vsgd": ("vit_s16_vsgd.yaml", ()), "adamw": ("vit_s16_adamw.yaml", ()),
@@ -73,7 +74,8 @@ class RecipeStep:
         self.mixer = (BatchMixer(1000, cfg.train.seed, data.mixup_alpha, data.cutmix_alpha, data.mix_switch_prob)
                       if data.mixup_alpha > 0 or data.cutmix_alpha > 0 else None)
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-        self.engine = build_engine(model, cfg, cfg.optim.lr)
+        self.engine = engine_for(model, cfg, cfg.optim.lr)
+        self.sampling = WeightSampling(self.engine, cfg.train.grad_clip)
 
     def describe(self) -> str:
         cfg = self.cfg
@@ -86,15 +88,15 @@ class RecipeStep:
         engine, targets, sampling = self.engine, labels, 0.0
         if self.mixer is not None:
             images, targets = self.mixer(images, labels, 0, step)
-        for k in range(engine.mc_samples):
+        for k in range(self.sampling.mc_samples):
             start = time.perf_counter()
-            engine.sample(k)
+            self.sampling.sample(k)
             sampling += time.perf_counter() - start
             if self.drop_path is not None:
                 self.drop_path.draw(images.shape[0], 0, step, self.rank, images.device)
             engine.backward(self.criterion(engine.wrapped(images), targets))
-            if k + 1 < engine.mc_samples:
-                engine.accumulate()
+            if k + 1 < self.sampling.mc_samples:
+                self.sampling.accumulate()
         return sampling
 
 
@@ -117,7 +119,7 @@ def bench_rank(rank, world_size, model_name, batch, res, steps, warmup):
             sampling = recipe.forward_backward(images, labels, i)
             middle = time.perf_counter()
             recipe.engine.step()
-            recipe.engine.restore()  # a prefetched gather ends here, not in the other engine's barrier
+            recipe.sampling.mean_weights()  # a prefetched gather ends here, not in the other engine's barrier
             end = time.perf_counter()
             seconds = torch.tensor([end - start, end - middle + sampling])
             dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
@@ -139,12 +141,12 @@ def overlap_rank(rank, world_size, model_name, batch, res, steps, warmup):
         engine = recipe.engine
         for i in range(warmup + steps):
             if i == warmup:
-                engine.restore()
+                WeightSampling(engine).mean_weights()
                 dist.barrier()
                 start = time.perf_counter()
             recipe.forward_backward(images, labels, i)
             engine.step()
-        engine.restore()
+        WeightSampling(engine).mean_weights()
         seconds = torch.tensor([(time.perf_counter() - start) / steps])
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
         result[prefetch] = seconds.item()

@@ -83,13 +83,11 @@ def describe(path: Path, meta: dict) -> str:
 def write_consolidated(meta: dict, read, out: Path) -> None:
     import torch
 
-    from vsgd_dist.engines import full_state
+    from vsgd_dist.train.engine_state import full_state, grad_state_full
 
     full = full_state(lambda rank: read(rank)["engine"], meta)
     if meta.get("grad_state"):
-        from vsgd_dist.engines import engine_class
-
-        full["grad_state"] = engine_class(meta["engine"]).grad_state_full(lambda rank: read(rank)["engine"], meta)
+        full["grad_state"] = grad_state_full(lambda rank: read(rank)["engine"], meta)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     try:

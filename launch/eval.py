@@ -54,9 +54,9 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
 
     from vsgd_dist.config import config_from_dict
     from vsgd_dist.data import build_val_loader, resolve_dataset
-    from vsgd_dist.engines import full_state
     from vsgd_dist.models import build_model
     from vsgd_dist.train.checkpoint import RECIPE_FILE, open_checkpoint
+    from vsgd_dist.train.engine_state import full_state
     from vsgd_dist.train.predictions import SUMS_SIZE, metrics_from_sums, prediction_sums
 
     checkpoint = find_checkpoint(Path(args.path))

@@ -135,3 +135,52 @@ def test_an_optimizer_registered_outside_validates_its_values_in_the_launcher(tm
     bad = launch_run(tmp_path / "bad", 2, "optim.toy_sign.beta=1.5")
     assert bad.returncode == 2 and "optim.toy_sign: SignMomentum: invalid beta=1.5" in bad.stderr, bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def launch_plugin(plugin: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VSGD_DIST_PLUGINS": plugin,
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "launch", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def sampling_run(out: Path, nproc: int, *overrides: str) -> subprocess.CompletedProcess:
+    return launch_plugin("toy_sampling_optimizer", "run", "recipes/demo.yaml", "--nproc", str(nproc), f"out={out}",
+                         "optimizer=toy_antithetic", "optim.toy_antithetic.spread=0.02", "lr=0.003",
+                         "train.global_batch=48", "train.val_mc_samples=2", "train.progress=false",
+                         "train.log_every=2", *overrides)
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("engine", ["zero", "fsdp2", "ddp"])
+def test_a_sampling_optimizer_registered_outside_trains_reshards_and_is_compared(engine, tmp_path):
+    """One file (tests/toy_sampling_optimizer.py) declares a sampler in its registry entry:
+    the engines train at its weight samples, checkpoints carry its state to another world size
+    (2 ranks -> 1), validation adds its posterior predictive, and `launch compare` shows it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vsgd_dist.train.checkpoint import latest_checkpoint, open_checkpoint
+    from vsgd_dist.train.engine_state import full_state
+
+    out = tmp_path / "run"
+    first = sampling_run(out, 2, f"engine={engine}", "max_steps=6", "train.stop_at=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = sampling_run(out, 1, f"engine={engine}", "max_steps=6")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "completed at step 6" in resumed.stdout
+
+    meta, read = open_checkpoint(latest_checkpoint(out / "checkpoints"))
+    assert meta["optimizer_class"] == "toy_sampling_optimizer.AntitheticSGD"
+    assert (meta["world_size"], meta["step"]) == (1, 6)
+    full = full_state(lambda r: read(r)["engine"], meta)
+    for name, state in full["optimizer"].items():  # its per-element state, whole at the new world size
+        assert state["momentum"].shape == full["model"][name].shape and int(state["step"]) == 6, name
+        assert state["momentum"].abs().sum() > 0, name
+    assert [g["mc_samples"] for g in full["param_groups"]] == [2, 2]
+
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert {"val/predictive_top1", "val/predictive_nll"} <= set(acc.Tags()["scalars"])
+    compared = launch_plugin("toy_sampling_optimizer", "compare", str(out), "--out", str(tmp_path / "report"))
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    assert f"toy_antithetic ({engine}, resnet_tiny" in compared.stdout and "predictive top-1" in compared.stdout

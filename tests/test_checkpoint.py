@@ -37,7 +37,7 @@ from launch.__main__ import main as launch
 from vsgd_dist.config import RunConfig
 from vsgd_dist.spawn import RankFailed, run_distributed
 from vsgd_dist.train.checkpoint import CheckpointError, file_digest, open_checkpoint
-from vsgd_dist.engines import full_state
+from vsgd_dist.train.engine_state import full_state
 
 pytestmark = pytest.mark.dist
 
@@ -95,7 +95,7 @@ def engines_at(pair_or_world) -> list[str]:
 # ------------------------------------------------------------------------- rank functions
 def save_all(rank, world, folder, names):
     """Each engine and optimizer: FIRST steps, a checkpoint, THEN more steps (the reference)."""
-    from vsgd_dist.engines import build_engine
+    from vsgd_dist.train.engine_setup import engine_for
     from vsgd_dist.train.checkpoint import Checkpointer
 
     out = {}
@@ -103,7 +103,7 @@ def save_all(rank, world, folder, names):
         for opt in OPTIMIZERS:
             cfg = make_cfg(name, opt)
             model = make_model()
-            engine = build_engine(model, cfg, LR)
+            engine = engine_for(model, cfg, LR)
             train(engine, 0, FIRST, rank, world)
             Checkpointer(Path(folder) / f"{name}-{opt}", keep=1).save(engine, cfg, step=FIRST)
             train(engine, FIRST, THEN, rank, world)
@@ -114,14 +114,14 @@ def save_all(rank, world, folder, names):
 def load_all(rank, world, jobs, folder_out):
     """jobs: (source folder, written-by engine, loaded-into engine, optimizer, writers' world
     size). Load into a fresh engine, write it again at this world size, continue THEN steps."""
-    from vsgd_dist.engines import build_engine
+    from vsgd_dist.train.engine_setup import engine_for
     from vsgd_dist.train.checkpoint import Checkpointer
 
     out = {}
     for source, written_by, name, opt, n in jobs:
         cfg = make_cfg(name, opt)
         model = make_model(seed=1)
-        engine = build_engine(model, cfg, LR)
+        engine = engine_for(model, cfg, LR)
         assert Checkpointer(Path(source), keep=1).load_latest(engine, cfg)["step"] == FIRST
         again = Path(folder_out) / f"{n}-{written_by}-{name}-{opt}"
         Checkpointer(again, keep=1).save(engine, cfg, step=FIRST)
@@ -132,8 +132,10 @@ def load_all(rank, world, jobs, folder_out):
 
 def mismatches(rank, world, source):
     """Load a zero2 VSGD checkpoint into runs that differ from it; return the errors."""
-    from vsgd_dist.engines import build_engine
+    from vsgd_dist.optim import OPTIMIZERS as OPTIMIZERS_BY_NAME
+    from vsgd_dist.train import engine_state
     from vsgd_dist.train.checkpoint import Checkpointer
+    from vsgd_dist.train.engine_setup import engine_for
 
     ckpt = Checkpointer(Path(source), keep=1)
     errors = {}
@@ -141,33 +143,34 @@ def mismatches(rank, world, source):
                              ("shape", make_cfg("zero2", "vsgd"), make_model(width=8)),
                              ("names", make_cfg("fsdp2", "vsgd"), make_model(extra_layer=True))):
         try:
-            ckpt.load_latest(build_engine(model, cfg, LR), cfg)
+            ckpt.load_latest(engine_for(model, cfg, LR), cfg)
         except Exception as e:  # noqa: BLE001 - the message is what is tested
             errors[case] = f"{type(e).__name__}: {e}"
     meta, read = open_checkpoint(ckpt.latest())
-    engine = build_engine(make_model(), make_cfg("ddp", "adamw"), LR)
-    try:  # the engine's own check, under the Checkpointer's name check
-        engine.load_checkpoint_state(lambda r: read(r)["engine"], meta)
+    engine = engine_for(make_model(), make_cfg("ddp", "adamw"), LR)
+    try:  # the loader's own check, under the Checkpointer's name check
+        engine_state.load(engine, lambda r: read(r)["engine"], meta, OPTIMIZERS_BY_NAME.get("adamw").optimizer_class)
     except Exception as e:  # noqa: BLE001
         errors["optimizer class"] = f"{type(e).__name__}: {e}"
     return errors
 
 
 class EngineThatDiesWhileSaving:
-    """Rank 1 kills itself (SIGKILL) while torch.save is writing its file, with ballast
-    so that the write takes a while."""
+    """Rank 1 kills itself (SIGKILL) while torch.save is writing its file, with ballast in
+    its optimizer state so that the write takes a while."""
 
     def __init__(self, engine, file: Path):
         self.engine, self.file = engine, file
+        self.optimizer = self
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def checkpoint_state(self):
+    def state_dict(self):
         if int(os.environ["RANK"]) == 1:
             threading.Thread(target=self._kill_once_writing, daemon=True).start()
-            return {**self.engine.checkpoint_state(), "ballast": torch.zeros(2**24)}
-        return self.engine.checkpoint_state()
+            return {**self.engine.optimizer.state_dict(), "ballast": torch.zeros(2**24)}
+        return self.engine.optimizer.state_dict()
 
     def _kill_once_writing(self):
         while not (self.file.exists() and self.file.stat().st_size > 0):
@@ -176,12 +179,12 @@ class EngineThatDiesWhileSaving:
 
 
 def killed_during_save(rank, world, folder):
-    from vsgd_dist.engines import build_engine
+    from vsgd_dist.train.engine_setup import engine_for
     from vsgd_dist.train.checkpoint import Checkpointer
 
     cfg = make_cfg("zero2", "vsgd")
     model = make_model()
-    engine = build_engine(model, cfg, LR)
+    engine = engine_for(model, cfg, LR)
     ckpt = Checkpointer(Path(folder), keep=2)
     train(engine, 0, FIRST, rank, world)
     ckpt.save(engine, cfg, step=FIRST)

@@ -15,11 +15,12 @@ from torch.distributed.tensor import distribute_tensor
 
 from full_batch import train_side_by_side
 from vsgd_dist.config import RunConfig
-from vsgd_dist.engines import engine_class
+from vsgd_dist.engines.ownership import state_pieces
 from vsgd_dist.optim import named_param_groups
 from vsgd_dist.optim.diagnostics import reduced_diagnostics
 from vsgd_dist.optim.vsgd import DIAGNOSTICS, diagnostic_sums
 from vsgd_dist.spawn import run_distributed
+from vsgd_dist.train.engine_setup import engine_for, engine_setup
 
 pytestmark = pytest.mark.dist
 
@@ -42,9 +43,10 @@ def engine_and_reference(opt_name: str, engine_name: str = "fsdp2"):
     cfg = RunConfig()
     cfg.optim.name, cfg.optim.weight_decay, cfg.engine.name = opt_name, WEIGHT_DECAY, engine_name
     cfg.optim.fused = None if opt_name == "vsgd" else False
-    engine = engine_class(engine_name)(make_model(), cfg, LR[opt_name])
+    engine = engine_for(make_model(), cfg, LR[opt_name])
     reference = make_model()
-    ref_opt = engine.optimizer_class(named_param_groups(reference, WEIGHT_DECAY), **engine.optimizer_kwargs)
+    setup = engine_setup(cfg, LR[opt_name])
+    ref_opt = setup.optimizer.optimizer_class(named_param_groups(reference, WEIGHT_DECAY), **setup.optimizer_kwargs())
     return engine, reference, ref_opt
 
 
@@ -64,7 +66,7 @@ def check_optimizer_bitwise(opt_name):
 
 def check_diagnostics(engine, reference, ref_opt):
     layer_of = {name: name.split(".")[0] for name, _ in reference.named_parameters()}
-    pieces = engine.state_pieces(DIAGNOSTICS.state_keys)
+    pieces = state_pieces(engine.ownership(), DIAGNOSTICS.state_keys)
     sharded, _ = reduced_diagnostics(DIAGNOSTICS, pieces, layer_of.get, reduce=True, device=torch.device("cpu"))
     hp = {"lr": LR["vsgd"], **{k: ref_opt.param_groups[0][k] for k in ("eps", "ps", "ghattg")}}
     for layer in sharded:

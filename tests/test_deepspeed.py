@@ -33,7 +33,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from launch.__main__ import main as launch
 from vsgd_dist.config import RunConfig
 from vsgd_dist.optim.adamw import AdamWHparams
+from vsgd_dist.compat.deepspeed import UPSTREAM
 from vsgd_dist.engines.deepspeed import deepspeed_config
+from vsgd_dist.engines.ownership import state_bytes, state_pieces
+from vsgd_dist.train.engine_setup import engine_for, engine_setup
 from vsgd_dist.spawn import run_distributed
 
 pytestmark = pytest.mark.dist  # the tests read results of multi-rank runs (fixtures)
@@ -140,7 +143,7 @@ def against_unsharded(rank, world, stage, precision):
     cfg = make_cfg(stage=stage, precision=precision)
     model = make_model()
     start = make_model()
-    engine = DeepSpeedEngine(model, cfg, LR)
+    engine = DeepSpeedEngine(model, engine_setup(cfg, LR))
     norms = train(engine, 10, rank, world, bf16=precision == "bf16")
     ref, ref_opt, ref_norms = train_unsharded(cfg, 10)
     out = {"param_diff": max_diff(model, ref), "movement": max_diff(ref, start),
@@ -151,24 +154,22 @@ def against_unsharded(rank, world, stage, precision):
         ref_pieces = ((names[p], *(ref_opt.state[p][k] for k in ("mug", "bg", "bhg")), g)
                       for g in ref_opt.param_groups for p in g["params"])
         cpu = torch.device("cpu")
-        pieces = engine.state_pieces(DIAGNOSTICS.state_keys)
+        pieces = state_pieces(engine.ownership(), DIAGNOSTICS.state_keys)
         means, _ = reduced_diagnostics(DIAGNOSTICS, pieces, lambda n: n, reduce=True, device=cpu)
         ref_means, _ = reduced_diagnostics(DIAGNOSTICS, ref_pieces, lambda n: n, reduce=False, device=cpu)
         out["diagnostics"] = (means, ref_means)
         unsharded = sum(v.nbytes for s in ref_opt.state.values() for v in s.values() if v.dim() > 0)
-        out["state_bytes"] = (engine.state_bytes(), unsharded)
+        out["state_bytes"] = (state_bytes(engine.ownership()), unsharded)
     return out
 
 
 def against_native(rank, world, opt):
-    from vsgd_dist.engines import build_engine
-
     results = {}
     for name in ("deepspeed", "zero"):
         model = make_model()
-        engine = build_engine(model, make_cfg(opt, engine=name), LR)
+        engine = engine_for(model, make_cfg(opt, engine=name), LR)
         norms = train(engine, 20, rank, world)
-        results[name] = (model, norms, engine.state_bytes())
+        results[name] = (model, norms, state_bytes(engine.ownership()))
     (ds, ds_norms, ds_bytes), (native, native_norms, native_bytes) = results["deepspeed"], results["zero"]
     return {"param_diff": max_diff(ds, native), "norm_rel": norm_rel_diff(ds_norms, native_norms),
             "state_bytes": (ds_bytes, native_bytes)}
@@ -186,14 +187,14 @@ def resume(rank, world, folder, opt, stage, precision):
     cfg = make_cfg(opt, stage=stage, precision=precision)
     bf16 = precision == "bf16"
     model = make_model()
-    engine = DeepSpeedEngine(model, cfg, LR)
+    engine = DeepSpeedEngine(model, engine_setup(cfg, LR))
     train(engine, 3, rank, world, bf16)
     ckpt = Checkpointer(Path(folder) / f"{opt}-{stage}-{precision}", keep=1)
     ckpt.save(engine, cfg, step=3)
     train(engine, 3, rank, world, bf16, first=3)
 
     fresh = make_model(seed=1)
-    resumed = DeepSpeedEngine(fresh, cfg, LR)
+    resumed = DeepSpeedEngine(fresh, engine_setup(cfg, LR))
     assert ckpt.load_latest(resumed, cfg)["step"] == 3
     train(resumed, 3, rank, world, bf16, first=3)
     return all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))
@@ -278,24 +279,32 @@ def test_resume_same_world_size_is_exact(two_ranks, opt):
     assert all(r[("resume", opt)] for r in two_ranks)
 
 
+def test_the_installed_deepspeed_is_the_one_the_compat_patches_were_written_for():
+    """`vsgd_dist.compat.deepspeed` relies on DeepSpeed's private `_hp_mapping` and subclasses
+    its CPU accelerator: another version must be checked against it (then update UPSTREAM)."""
+    import importlib.metadata
+
+    assert importlib.metadata.version(UPSTREAM[0]) == UPSTREAM[1]
+
+
 def test_deepspeed_config():
     cfg = make_cfg("vsgd", stage=1, precision="fp32", clip=2.5)
     cfg.engine.bucket_mb = 25.0
     cfg.train.global_batch = 512
-    config = deepspeed_config(cfg, 4, lr=0.3, cuda=False)
+    config = deepspeed_config(engine_setup(cfg, 0.3), 4, cuda=False)
     assert config["train_batch_size"] == 512 and config["train_micro_batch_size_per_gpu"] == 128
     assert config["gradient_accumulation_steps"] == 1 and config["gradient_clipping"] == 2.5
     assert config["bf16"] == {"enabled": False}
     assert config["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 25 * 2**18,
                                            "allgather_bucket_size": 25 * 2**18, "contiguous_gradients": True,
                                            "overlap_comm": False}
-    assert deepspeed_config(cfg, 4, lr=0.3, cuda=True)["zero_optimization"]["overlap_comm"] is True
+    assert deepspeed_config(engine_setup(cfg, 0.3), 4, cuda=True)["zero_optimization"]["overlap_comm"] is True
     assert config["zero_allow_untested_optimizer"] is True and "optimizer" not in config
 
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, name="adamw",
                                                                    adamw=AdamWHparams(beta2=0.95)),
                               train=dataclasses.replace(cfg.train, precision="bf16", grad_clip=0.0))
-    config = deepspeed_config(cfg, 2, lr=0.3)
+    config = deepspeed_config(engine_setup(cfg, 0.3), 2)
     assert config["bf16"] == {"enabled": True} and config["gradient_clipping"] == 0.0
     assert config["train_micro_batch_size_per_gpu"] == 256
     assert config["zero_optimization"]["reduce_bucket_size"] == 25 * 2**19  # bf16 elements

@@ -143,7 +143,7 @@ def fsdp2_steps(rank: int, world: int, precision: str) -> dict:
     FSDP2 engine with bf16 autocast, on a fixed batch; what the forward and the step saw."""
     import dataclasses
 
-    from vsgd_dist.engines import build_engine
+    from vsgd_dist.train.engine_setup import engine_for
     from vsgd_dist.models import build_model
 
     cfg = RunConfig()
@@ -151,7 +151,7 @@ def fsdp2_steps(rank: int, world: int, precision: str) -> dict:
     cfg.train = dataclasses.replace(cfg.train, precision=precision)
     torch.manual_seed(0)
     model = build_model("resnet_tiny", 10).to(memory_format=torch.channels_last)
-    engine = build_engine(model, cfg, cfg.optim.lr)
+    engine = engine_for(model, cfg, cfg.optim.lr)
     seen = {}
 
     def record(name):

@@ -35,12 +35,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from launch.__main__ import main as launch
 from vsgd_dist.config import RunConfig
-from vsgd_dist.engines import build_engine, full_state
+from vsgd_dist.engines.ownership import state_bytes, state_pieces
+from vsgd_dist.engines.sampling import WeightSampling
 from vsgd_dist.optim import named_param_groups
 from vsgd_dist.optim.diagnostics import reduced_diagnostics
 from vsgd_dist.optim.ivon import DIAGNOSTICS, IVONHparams
 from vsgd_dist.spawn import run_distributed
 from vsgd_dist.train.checkpoint import Checkpointer, latest_checkpoint, open_checkpoint
+from vsgd_dist.train.engine_setup import engine_for, engine_setup
+from vsgd_dist.train.engine_state import full_state
 
 pytestmark = pytest.mark.dist
 
@@ -71,9 +74,10 @@ def make_model(seed: int = 0) -> nn.Module:
 def engine_and_reference(engine_name: str, mc_samples: int = 1, model=make_model):
     """An engine over one model and the unsharded IVON (same kwargs) over an identical one."""
     cfg = make_cfg(engine_name, mc_samples)
-    engine = build_engine(model(), cfg, LR)
+    engine = engine_for(model(), cfg, LR)
     reference = model()
-    ref_opt = engine.optimizer_class(named_param_groups(reference, WEIGHT_DECAY), **engine.optimizer_kwargs)
+    setup = engine_setup(cfg, LR)
+    ref_opt = setup.optimizer.optimizer_class(named_param_groups(reference, WEIGHT_DECAY), **setup.optimizer_kwargs())
     return engine, reference, ref_opt
 
 
@@ -104,10 +108,10 @@ def check_bitwise(rank, world, engine_name, mc_samples):
     schedules = [warmup(engine.optimizer), warmup(ref_opt)]
     params, ref_params = list(engine.model.parameters()), list(reference.parameters())
     shapes = [q.shape for q in ref_params]
-    assert engine.mc_samples == mc_samples
+    assert WeightSampling(engine).mc_samples == mc_samples
     for step in range(STEPS):
         for k in range(mc_samples):
-            engine.sample(k)
+            WeightSampling(engine).sample(k)
             ref_opt.sample(k)
             for p, q in zip(params, ref_params):  # the same noise at every world size
                 assert torch.equal(full(p), q), (engine_name, step, k)
@@ -121,14 +125,14 @@ def check_bitwise(rank, world, engine_name, mc_samples):
             for q, g in zip(ref_params, average):
                 q.grad = g.clone()
             if k + 1 < mc_samples:
-                engine.accumulate()
+                WeightSampling(engine).accumulate()
                 ref_opt.accumulate()
         engine.step()
         ref_opt.step()
         ref_opt.zero_grad()
         for schedule in schedules:
             schedule.step()
-    engine.restore()  # ZeRO: the mean's all-gather was left to the next sample
+    WeightSampling(engine).mean_weights()  # ZeRO: the mean's all-gather was left to the next sample
     for p, q in zip(params, ref_params):
         assert torch.equal(full(p), q), engine_name
     return engine, reference, ref_opt
@@ -139,8 +143,9 @@ def check_diagnostics(engine, reference, ref_opt):
     layer_of = {n: n.split(".")[0] for n in names.values()}
     ref_pieces = ((names[q], *(ref_opt.state[q][k] for k in DIAGNOSTICS.state_keys), g)
                   for g in ref_opt.param_groups for q in g["params"])
-    sharded, hist = reduced_diagnostics(DIAGNOSTICS, engine.state_pieces(DIAGNOSTICS.state_keys), layer_of.get,
-                                        reduce=engine.sharded_state, device=torch.device("cpu"))
+    own = engine.ownership()
+    sharded, hist = reduced_diagnostics(DIAGNOSTICS, state_pieces(own, DIAGNOSTICS.state_keys), layer_of.get,
+                                        reduce=own.sharded_state, device=torch.device("cpu"))
     expected, ref_hist = reduced_diagnostics(DIAGNOSTICS, ref_pieces, layer_of.get, reduce=False,
                                              device=torch.device("cpu"))
     assert sharded.keys() == expected.keys() == set(layer_of.values())
@@ -156,7 +161,7 @@ def check_state_bytes(engine, ref_opt, world):
     unsharded = sum(v.nbytes for s in ref_opt.state.values() for v in s.values() if v.dim() > 0)
     assert unsharded == 8 * 170
     padding = sum(b.padded_numel - b.numel for b in engine.optimizer.buckets)
-    assert world * engine.state_bytes() == unsharded + 8 * padding
+    assert world * state_bytes(engine.ownership()) == unsharded + 8 * padding
 
 
 def bitwise_suite(rank, world):
@@ -178,36 +183,36 @@ def test_engines_draw_the_same_noise_and_match_the_single_process_bitwise(world_
 def check_end_to_end(rank, world, engine_name, mc_samples):
     """Every rank trains on its slice of a global batch at the weight samples; equals the
     full-batch single process. Then evaluation samples reach the forward (FSDP2's
-    all-gather, ZeRO's) and restore() brings back the mean."""
+    all-gather, ZeRO's) and mean_weights() brings back the mean."""
     engine, reference, ref_opt = engine_and_reference(engine_name, mc_samples)
     g = torch.Generator().manual_seed(7)
     mine = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     for _ in range(10):
         x, y = torch.randn(BATCH, 13, generator=g), torch.randn(BATCH, 3, generator=g)
         for k in range(mc_samples):
-            engine.sample(k)
+            WeightSampling(engine).sample(k)
             ref_opt.sample(k)
             engine.backward(nn.functional.mse_loss(engine.wrapped(x[mine]), y[mine]))
             nn.functional.mse_loss(reference(x), y).backward()
             if k + 1 < mc_samples:
-                engine.accumulate()
+                WeightSampling(engine).accumulate()
                 ref_opt.accumulate()
         engine.step()
         ref_opt.step()
         ref_opt.zero_grad()
-    engine.restore()
+    WeightSampling(engine).mean_weights()
     for p, q in zip(engine.model.parameters(), reference.parameters()):
         torch.testing.assert_close(full(p), q, rtol=1e-4, atol=1e-4)
 
     with torch.no_grad():
         engine.model.eval()
         at_mean = engine.wrapped(x)
-        engine.sample(1, evaluation=True)
+        WeightSampling(engine).sample(1, evaluation=True)
         ref_opt.sample(1, evaluation=True)
         sampled = engine.wrapped(x)
         torch.testing.assert_close(sampled, reference(x), rtol=1e-4, atol=1e-4)
         assert (sampled - at_mean).abs().max() > 1e-3  # the sample reached the forward
-        engine.restore()
+        WeightSampling(engine).mean_weights()
         ref_opt.restore()
         assert torch.equal(engine.wrapped(x), at_mean)
 
@@ -248,15 +253,15 @@ def check_batchnorm(rank, world):
 
     for _ in range(3):
         x = torch.randn(BATCH, 13, generator=g)[mine]
-        engine.restore()
+        WeightSampling(engine).mean_weights()
         for _ in range(2):
             forward_at_engine_weights(at_mean, x)
         for k in range(2):
-            engine.sample(k)
+            WeightSampling(engine).sample(k)
             forward_at_engine_weights(shadow, x)
             engine.backward(engine.wrapped(x).square().mean())
             if k == 0:
-                engine.accumulate()
+                WeightSampling(engine).accumulate()
         engine.step()
     bn = engine.model[1]
     assert int(bn.num_batches_tracked) == 3 * 2
@@ -281,18 +286,18 @@ def identical_steps(engine, first: int, steps: int) -> None:
     params = list(engine.model.parameters())
     shapes = [full(p).shape for p in params]
     for step in range(first, first + steps):
-        for k in range(engine.mc_samples):
-            engine.sample(k)
+        for k in range(WeightSampling(engine).mc_samples):
+            WeightSampling(engine).sample(k)
             for p, g in zip(params, exact_grads(shapes, 10 * step + k, 0)):
                 p.grad = like(p, g)
-            if k + 1 < engine.mc_samples:
-                engine.accumulate()
+            if k + 1 < WeightSampling(engine).mc_samples:
+                WeightSampling(engine).accumulate()
         engine.step()
 
 
 def full_params(engine) -> list[np.ndarray]:
     """As numpy arrays: tensors leave a rank process as shared-memory handles that die with it."""
-    engine.restore()
+    WeightSampling(engine).mean_weights()
     return [full(p).detach().numpy().copy() for p in engine.model.parameters()]
 
 
@@ -301,7 +306,7 @@ def save_all(rank, world, folder):
     out = {}
     for name in ENGINES:
         cfg = make_cfg(name, mc_samples=2)
-        engine = build_engine(make_model(), cfg, LR)
+        engine = engine_for(make_model(), cfg, LR)
         identical_steps(engine, 0, FIRST)
         Checkpointer(Path(folder) / name, keep=1).save(engine, cfg, step=FIRST)
         identical_steps(engine, FIRST, THEN)
@@ -315,7 +320,7 @@ def load_all(rank, world, folder, folder_out):
     out = {}
     for written_by, name in RESHARD:
         cfg = make_cfg(name, mc_samples=2)
-        engine = build_engine(make_model(seed=1), cfg, LR)
+        engine = engine_for(make_model(seed=1), cfg, LR)
         assert Checkpointer(Path(folder) / written_by, keep=1).load_latest(engine, cfg)["step"] == FIRST
         Checkpointer(Path(folder_out) / f"{written_by}-{name}", keep=1).save(engine, cfg, step=FIRST)
         identical_steps(engine, FIRST, THEN)

@@ -30,8 +30,10 @@ def demo_cfg(engine: str, stage: int, optimizer: str):
 
 def allocated_state_bytes(rank: int, world_size: int) -> dict:
     """Each engine's own count of the state it holds after one real step, per layout."""
-    from vsgd_dist.engines import build_engine
+    from vsgd_dist.engines.ownership import state_bytes
+    from vsgd_dist.engines.sampling import WeightSampling
     from vsgd_dist.models import build_model
+    from vsgd_dist.train.engine_setup import engine_for
 
     held = {}
     for engine_name, stage in LAYOUTS:
@@ -39,13 +41,12 @@ def allocated_state_bytes(rank: int, world_size: int) -> dict:
             cfg = demo_cfg(engine_name, stage, optimizer)
             torch.manual_seed(0)
             model = build_model(cfg.model.name, 10, image_size=cfg.data.end_res)
-            engine = build_engine(model, cfg, 0.01)
-            if engine.samples:
-                engine.sample(0)
+            engine = engine_for(model, cfg, 0.01)
+            WeightSampling(engine).sample(0)  # IVON's state exists from its first sample
             images = torch.randn(4, 3, cfg.data.end_res, cfg.data.end_res)
             engine.backward(torch.nn.functional.cross_entropy(engine.wrapped(images), torch.arange(4)))
             engine.step()
-            held[(engine_name, stage, optimizer)] = engine.state_bytes()
+            held[(engine_name, stage, optimizer)] = state_bytes(engine.ownership())
     return held
 
 

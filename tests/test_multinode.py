@@ -236,7 +236,6 @@ def test_a_two_by_two_checkpoint_resumes_on_three_nodes_by_one(cluster, nodes2x2
     assert_same_scalars(local3, job / "run")
 
 
-@pytest.mark.timeout(1800)
 def node_layout_run(rank: int, world_size: int, out: str) -> dict:
     """One rank of the demo with engine.shard_within=node, as `launch run` would start it;
     `run_distributed(..., ranks_per_node=2)` numbers the ranks as 2 nodes of 2, as SLURM does."""
@@ -249,6 +248,7 @@ def node_layout_run(rank: int, world_size: int, out: str) -> dict:
     return Trainer(cfg.to_dict()).run()
 
 
+@pytest.mark.timeout(1800)
 def test_shard_within_node_on_two_nodes_resumes_the_world_checkpoint_as_local_nodes_do(cluster, nodes2x2, tmp_path):
     """engine.shard_within=node on 2 nodes x 2 tasks resumes the world layout's step-20
     checkpoint (resharding world -> node across nodes): every rank holds half the optimizer

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from vsgd_dist.config import RunConfig
-from vsgd_dist.engines import engine_class
+from vsgd_dist.engines.sampling import WeightSampling
 from vsgd_dist.spawn import run_distributed
+from vsgd_dist.train.engine_setup import engine_for
 
 pytestmark = pytest.mark.dist
 
@@ -27,7 +28,7 @@ def build(stage: int, prefetch: bool, model=None, compile_model: bool = False):
     cfg.engine.name, cfg.engine.zero_stage, cfg.engine.prefetch_params = "zero", stage, prefetch
     cfg.engine.bucket_mb = 100 * 4 / 2**20  # ~100 fp32 elements: several buckets
     cfg.model.compile = compile_model
-    return engine_class("zero")(model or make_model(), cfg, 0.05)
+    return engine_for(model or make_model(), cfg, 0.05)
 
 
 def train(rank: int, world_size: int, stage: int, prefetch: bool):
@@ -37,13 +38,13 @@ def train(rank: int, world_size: int, stage: int, prefetch: bool):
     for _ in range(STEPS):
         x, y = torch.randn(4, 13, generator=data), torch.randn(4, 3, generator=data)
         loss = torch.nn.functional.mse_loss(engine.wrapped(x), y)
-        assert not optimizer._gathering, "a forward left a gather running"
+        assert not optimizer.gathers_running, "a forward left a gather running"
         engine.backward(loss)
         engine.step()
-        left_running.append(len(optimizer._gathering))
+        left_running.append(optimizer.gathers_running)
         losses.append(loss.item())
-    engine.restore()  # what the trainer calls before anything else reads the weights
-    assert not optimizer._gathering
+    WeightSampling(engine).mean_weights()  # what the trainer calls before anything else reads the weights
+    assert not optimizer.gathers_running
     return losses, left_running, [p.detach().clone() for p in engine.model.parameters()], len(optimizer.buckets)
 
 

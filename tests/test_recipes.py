@@ -17,11 +17,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from launch.__main__ import main as launch
 from test_data import write_cli
 from vsgd_dist.config import ConfigError, RunConfig, ScheduleConfig, load_recipe
-from vsgd_dist.engines import engine_class
 from vsgd_dist.models import build_model
 from vsgd_dist.models.blurpool import BlurPoolConv2d
 from vsgd_dist.optim import named_param_groups
 from vsgd_dist.spawn import run_distributed
+from vsgd_dist.train.engine_setup import engine_for
 from vsgd_dist.train.schedule import lr_lambda
 
 RECIPES = sorted(Path("recipes/imagenet").glob("[!_]*.yaml"))
@@ -85,7 +85,7 @@ def accumulation_engine(name, stage, accum, exclude_1d):
     cfg.optim.name, cfg.optim.weight_decay, cfg.optim.wd_exclude_1d = "sgd", 0.1, exclude_1d
     cfg.engine.name, cfg.engine.zero_stage, cfg.engine.bucket_mb = name, stage, 64 / 2**20  # several buckets
     cfg.train.global_batch, cfg.train.accum_steps = BATCH, accum
-    return engine_class(name)(accumulation_model(), cfg, 0.1)
+    return engine_for(accumulation_model(), cfg, 0.1)
 
 
 def full_of(param):

@@ -36,12 +36,15 @@ from torch.distributed.tensor import distribute_tensor
 
 from vsgd_dist.config import ConfigError, RunConfig, load_recipe
 from vsgd_dist.distributed import NodeLayoutError, gather_host_objects, node_mesh, ranks_per_node
-from vsgd_dist.engines import build_engine, full_state
+from vsgd_dist.engines.ownership import state_bytes, state_pieces
 from vsgd_dist.optim import named_param_groups
 from vsgd_dist.optim.diagnostics import reduced_diagnostics
 from vsgd_dist.optim.vsgd import DIAGNOSTICS, diagnostic_sums
 from vsgd_dist.spawn import run_distributed
+from vsgd_dist.train import engine_state
 from vsgd_dist.train.checkpoint import Checkpointer, open_checkpoint
+from vsgd_dist.train.engine_setup import engine_for, engine_setup
+from vsgd_dist.train.engine_state import full_state
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -92,9 +95,11 @@ def train(engine, first: int, steps: int, rank: int, world: int) -> None:
 
 # ---- the node layout against the unsharded optimizer and the world layout -----------------
 def check_optimizer_bitwise(rank, world, engine_name, opt):
-    engine = build_engine(make_model(), make_cfg(engine_name, "node", opt), LR[opt])
+    cfg = make_cfg(engine_name, "node", opt)
+    engine = engine_for(make_model(), cfg, LR[opt])
     reference = make_model()
-    ref_opt = engine.optimizer_class(named_param_groups(reference, WEIGHT_DECAY), **engine.optimizer_kwargs)
+    setup = engine_setup(cfg, LR[opt])
+    ref_opt = setup.optimizer.optimizer_class(named_param_groups(reference, WEIGHT_DECAY), **setup.optimizer_kwargs())
     params, refs = list(engine.model.parameters()), list(reference.parameters())
     for step in range(STEPS):
         per_rank = [exact_grads([p.shape for p in refs], step, r) for r in range(world)]
@@ -120,11 +125,11 @@ def check_optimizer_bitwise(rank, world, engine_name, opt):
 def check_state_split(engine, ref_opt, world):
     """Each rank holds 1/(ranks per node) of the state (ZeRO: plus bucket padding); each node
     holds all of it, the same split as every other node."""
-    per_rank = gather_host_objects(engine.state_bytes())
+    per_rank = gather_host_objects(state_bytes(engine.ownership()))
     unsharded = sum(v.nbytes for s in ref_opt.state.values() for v in s.values() if v.dim() > 0)
     assert per_rank[:2] == per_rank[2:], per_rank
     assert sum(per_rank[:2]) >= unsharded
-    if engine.name == "zero":
+    if engine.ownership().layout == "flat_shards":  # native ZeRO
         opt = engine.optimizer
         assert opt.world_size == 2 and opt.replicas == world // 2
         padding = sum(b.padded_numel - b.numel for b in opt.buckets)
@@ -137,8 +142,9 @@ def check_state_split(engine, ref_opt, world):
 def check_diagnostics(engine, reference, ref_opt):
     """Summed over the node's ranks only (the shard group): the unsharded optimizer's means."""
     layer_of = {name: name.split(".")[0] for name, _ in reference.named_parameters()}
-    sharded, _ = reduced_diagnostics(DIAGNOSTICS, engine.state_pieces(DIAGNOSTICS.state_keys), layer_of.get,
-                                     reduce=True, device=torch.device("cpu"), process_group=engine.shard_group)
+    own = engine.ownership()
+    sharded, _ = reduced_diagnostics(DIAGNOSTICS, state_pieces(own, DIAGNOSTICS.state_keys), layer_of.get,
+                                     reduce=True, device=torch.device("cpu"), process_group=own.shard_group)
     group = ref_opt.param_groups[0]
     hp = {"lr": group["lr"], **{k: group[k] for k in ("eps", "ps", "ghattg")}}
     assert sharded.keys() == set(layer_of.values())
@@ -153,11 +159,11 @@ def check_diagnostics(engine, reference, ref_opt):
 
 def node_against_world(rank, world, engine_name, opt, stage):
     """Both layouts and the full-batch reference on the same batches; max |node - world|."""
-    engines = {within: build_engine(make_model(), make_cfg(engine_name, within, opt, stage), LR[opt])
+    engines = {within: engine_for(make_model(), make_cfg(engine_name, within, opt, stage), LR[opt])
                for within in ("world", "node")}
     reference = make_model()
-    ref_opt = engines["world"].optimizer_class(named_param_groups(reference, WEIGHT_DECAY),
-                                               **engines["world"].optimizer_kwargs)
+    setup = engine_setup(make_cfg(engine_name, "world", opt, stage), LR[opt])
+    ref_opt = setup.optimizer.optimizer_class(named_param_groups(reference, WEIGHT_DECAY), **setup.optimizer_kwargs())
     for engine in engines.values():
         train(engine, 0, STEPS, rank, world)
     for step in range(STEPS):
@@ -214,7 +220,7 @@ def write(rank, world, folder):
     for name in ENGINES:
         for within in ("node", "world"):
             cfg = make_cfg(name, within)
-            engine = build_engine(make_model(), cfg, LR["vsgd"])
+            engine = engine_for(make_model(), cfg, LR["vsgd"])
             train(engine, 0, FIRST, rank, world)
             Checkpointer(Path(folder) / f"{name}-{within}", keep=1).save(engine, cfg, step=FIRST)
             train(engine, FIRST, THEN, rank, world)
@@ -228,11 +234,14 @@ def load(rank, world, jobs, folder):
     out = {}
     for source, name, within in jobs:
         cfg = make_cfg(name, within)
-        engine = build_engine(make_model(seed=1), cfg, LR["vsgd"])
+        engine = engine_for(make_model(seed=1), cfg, LR["vsgd"])
         through_full_form = []
-        load_full_state = engine.load_full_state
-        engine.load_full_state = lambda f: (through_full_form.append(True), load_full_state(f))
-        assert Checkpointer(Path(source), keep=1).load_latest(engine, cfg)["step"] == FIRST
+        load_full_state = engine_state.load_full_state
+        engine_state.load_full_state = lambda e, f: (through_full_form.append(True), load_full_state(e, f))
+        try:
+            assert Checkpointer(Path(source), keep=1).load_latest(engine, cfg)["step"] == FIRST
+        finally:
+            engine_state.load_full_state = load_full_state
         again = Path(folder) / f"{Path(source).name}-as-{within}"
         Checkpointer(again, keep=1).save(engine, cfg, step=FIRST)
         train(engine, FIRST, THEN, rank, world)

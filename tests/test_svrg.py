@@ -32,10 +32,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from vsgd_dist.config import ConfigError, RunConfig, load_recipe
-from vsgd_dist.engines import build_engine, engine_class
+from vsgd_dist.engines.ownership import local_weights
+from vsgd_dist.engines.sampling import WeightSampling
 from vsgd_dist.optim.ivon import IVONHparams
 from vsgd_dist.spawn import run_distributed
 from vsgd_dist.train.checkpoint import Checkpointer, latest_checkpoint, open_checkpoint
+from vsgd_dist.train.engine_setup import engine_for
+from vsgd_dist.train.engine_state import grad_state_full
 from vsgd_dist.transforms import GRADIENT_TRANSFORMS, AlphaSVRG, SVRGConfig, TransformContext
 
 DEMO = "recipes/demo.yaml"
@@ -52,16 +55,20 @@ def context(engine, gradient, epochs_batches, total_steps, steps_per_epoch, seed
                             log_every=log_every, seed=seed, gradient=gradient, read_steps=read_steps)
 
 
-def drive(transform, engine, gradient, batch_of_step, total_steps, steps_per_epoch, after_step=None):
+def drive(transform, engine, gradient, batch_of_step, total_steps, steps_per_epoch, after_step=None, seen=None):
     """The trainer's calls, in its order: `before_steps` at each epoch start and when its count
-    runs out, `before_step`, forward/backward, the engine's step (which calls `apply`)."""
+    runs out, `before_step`, forward/backward, `apply` to the averaged gradient, the engine's
+    step. `seen` collects each step's gradient as the step receives it."""
     due = 0
     for step in range(total_steps):
         epoch = step // steps_per_epoch
         if step % steps_per_epoch == 0 or step == due:
             due = step + transform.before_steps(step, epoch)
         transform.before_step(step, epoch, batch_of_step(step))
-        gradient(batch_of_step(step))
+        grads = gradient(batch_of_step(step))
+        transform.apply(grads)
+        if seen is not None:
+            seen.append(grads[0].detach().reshape(-1).numpy().copy())
         engine.step()
         if after_step is not None:
             after_step(step)
@@ -83,7 +90,7 @@ def test_least_squares_correction_matches_the_formula_in_float64(snapshot_every)
     cfg = RunConfig()
     cfg.engine.name, cfg.optim.name, cfg.optim.lr = "ddp", "sgd", 0.05
     model = nn.Linear(d, 1, bias=False).double()
-    engine = build_engine(model, cfg, cfg.optim.lr)
+    engine = engine_for(model, cfg, cfg.optim.lr)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
 
     def gradient(idx):
@@ -95,7 +102,6 @@ def test_least_squares_correction_matches_the_formula_in_float64(snapshot_every)
     svrg = AlphaSVRG(SVRGConfig(alpha0=0.75, snapshot_every=snapshot_every),
                      context(engine, gradient, lambda s: batches[s % steps_per_epoch], total, steps_per_epoch))
     seen = []
-    engine.grad_transforms = [svrg.apply, lambda grads: seen.append(grads[0].detach().reshape(-1).numpy().copy())]
 
     def grad_of(w, idx):
         return X[idx].T @ (X[idx] @ w - y[idx]) / len(idx)
@@ -118,7 +124,8 @@ def test_least_squares_correction_matches_the_formula_in_float64(snapshot_every)
             assert not np.allclose(seen[-1], grad_of(w, batches[b]), rtol=1e-6)
         weights_before.append(model.weight.detach().reshape(-1).numpy().copy())
 
-    drive(svrg, engine, gradient, lambda s: batches[s % steps_per_epoch], total, steps_per_epoch, after_step=check)
+    drive(svrg, engine, gradient, lambda s: batches[s % steps_per_epoch], total, steps_per_epoch, after_step=check,
+          seen=seen)
     assert len(seen) == total
 
 
@@ -271,7 +278,7 @@ def test_equals_the_authors_update_on_a_small_problem(every, svrg_end, mode, pas
     cfg = RunConfig()
     cfg.engine.name, cfg.optim.name, cfg.optim.lr = "ddp", "sgd", 0.05
     model = bn_dropout_model()
-    engine = build_engine(model, cfg, cfg.optim.lr)
+    engine = engine_for(model, cfg, cfg.optim.lr)
 
     def gradient(batch):
         x, y = batch
@@ -284,7 +291,6 @@ def test_equals_the_authors_update_on_a_small_problem(every, svrg_end, mode, pas
     svrg = AlphaSVRG(SVRGConfig(alpha0=0.75, snapshot_every=every, end_epoch=svrg_end + 1, mode=mode,
                                 pass_updates_running_stats=pass_updates_running_stats),
                      context(engine, gradient, batch, epochs * steps_per_epoch, steps_per_epoch))
-    engine.grad_transforms = [svrg.apply]
     drive(svrg, engine, gradient, batch, epochs * steps_per_epoch, steps_per_epoch)
     ours, theirs = model.state_dict(), reference.state_dict()
     for name in theirs:
@@ -321,9 +327,9 @@ class TinyRun:
         cfg.optim.ivon = IVONHparams(ess=50.0, hess_init=0.5, beta2=0.99, mc_samples=2)  # used by optimizer=ivon
         cfg.svrg = SVRGConfig(alpha0=0.75, snapshot_every=EVERY, mode=mode)
         self.cfg = cfg
-        self.engine = build_engine(tiny_model(), cfg, cfg.optim.lr)
+        self.engine = engine_for(tiny_model(), cfg, cfg.optim.lr)
+        self.sampling = WeightSampling(self.engine, cfg.train.grad_clip)
         self.svrg = AlphaSVRG(cfg.svrg, context(self.engine, self.gradient, self.mine, STEPS, STEPS_PER_EPOCH))
-        self.engine.grad_transforms = [self.svrg.apply]
 
     def mine(self, step):
         x, y = batch_of(step)
@@ -342,13 +348,14 @@ class TinyRun:
             epoch = step // STEPS_PER_EPOCH
             self.svrg.before_steps(step, epoch)  # idempotent within an interval: called every step here
             self.svrg.before_step(step, epoch, self.mine(step))
-            for k in range(self.engine.mc_samples):
-                self.engine.sample(k)
+            for k in range(self.sampling.mc_samples):
+                self.sampling.sample(k)
                 self.gradient(self.mine(step))
-                if k + 1 < self.engine.mc_samples:
-                    self.engine.accumulate()
+                self.svrg.apply(self.engine.reduced_grads())  # what the trainer does before either
+                if k + 1 < self.sampling.mc_samples:
+                    self.sampling.accumulate()
             self.engine.step()
-        self.engine.restore()
+        self.sampling.mean_weights()
         return self
 
     def weights(self) -> dict:
@@ -384,7 +391,7 @@ def layout_payload(rank, world, folder):
         p.grad = g
     grads = [g.clone() for g in run.engine.reduced_grads()]
     Checkpointer(Path(folder), keep=1).save(run.engine, run.cfg, step=1, grad_state={
-        "grad": grads, "weights": [w.clone() for w in run.engine.local_weights()]})
+        "grad": grads, "weights": [w.clone() for w in local_weights(run.engine.ownership())]})
     run.engine.zero_grad()
 
 
@@ -418,7 +425,7 @@ def resumed_elsewhere(rank, world, root):
     for p, g in zip(run.engine.model.parameters(), expected):
         p.grad = g.clone()  # every rank the same: the average is itself
     runs["layout_equal"] = all(torch.equal(a, b) for a, b in zip(loaded["grad"], run.engine.reduced_grads()))
-    runs["weights_equal"] = all(torch.equal(a, b) for a, b in zip(loaded["weights"], run.engine.local_weights()))
+    runs["weights_equal"] = all(torch.equal(a, b) for a, b in zip(loaded["weights"], local_weights(run.engine.ownership())))
     return runs
 
 
@@ -431,7 +438,7 @@ def test_sharded_engines_equal_one_process_and_checkpoints_reshard(tmp_path):
 
     # The full gradient state of the 2-rank checkpoint, put together offline: exact.
     meta, read = open_checkpoint(latest_checkpoint(tmp_path / "layout"))
-    full = engine_class(meta["engine"]).grad_state_full(lambda r: read(r)["engine"], meta)
+    full = grad_state_full(lambda r: read(r)["engine"], meta)
     model = tiny_model()
     expected = [sum(gs) / 2 for gs in zip(*(exact_grads(model, r) for r in range(2)))]
     for (name, p), g in zip(model.named_parameters(), expected):

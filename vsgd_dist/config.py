@@ -129,7 +129,7 @@ class EngineConfig:
     wait for each bucket's in the forward pre-hook of every module that holds its parameters,
     so communication overlaps the next forward. Until then the parameters hold the old
     weights for anyone who reads them through their own reference to the model (the engine's
-    `model` and `restore()` wait; the trainer reads them only through those), hence off by
+    `model` and `mean_weights()` wait; the trainer reads them only through those), hence off by
     default and on in the recipes. Off with model.compile (hooks inside a compiled graph);
     refused for a parameter registered in several modules (tied weights)."""
 

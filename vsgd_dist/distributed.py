@@ -226,3 +226,11 @@ def node_mesh(device_type: str) -> DeviceMesh | None:
                                   f"{rank % per_node}; engine.shard_within=node needs block rank placement "
                                   "(SLURM's default --distribution=block) or engine.shard_within=world")
     return init_device_mesh(device_type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2's sharded parameters and state), or the tensor
+    itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

@@ -9,8 +9,8 @@
      "optimizer_class": "vsgd_dist.optim.vsgd.VSGD"}
 
 Nothing in it depends on the world size or the engine that wrote it, so a checkpoint written
-by any engine at N ranks loads into any engine at M ranks: the writing engine's
-`Engine.full_state` assembles it and the loading engine's `load_full_state` cuts out its part.
+by any engine at N ranks loads into any engine at M ranks: `vsgd_dist.train.engine_state`
+assembles it from the writing engine's files and cuts out the loading engine's part.
 Optimizer state keys are never interpreted: whatever per-element tensors the optimizer keeps
 (VSGD's mug/bg/bhg, AdamW's exp_avg/exp_avg_sq) are moved as they are.
 

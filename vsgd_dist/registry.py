@@ -23,6 +23,12 @@ def import_plugins() -> None:
         importlib.import_module(name)
 
 
+def class_path(cls: type) -> str:
+    """A class's import path, "module.QualName": how checkpoints record the optimizer class
+    and how messages name a class."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 class UnknownName(ValueError):
     """A name no component of this kind is registered under; the message lists the choices."""
 

@@ -17,7 +17,8 @@ from gpu_helpers import gpu_ranks
 from vsgd_dist.config import RunConfig
 from vsgd_dist.distributed import (all_reduce, backend_for, gather_host_objects, gather_host_values, pick_device,
                                    reduce_host_values, set_kernel_options)
-from vsgd_dist.engines import engine_class
+from vsgd_dist.engines.sampling import WeightSampling
+from vsgd_dist.train.engine_setup import engine_for, engine_setup
 from vsgd_dist.optim import named_param_groups
 from vsgd_dist.spawn import run_distributed
 
@@ -47,9 +48,10 @@ def engines_match_one_gpu(rank: int, world: int) -> list[str]:
     for engine_name, stage in ENGINES:
         for optimizer, fused in (("vsgd", True), ("vsgd", False), ("adamw", True)):
             cfg = config(engine_name, stage, optimizer, fused)
-            engine = engine_class(engine_name)(make_model(device), cfg, 0.01)
+            engine = engine_for(make_model(device), cfg, 0.01)
             reference = make_model(device)
-            ref_opt = engine.optimizer_class(named_param_groups(reference, 0.1), **engine.optimizer_kwargs)
+            setup = engine_setup(cfg, 0.01)
+            ref_opt = setup.optimizer.optimizer_class(named_param_groups(reference, 0.1), **setup.optimizer_kwargs())
             g = torch.Generator(device=device).manual_seed(7)
             per_rank = BATCH // world
             for _ in range(STEPS):
@@ -61,7 +63,7 @@ def engines_match_one_gpu(rank: int, world: int) -> list[str]:
                 torch.nn.functional.mse_loss(reference(x[:per_rank * world]), y[:per_rank * world]).backward()
                 ref_opt.step()
                 ref_opt.zero_grad()
-            engine.restore()
+            WeightSampling(engine).mean_weights()
             for p, ref in zip(engine.model.parameters(), reference.parameters()):
                 full = p.full_tensor() if hasattr(p, "full_tensor") else p
                 assert full.is_cuda
@@ -113,7 +115,7 @@ def step_without_host_sync(rank: int, world: int) -> list[str]:
             cfg.train = dataclasses.replace(cfg.train, precision="bf16", grad_clip=1.0)
             torch.manual_seed(0)
             model = build_model("resnet_tiny", 10).to(device).to(memory_format=torch.channels_last)
-            engine = engine_class(engine_name)(model, cfg, 0.01)
+            engine = engine_for(model, cfg, 0.01)
             x = torch.randn(8, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
             y = torch.randint(0, 10, (8,), device=device)
 
@@ -155,7 +157,7 @@ def fsdp2_precisions(rank: int, world: int) -> dict[str, list[float]]:
         cfg.train = dataclasses.replace(cfg.train, precision=precision)
         torch.manual_seed(0)
         model = build_model("resnet_tiny", 10).to(device).to(memory_format=torch.channels_last)
-        engine = engine_class("fsdp2")(model, cfg, 0.01)
+        engine = engine_for(model, cfg, 0.01)
         g = torch.Generator(device=device).manual_seed(1)
         x = torch.randn(16, 3, 32, 32, generator=g, device=device).to(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (16,), generator=g, device=device)

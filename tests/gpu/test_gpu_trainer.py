@@ -68,7 +68,7 @@ def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
 
 
 def full_of(folder: Path) -> dict:
-    from vsgd_dist.engines import full_state
+    from vsgd_dist.train.engine_state import full_state
     from vsgd_dist.train.checkpoint import latest_checkpoint, open_checkpoint
 
     meta, read = open_checkpoint(latest_checkpoint(folder))

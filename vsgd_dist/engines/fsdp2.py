@@ -15,8 +15,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from vsgd_dist.distributed import node_mesh
-from vsgd_dist.engines.base import Engine, local_tensor
-from vsgd_dist.full_form import by_name, torch_state_dict
+from vsgd_dist.engines.base import Engine
+from vsgd_dist.engines.ownership import OwnedRange, whole_params
 
 BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
 
@@ -79,19 +79,19 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
 
 
 class FSDP2Engine(Engine):
-    name = "fsdp2"
+    layout = "rows"
 
-    def __init__(self, model, cfg, lr):
+    def __init__(self, model, setup):
         # The shards (master weights) and the optimizer state stay fp32 at any precision.
-        mesh = shard_mesh(next(model.parameters()).device.type, cfg.engine.shard_within)
-        shard_model(model, model_blocks(model), mixed_precision_policy(cfg.train.precision), mesh)
-        self.shard_group = mesh.get_group("shard") if mesh.ndim == 2 else None
-        self.first_replica = mesh.ndim == 1 or mesh.get_local_rank("replicate") == 0
+        mesh = shard_mesh(next(model.parameters()).device.type, setup.engine.shard_within)
+        shard_model(model, model_blocks(model), mixed_precision_policy(setup.precision), mesh)
+        self._shard_group = mesh.get_group("shard") if mesh.ndim == 2 else None
+        self._first_replica = mesh.ndim == 1 or mesh.get_local_rank("replicate") == 0
         """Whether this rank's node is the first: the other nodes hold the same rows, and only
         the first node's ranks write theirs into checkpoints."""
-        super().__init__(model, cfg, lr)  # param groups over the DTensor parameters
+        super().__init__(model, setup)  # param groups over the DTensor parameters
         self.wrapped = model
-        self.optimizer = self.optimizer_class(self.param_groups, **self.optimizer_kwargs)
+        self.optimizer = setup.optimizer.optimizer_class(self._param_groups, **setup.optimizer_kwargs())
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -104,99 +104,19 @@ class FSDP2Engine(Engine):
 
     def clip_grad_norm(self, max_norm):
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
-    def state_bytes(self):
-        return sum(local_tensor(v).nbytes for s in self.optimizer.state.values() for v in s.values()
-                   if torch.is_tensor(v) and v.dim() > 0)
+    def ownership(self):
+        """Each parameter's local rows (FSDP2's dim-0 shard), written by the first node's ranks."""
 
-    def state_pieces(self, keys):
-        return self._state_pieces_of(self.optimizer, keys)
-
-    # ---- gradient transforms: each parameter's local rows, like the DTensor shards ----------
-    def grad_state_payload(self, state):
-        """Every rank of the first node writes its rows of each parameter, with where they sit."""
-        if not self.first_replica:
-            return {}
-        named = self._named_params()
-        return {"rows": {name: list(rows_of(p)) for name, p in named},
-                "tensors": {key: {name: t for (name, _), t in zip(named, tensors)} for key, tensors in state.items()}}
-
-    @classmethod
-    def grad_state_full(cls, read, meta):
-        files = [f["grad_state"] for f in row_files(read, meta)]
-        full = {}
-        for key, by_name in files[0]["tensors"].items():
-            full[key] = {}
-            for name in by_name:
-                pieces = sorted(((f["rows"][name][0], f["tensors"][key][name]) for f in files
-                                 if f["rows"][name][1] > f["rows"][name][0]), key=lambda piece: piece[0])
-                full[key][name] = torch.cat([piece for _, piece in pieces])
-        return full
-
-    def _place(self, name, param, full):
-        start, stop = rows_of(param)
-        return full[start:stop].to(param.device).clone()
-
-    def checkpoint_state(self):
-        """This rank's rows of every sharded tensor (weights and optimizer state), with
-        where they sit in the full tensor, so that any world size can reassemble them; written
-        by the first node's ranks (the other nodes hold the same rows)."""
-        if not self.first_replica:
-            return {}
-        model = self.model.state_dict()
-        optimizer, groups = by_name(self.optimizer.state_dict())
-        return {"model": {k: local_tensor(v) for k, v in model.items()},
-                "rows": {k: list(rows_of(v)) for k, v in model.items() if isinstance(v, DTensor)},
-                "optimizer": {name: {k: local_tensor(v) for k, v in s.items()} for name, s in optimizer.items()},
-                "param_groups": groups}
-
-    def load_full_state(self, full):
-        """Keep this rank's rows of the full tensors (FSDP2's even dim-0 split)."""
-        self._check_model(full["model"])
-        mine = self.model.state_dict()
-        with torch.no_grad():
-            for name, tensor in mine.items():
-                value = full["model"][name]
-                if isinstance(tensor, DTensor):
-                    start, stop = rows_of(tensor)
-                    value = value[start:stop]
-                local_tensor(tensor).copy_(value)
-
-        def place(name, value):
-            param = mine[name]
-            if not isinstance(param, DTensor):
-                return value
+        def ranges_of(index, param):
             start, stop = rows_of(param)
-            return DTensor.from_local(value[start:stop].contiguous(), param.device_mesh, param.placements,
-                                      shape=param.shape, stride=param.stride())
+            row = param.numel() // param.shape[0] if param.shape[0] else 0
+            return (OwnedRange(start * row, stop * row, index, 0),)
 
-        self.optimizer.load_state_dict(torch_state_dict(full, self._names_per_group(), place))
-
-    @classmethod
-    def _full_state_parts(cls, read, meta):
-        """Concatenate every rank's rows of each sharded tensor; unsharded ones come from rank 0."""
-        files = row_files(read, meta)
-
-        def full(name, pick):
-            pieces = [(f["rows"][name][0], pick(f)) for f in files if f["rows"][name][1] > f["rows"][name][0]]
-            return torch.cat([piece for _, piece in sorted(pieces, key=lambda p: p[0])])
-
-        def sharded(name, value):  # per-element state is laid out like its parameter
-            return name in first["rows"] and torch.is_tensor(value) and value.dim() > 0
-
-        first = files[0]
-        model = {name: full(name, lambda f: f["model"][name]) if name in first["rows"] else value
-                 for name, value in first["model"].items()}
-        optimizer = {name: {key: full(name, lambda f: f["optimizer"][name][key]) if sharded(name, value) else value
-                            for key, value in state.items()}
-                     for name, state in first["optimizer"].items()}
-        return {"model": model, "optimizer": optimizer, "param_groups": first["param_groups"]}
-
-
-def row_files(read, meta) -> list[dict]:
-    """The engine payloads of a checkpoint's ranks that wrote rows (all, or the first node's)."""
-    return [f for f in (read(rank) for rank in range(meta["world_size"])) if f.get("rows") is not None]
+        return whole_params(self._named_params(), self.optimizer.param_groups, self._names_per_group(),
+                            self.optimizer, layout=self.layout, ranges_of=ranges_of, writes=self._first_replica,
+                            shard_group=self._shard_group)
 
 
 def rows_of(tensor: DTensor) -> tuple[int, int]:

@@ -26,7 +26,7 @@ def reduced_diagnostics(diagnostics: Diagnostics, pieces: Iterable, group_of: Ca
     """Means per layer group and fixed-bin histograms of `diagnostics`' statistics.
 
     `pieces` are (name, *state tensors in `diagnostics.state_keys` order, hyperparameters)
-    for the state this rank holds (`Engine.state_pieces`). With `reduce`, one all_reduce
+    for the state this rank holds (`vsgd_dist.engines.ownership.state_pieces`). With `reduce`, one all_reduce
     (when the state is sharded) gives every rank the numbers of the unsharded optimizer.
     Returns ({group: {"count": elements, stat: mean}}, {stat: histogram counts}).
     """

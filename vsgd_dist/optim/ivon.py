@@ -28,10 +28,10 @@ offset)`: an int (the tensor's elements are offset, offset + 1, ...) or runs [(s
 `sample(k, z=[...])` takes the standard-normal draws directly instead (known-answer tests,
 comparisons with another implementation).
 
-In training runs the engines do this (`Engine.sample/accumulate/step/restore`, registered as
-`optimizer=ivon`): `zero` runs IVON on each rank's flat fp32 master shard and all-gathers
-m_w + eps (`ZeroOptimizer.sample`), `fsdp2` on the local DTensor shards, `ddp` on replicas
-that all draw the same eps. BatchNorm's running statistics are updated by every training
+In training runs the engines do this (`vsgd_dist.engines.sampling.WeightSampling`, through
+the `Sampler` of the registry entry `optimizer=ivon`): `zero` runs IVON on each rank's flat
+fp32 master shard and all-gathers m_w + eps (`ZeroOptimizer.sample`), `fsdp2` on the local
+DTensor shards, `ddp` on replicas that all draw the same eps. BatchNorm's running statistics are updated by every training
 forward, so they are those of the weight samples (mc_samples updates per step), as in the
 authors' code. `evaluation=True` samples (posterior predictive) use `evaluation_seed`.
 
@@ -55,7 +55,7 @@ from torch.optim import Optimizer
 
 from vsgd_dist.optim.ivon_fused import FusedIVON, GroupPlan
 from vsgd_dist.optim.noise import check_counter, normal_from_index, sqrt_rn, standard_normal
-from vsgd_dist.optim.registry import OPTIMIZERS, Diagnostics, OptimizerEntry
+from vsgd_dist.optim.registry import OPTIMIZERS, Diagnostics, OptimizerEntry, Sampler
 from vsgd_dist.optim.vsgd import _local
 from vsgd_dist.sharding.layout import memory_dim_order, to_memory_flat
 
@@ -591,5 +591,7 @@ DIAGNOSTICS = Diagnostics(_STATE_KEYS, _diagnostic_fields, {
 })
 """Per layer: the posterior std sigma and the Hessian estimate h."""
 
-OPTIMIZERS.register("ivon", OptimizerEntry(IVON, IVONHparams, diagnostics=DIAGNOSTICS, sampling=True,
+SAMPLER = Sampler(sample=lambda opt, mc_sample, evaluation=False: opt.sample(mc_sample, evaluation=evaluation),
+                  accumulate=IVON.accumulate, mean_weights=IVON.restore, set_global_offset=IVON.set_global_offset)
+OPTIMIZERS.register("ivon", OptimizerEntry(IVON, IVONHparams, diagnostics=DIAGNOSTICS, sampler=SAMPLER,
                                            engines=("ddp", "zero", "fsdp2"), train_size_field="ess"))

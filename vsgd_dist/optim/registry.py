@@ -32,6 +32,34 @@ class Diagnostics:
     quantities spanning decades, else "linear". These are the stats logged."""
 
 
+def _mc_samples_of_groups(optimizer: torch.optim.Optimizer) -> int:
+    return optimizer.param_groups[0]["mc_samples"]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """The capability of an optimizer that trains at weight samples (IVON): how the engines
+    and `ZeroOptimizer` drive it. Each field takes the optimizer instance first; nothing is
+    looked up on the optimizer by name."""
+
+    sample: Callable[..., None]
+    """(optimizer, mc_sample, evaluation=bool): write weight sample `mc_sample` into the
+    parameters (evaluation: a posterior-predictive sample with its own noise)."""
+    accumulate: Callable[[torch.optim.Optimizer], None]
+    """(optimizer): after the backward of every sample but the last, move its gradient into
+    the step's sums and clear `.grad`."""
+    mean_weights: Callable[[torch.optim.Optimizer], None]
+    """(optimizer): put the mean weights back into the parameters, forgetting this step's
+    samples (after evaluation samples; a step does it itself)."""
+    set_global_offset: Callable[[torch.optim.Optimizer, torch.Tensor, list[tuple[int, int]]], None]
+    """(optimizer, tensor, runs): where the elements of `tensor` (a flat shard) lie among the
+    unsharded optimizer's elements, as (start, length) runs, so that each element draws the
+    noise it draws unsharded (ZeRO calls it on its flat masters)."""
+    mc_samples: Callable[[torch.optim.Optimizer], int] = _mc_samples_of_groups
+    """(optimizer) -> weight samples (forward/backward passes) per step; default: the
+    "mc_samples" of its first param group."""
+
+
 @dataclass(frozen=True)
 class OptimizerEntry:
     optimizer_class: type[torch.optim.Optimizer]
@@ -44,11 +72,10 @@ class OptimizerEntry:
     None: DeepSpeed steps this class as a client optimizer."""
     diagnostics: Diagnostics | None = None
     """What the trainer logs per layer about this optimizer's state (None: nothing)."""
-    sampling: bool = False
-    """The optimizer trains at weight samples: it has sample(k, evaluation=)/accumulate()/
-    restore() (see `vsgd_dist.optim.ivon`), `mc_samples` in its param groups, and takes the
-    run's `seed` (train.seed) for its noise. Engines then call it around each forward, and
-    validation adds the posterior predictive."""
+    sampler: Sampler | None = None
+    """Set for an optimizer that trains at weight samples: how to drive its samples (see
+    `vsgd_dist.optim.ivon`). It then also takes the run's `seed` (train.seed) for its noise,
+    the engines sample around each forward, and validation adds the posterior predictive."""
     engines: tuple[str, ...] = ()
     """The engines that can run it (empty: all); the recipe check refuses the others."""
     train_size_field: str = ""
@@ -58,6 +85,11 @@ class OptimizerEntry:
     fused_by_default: bool = False
     """Recipes run its fused path unless `optim.fused: false` (it needs no per-process
     compilation); otherwise only with `optim.fused: true`."""
+
+    @property
+    def sampling(self) -> bool:
+        """Whether the optimizer trains at weight samples (declares a `sampler`)."""
+        return self.sampler is not None
 
     def use_fused(self, fused: bool | None) -> bool:
         """The recipe's `optim.fused` for this optimizer (None: `fused_by_default`)."""

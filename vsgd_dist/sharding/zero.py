@@ -22,8 +22,9 @@ the parameters stays inside the node.
 
 Gradients are reduced in `reduce_dtype` (fp32 by default, also for bf16 models) and the
 masters are fp32; the all-gather writes them back in the parameters' own dtype.
-An inner optimizer that trains at weight samples (IVON) is driven through `sample`,
-`accumulate` and `restore` (section "weight samples" below).
+An inner optimizer that trains at weight samples (IVON) is driven through its declared
+`Sampler` (section "weight samples" below), and is driven alike itself (`sample`,
+`accumulate`, `mean_weights`).
 Gradient accumulation: run all micro-batches but the last inside `no_sync()`. As with DDP,
 every rank must produce gradients for the same parameters in each backward (a bucket is
 reduced when all its gradients arrived; the rest are reduced in `step()`, with zeros for
@@ -33,22 +34,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 import torch.distributed as dist
 
 from vsgd_dist.full_form import is_per_element
+from vsgd_dist.registry import class_path
 from vsgd_dist.sharding.layout import Slot, from_memory_flat, owned_part, plan, to_memory_flat
+
+if TYPE_CHECKING:
+    from vsgd_dist.optim.registry import Sampler
 
 STATE_DICT_FORMAT = "vsgd_dist.zero/1"
 ELEMENTWISE_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD)
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-def class_path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def check_elementwise(optimizer_class: type) -> None:
@@ -69,7 +70,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable, optimizer_class: type, *, stage: int = 2,
                  process_group: dist.ProcessGroup | None = None,
                  replicate_group: dist.ProcessGroup | None = None, bucket_cap_mb: float = 25.0,
-                 reduce_dtype: torch.dtype = torch.float32, prefetch: bool = False, **optimizer_kwargs: Any):
+                 reduce_dtype: torch.dtype = torch.float32, prefetch: bool = False,
+                 sampler: Sampler | None = None, **optimizer_kwargs: Any):
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 (DDP-averaged gradients) or 2 (sharded gradients), got {stage!r}")
         check_elementwise(optimizer_class)
@@ -92,6 +94,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError("this process is not a member of `process_group`: build the "
                              "ZeroOptimizer only on the group's ranks")
         self.reduce_dtype = reduce_dtype
+        self.sampler = sampler
+        """The inner optimizer's sampling capability (its registry entry's), or None."""
         self.prefetch = prefetch
         """After a step, leave the parameters' all-gathers running: the caller completes each
         bucket's with `wait_for_buckets` before its parameters are read (ZeroEngine: from
@@ -259,7 +263,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _copy_owned_grads(self) -> None:
         for param, slot in zip(self._params, self.slots):
-            first, last, offset = self._owned_in_master(slot)
+            first, last, offset = self.owned_in_master(slot)
             target = self._grad_shards[slot.bucket][offset:offset + last - first]
             if param.grad is None:
                 target.zero_()
@@ -274,12 +278,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return self._grad_shards
 
     @torch.no_grad()
-    def set_masters(self, values: list[torch.Tensor]) -> None:
-        """Copy `values` (laid out like `masters`) into this rank's masters and all-gather every
-        rank's into the parameters."""
-        self.wait_for_parameters()  # a running gather reads the masters this overwrites
-        for master, value in zip(self.masters, values):
-            master.copy_(value)
+    def publish_masters(self) -> None:
+        """After writing into `masters` (every rank its own): all-gather them into the
+        parameters."""
         self._gather_parameters()
 
     # ---- step ---------------------------------------------------------------------------
@@ -306,6 +307,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
             pending = self._gathering.pop(index, None)
             if pending is not None:
                 pending[0].wait()
+
+    @property
+    def gathers_running(self) -> int:
+        """How many buckets' all-gathers are still running (`prefetch` leaves them after a step)."""
+        return len(self._gathering)
 
     def wait_for_parameters(self) -> None:
         """Complete every all-gather still running: the parameters are the new weights."""
@@ -356,11 +362,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return total
 
     # ---- weight samples -------------------------------------------------------------------
-    # An inner optimizer that trains at weight samples (IVON's sample/accumulate/restore, see
+    # An inner optimizer that trains at weight samples (its `sampler`, e.g. IVON's, see
     # vsgd_dist.optim.ivon) perturbs this rank's masters, and the all-gather writes m + eps
     # into every rank's parameters. Its step leaves the parameters as they were (the last
     # sample): the next sample's all-gather replaces the one of the mean, so a step moves the
-    # same bytes as an AdamW step, and restore() gathers the mean when something reads it.
+    # same bytes as an AdamW step, and mean_weights() gathers the mean when something reads it.
 
     _params_hold_mean = True
     """False while the parameters hold a weight sample, or the weights before a deferred gather."""
@@ -369,7 +375,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def noise_runs(self) -> list[list[tuple[int, int]]]:
         """Per master (bucket), where this rank's master elements lie among the unsharded
         optimizer's elements (its parameters end to end in group order, each in memory order):
-        runs (start, length) in master order, for `IVON.set_global_offset`. Bucket padding
+        runs (start, length) in master order, for `Sampler.set_global_offset`. Bucket padding
         takes indices past every parameter (its noise is never used)."""
         base, total = [], 0
         for param in self._params:
@@ -387,15 +393,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return runs
 
     @torch.no_grad()
-    def sample(self, mc_sample: int = 0, **kwargs: Any) -> None:
-        """The inner optimizer's `sample(mc_sample, **kwargs)` on this rank's masters (every
-        element draws the noise the unsharded optimizer draws for it), then one all-gather
-        of m + eps into the parameters."""
+    def sample(self, mc_sample: int = 0, evaluation: bool = False) -> None:
+        """The inner optimizer's sample `mc_sample` on this rank's masters (every element
+        draws the noise the unsharded optimizer draws for it), then one all-gather of m + eps
+        into the parameters."""
         self.wait_for_parameters()  # sampling overwrites the masters a running gather reads
         for master, runs in zip(self.masters, self.noise_runs):
-            self.inner.set_global_offset(master, runs)
+            self.sampler.set_global_offset(self.inner, master, runs)
         self._copy_hyperparameters()
-        self.inner.sample(mc_sample, **kwargs)
+        self.sampler.sample(self.inner, mc_sample, evaluation=evaluation)
         self._gather_parameters()
         self._params_hold_mean = False
 
@@ -404,23 +410,27 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """After the backward of a weight sample that another follows: the averaged gradient
         shard goes into the inner optimizer's sums, and the gradients are cleared."""
         self._finish_grad_sync()
-        self.inner.accumulate()
+        self.sampler.accumulate(self.inner)
         self.zero_grad()
 
     @torch.no_grad()
-    def restore(self) -> None:
-        """Make the parameters the mean weights again (after samples, or after a step)."""
+    def mean_weights(self) -> None:
+        """Make the parameters the mean weights again (after samples, or after a sampling
+        step, which leaves their all-gather to this or to the next sample)."""
         if self._params_hold_mean:
             self.wait_for_parameters()
             return
-        self.inner.restore()
+        self.sampler.mean_weights(self.inner)
         self._gather_parameters()
         self._params_hold_mean = True
 
+    def mc_samples(self) -> int:
+        return self.sampler.mc_samples(self.inner)
+
     def _publish_step(self) -> None:
         """After the update, all-gather the new weights; an inner optimizer that samples
-        leaves that to its next sample() (or to restore())."""
-        if callable(getattr(self.inner, "sample", None)):
+        leaves that to its next sample() (or to mean_weights())."""
+        if self.sampler is not None:
             self._params_hold_mean = False
         else:
             self._gather_parameters(wait=not self.prefetch)
@@ -436,7 +446,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """(parameter name, *state tensors `keys`, hyperparameters) for the part of each
         parameter this rank owns: the input of `vsgd_dist.optim.diagnostics.reduced_diagnostics`."""
         for slot in self.slots:
-            first, last, offset = self._owned_in_master(slot)
+            first, last, offset = self.owned_in_master(slot)
             state = self.inner.state.get(self.masters[slot.bucket], {})
             if first == last or not state or int(state["step"]) == 0:
                 continue
@@ -446,7 +456,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             part = slice(offset, offset + last - first)
             yield slot.name, *(state[k][part] for k in keys), self.param_groups[slot.group]
 
-    def _owned_in_master(self, slot: Slot) -> tuple[int, int, int]:
+    def owned_in_master(self, slot: Slot) -> tuple[int, int, int]:
         """`owned_part` of `slot`, with its place counted in its bucket's master."""
         first, last, offset = owned_part(slot, self.buckets[slot.bucket], self.rank)
         return first, last, offset - self.buckets[slot.bucket].shard_offset

@@ -2,14 +2,15 @@
 
     checkpoints/step_00000120/meta.json      step, world size, engine, optimizer, model,
                                              the SHA-256 of every rank file
-    checkpoints/step_00000120/rank0.pt ...   what that rank holds (engine.checkpoint_state)
+    checkpoints/step_00000120/rank0.pt ...   what that rank holds (`engine_state.payload`)
 
 Every rank writes its own file into `step_X.tmp`; after a barrier rank 0 writes meta.json
 and renames the folder. A crash or kill mid-write leaves only a `.tmp` folder, which is
 never picked up as the latest and is removed by the next save. Files are plain tensors and
 containers, read back with `torch.load(weights_only=True)`, so a tampered file cannot run
 code. Any engine loads a checkpoint of any engine at any world size (see
-`vsgd_dist.full_form`); the model and optimizer must be the same. A checkpoint whose
+`vsgd_dist.train.engine_state` and `vsgd_dist.full_form`); the model and optimizer must be
+the same. A checkpoint whose
 weights or optimizer state hold NaN or inf is never published. Every read checks the file
 against its checksum, so a file damaged on disk or in a copy is named instead of loaded, and
 a full disk while saving is one line naming the step, the folder and the step kept.
@@ -29,7 +30,10 @@ import torch.distributed as dist
 
 from vsgd_dist.config import ConfigError, RunConfig, save_config
 from vsgd_dist.distributed import gather_host_objects, reduce_host_values
-from vsgd_dist.sharding.zero import class_path
+from vsgd_dist.engines.ownership import state_bytes
+from vsgd_dist.optim import OPTIMIZERS
+from vsgd_dist.registry import class_path
+from vsgd_dist.train import engine_state
 from vsgd_dist.train.run_lock import is_lock_file
 
 RECIPE_FILE = "recipe.yaml"
@@ -71,9 +75,9 @@ class Checkpointer:
         """`grad_state`: {key: tensors laid out like `engine.reduced_grads()`} (gradient
         transforms' state), written through the engine so that it reshards like optimizer state."""
         rank, world = dist.get_rank(), dist.get_world_size()
-        payload = {"engine": engine.checkpoint_state(), "trainer": {"step": step, **trainer_state}}
+        payload = {"engine": engine_state.payload(engine), "trainer": {"step": step, **trainer_state}}
         if grad_state:
-            payload["engine"]["grad_state"] = engine.grad_state_payload(grad_state)
+            payload["engine"]["grad_state"] = engine_state.grad_state_payload(engine, grad_state)
         if reduce_host_values([not _all_finite(payload["engine"])], op="max")[0]:
             raise FloatingPointError(f"weights or optimizer state are not finite at step {step}: not saved; "
                                      f"{self.describe_latest()} (lower optim.lr or set train.grad_clip)")
@@ -87,11 +91,12 @@ class Checkpointer:
         with self._writing(step, file), open(file, "wb") as f:  # a Python file: a full disk raises OSError
             torch.save(payload, f)
         # also: every file is complete
-        state_bytes, digests = zip(*gather_host_objects((engine.state_bytes(), file_digest(file))))
+        held, digests = zip(*gather_host_objects((state_bytes(engine.ownership()), file_digest(file))))
         if rank == 0:
+            optimizer_class = class_path(OPTIMIZERS.get(cfg.optim.name).optimizer_class)
             meta = {"step": step, "world_size": world, "engine": cfg.engine.name, "zero_stage": cfg.engine.zero_stage,
-                    "optimizer": cfg.optim.name, "optimizer_class": class_path(engine.optimizer_class),
-                    "model": cfg.model.name, "state_bytes_per_rank": [int(b) for b in state_bytes],
+                    "optimizer": cfg.optim.name, "optimizer_class": optimizer_class,
+                    "model": cfg.model.name, "state_bytes_per_rank": [int(b) for b in held],
                     "sha256": {f"rank{r}.pt": digest for r, digest in enumerate(digests)}}
             if grad_state:
                 meta["grad_state"] = sorted(grad_state)
@@ -141,10 +146,11 @@ class Checkpointer:
             if meta[key] != mine:
                 raise CheckpointError(f"{path} holds a {key} {meta[key]!r} checkpoint, this run uses {mine!r}; "
                                       f"use another out= folder")
-        engine.load_checkpoint_state(lambda rank: read(rank)["engine"], meta)
+        engine_state.load(engine, lambda rank: read(rank)["engine"], meta,
+                          OPTIMIZERS.get(cfg.optim.name).optimizer_class)
         trainer = read(min(dist.get_rank(), meta["world_size"] - 1))["trainer"]
         if meta.get("grad_state"):
-            trainer["grad_state"] = engine.load_grad_state(lambda rank: read(rank)["engine"], meta)
+            trainer["grad_state"] = engine_state.load_grad_state(engine, lambda rank: read(rank)["engine"], meta)
         return trainer
 
 

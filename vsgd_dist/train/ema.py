@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from vsgd_dist.engines.base import local_tensor
+from vsgd_dist.distributed import local_tensor
 
 
 class WeightEMA:

@@ -25,7 +25,9 @@ from vsgd_dist.data.mixup import BatchMixer
 from vsgd_dist.data.schedule import resolution_at_epoch
 from vsgd_dist.distributed import (all_reduce, close_process_group, configure_device, init_process_group_from_env,
                                    pick_device, rank_and_world, reduce_host_values)
-from vsgd_dist.engines import build_engine
+from vsgd_dist.engines import build_engine, sync_buffers
+from vsgd_dist.engines.ownership import state_bytes, state_pieces
+from vsgd_dist.engines.sampling import WeightSampling
 from vsgd_dist.metrics import RunLogger, StepTimer, memory_stats
 from vsgd_dist.models import build_model, layer_group
 from vsgd_dist.models.drop_path import drop_path_draws
@@ -33,6 +35,7 @@ from vsgd_dist.optim import OPTIMIZERS
 from vsgd_dist.optim.diagnostics import reduced_diagnostics
 from vsgd_dist.train.checkpoint import Checkpointer, open_run_dir
 from vsgd_dist.train.ema import WeightEMA
+from vsgd_dist.train.engine_setup import engine_setup
 from vsgd_dist.train.predictions import SUMS_SIZE, metrics_from_sums, prediction_sums
 from vsgd_dist.train.schedule import lr_lambda
 from vsgd_dist.train.state import capture_rng, restore_rng
@@ -137,8 +140,8 @@ class Trainer:
         # A hyperparameter 0 that means "the training set size" (IVON's ess): the engine gets
         # the number, the recipe keeps the 0.
         hparams = entry.with_train_size(cfg.optim.hparams, manifest.counts["train"] - cfg.data.minival)
-        self.engine = build_engine(model, dataclasses.replace(
-            cfg, optim=dataclasses.replace(cfg.optim, **{cfg.optim.name: hparams})), self.peak_lr)
+        self.engine = build_engine(model, engine_setup(cfg, self.peak_lr, hparams))
+        self.sampling = WeightSampling(self.engine, tc.grad_clip)
         self.forward = torch.compile(self.engine.wrapped) if cfg.model.compile else self.engine.wrapped
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.engine.optimizer, lr_lambda(cfg.schedule, self.total_steps, self.steps_per_epoch))
@@ -146,12 +149,11 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
         self.log_diagnostics = entry.diagnostics
-        # Gradient transforms: the engine hands them the averaged gradient before clipping and
-        # the step; the loop calls their hooks (`vsgd_dist.transforms.registry`).
+        # Gradient transforms: the loop hands them the engine's averaged gradient before clipping
+        # and the step (`_transform_grads`), and calls their hooks (`vsgd_dist.transforms.registry`).
         self.transforms = build_transforms(cfg, TransformContext(
             engine=self.engine, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
             log_every=self.log_every, seed=tc.seed, gradient=self._gradient, read_steps=self._read_steps))
-        self.engine.grad_transforms = [t.apply for t in self.transforms]
 
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=tc.keep_checkpoints)
         self.timer = StepTimer(self.device)
@@ -244,21 +246,23 @@ class Trainer:
         forward/backward of every micro-batch, each loss divided by their number so the
         gradients add up to the batch mean, synchronized by the last backward only; then the
         update. The logged loss is the mean over samples and micro-batches."""
-        losses, samples = [], self.engine.mc_samples
+        losses, samples = [], self.sampling.mc_samples
         for t in self.transforms:
             with self.timer.phase("grad_transform"):
                 t.before_step(self.step, self.epoch, micro_batches)
         for k in range(samples):
             with self.timer.phase("optimizer"):
-                self.engine.sample(k)
+                self.sampling.sample(k)
             with self.timer.phase("forward_backward"):
                 losses += self._forward_backward(micro_batches)
                 if k + 1 < samples:
-                    self.engine.accumulate()
+                    self._transform_grads()
+                    self.sampling.accumulate()
         with self.timer.phase("optimizer"):
+            self._transform_grads()
             self.grad_norm = self.engine.step()
             if self.ema is not None:
-                self.engine.restore()  # the mean weights (ZeRO defers their all-gather after a sampling step)
+                self.sampling.mean_weights()  # ZeRO defers the mean's all-gather after a sampling step
                 self.ema.update()
         self.scheduler.step()
         self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
@@ -279,6 +283,14 @@ class Trainer:
                 self.engine.backward(loss / accum)
             losses.append(loss.detach())
         return losses
+
+    def _transform_grads(self) -> None:
+        """Hand the engine's averaged gradient to each gradient transform, in order, before
+        clipping and the step (or a weight sample's accumulation)."""
+        if self.transforms:
+            grads = self.engine.reduced_grads()
+            for t in self.transforms:
+                t.apply(grads)
 
     def _gradient(self, micro_batches: list) -> list[torch.Tensor]:
         """The averaged gradient of one step's micro-batches at the weights the model holds,
@@ -312,14 +324,14 @@ class Trainer:
         steps = len(self.window_losses)
         mean_loss = self._window_mean_loss()
         elapsed = time.perf_counter() - self.window_start
-        state_bytes = reduce_host_values([self.engine.state_bytes()], op="max")[0]
+        held = reduce_host_values([state_bytes(self.engine.ownership())], op="max")[0]
         self.logger.scalars({
             "train/loss": mean_loss, "train/lr": self.scheduler.get_last_lr()[0],
             "train/grad_norm": float(self.grad_norm), "train/images_per_s": steps * tc.global_batch / elapsed,
             "train/epoch": self.epoch + self.batch_in_epoch / self.steps_per_epoch,
             "train/resolution": resolution_at_epoch(self.epoch, d.start_res, d.end_res, d.ramp_start_epoch,
                                                     d.ramp_end_epoch, d.res_step),
-            "optimizer/state_mib_per_rank": state_bytes / 2**20,
+            "optimizer/state_mib_per_rank": held / 2**20,
             **{k: v for t in self.transforms for k, v in t.log_values().items()},
             **self.timer.pop_ms_per_step(steps), **memory_stats(self.device)}, self.step)
         self.progress.set_postfix(loss=f"{mean_loss:.3f}")
@@ -328,10 +340,10 @@ class Trainer:
     def _log_diagnostics(self) -> None:
         """The optimizer's own per-layer statistics (`OptimizerEntry.diagnostics`), as
         `<optimizer>/<stat>/<layer group>` means and `<optimizer>_hist/<stat>` histograms."""
-        diagnostics, name = self.log_diagnostics, self.cfg.optim.name
-        means, histograms = reduced_diagnostics(diagnostics, self.engine.state_pieces(diagnostics.state_keys),
-                                                layer_group, reduce=self.engine.sharded_state, device=self.device,
-                                                process_group=self.engine.shard_group)
+        diagnostics, name, own = self.log_diagnostics, self.cfg.optim.name, self.engine.ownership()
+        means, histograms = reduced_diagnostics(diagnostics, state_pieces(own, diagnostics.state_keys),
+                                                layer_group, reduce=own.sharded_state, device=self.device,
+                                                process_group=own.shard_group)
         self.logger.scalars({f"{name}/{stat}/{group}": stats[stat] for group, stats in means.items()
                              for stat in diagnostics.histograms}, self.step)
         for stat, counts in histograms.items():
@@ -352,7 +364,7 @@ class Trainer:
         # resumes from: the writer's own flush (every 2 min) would lose them, and the resumed
         # run never logs those steps again.
         self.logger.flush()
-        self.engine.sync_buffers()
+        sync_buffers(self.engine.model)
         values, grad_state = {}, {}
         for t in self.transforms:
             values[t.name], tensors = t.state_dict()
@@ -369,9 +381,9 @@ class Trainer:
         reads a disjoint part, no padding). An optimizer that trains at weight samples adds
         the posterior predictive over train.val_mc_samples samples; with EMA, the EMA
         weights are evaluated too (at the EMA only: the samples spread around the mean)."""
-        self.engine.sync_buffers()
-        self.engine.restore()
-        samples = self.cfg.train.val_mc_samples if self.engine.samples else 0
+        sync_buffers(self.engine.model)
+        self.sampling.mean_weights()
+        samples = self.cfg.train.val_mc_samples if self.sampling.samples else 0
         results = self._evaluate("val", samples)
         if self.minival_loader is not None:
             results.update(self._evaluate("minival", samples, self.minival_loader))
@@ -394,9 +406,9 @@ class Trainer:
             if samples:
                 log_probs = []
                 for k in range(samples):
-                    self.engine.sample(k, evaluation=True)
+                    self.sampling.sample(k, evaluation=True)
                     log_probs.append(self._log_probs(images))
-                self.engine.restore()
+                self.sampling.mean_weights()
                 sums[1] += prediction_sums(torch.logsumexp(torch.stack(log_probs), 0) - math.log(samples), labels)
         model.train()
         sums = all_reduce(sums).cpu()

@@ -19,7 +19,7 @@ this rank's shard), before clipping and the step. Everything it keeps (theta~, F
 the cached gradients) is laid out like that gradient, so under ZeRO-2 and FSDP2 each rank
 keeps 1/N of it and the correction needs no communication beyond the snapshot model's own
 reduction. Gradients at theta~ are computed by the same engine with the snapshot swapped in
-(`Engine.weights_swapped`), so they are reduced exactly like the step's own.
+(`vsgd_dist.engines.ownership.weights_swapped`), so they are reduced exactly like the step's own.
 
 The batches: the pass reads the epoch's steps from the train loader (`read_steps`), whose
 draws are keyed by (seed, epoch, sample index), so it sees the images, crops and flips
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from vsgd_dist.distributed import all_reduce, rank_and_world
+from vsgd_dist.engines.ownership import local_weights, weights_swapped
 from vsgd_dist.registry import suggest
 from vsgd_dist.transforms.registry import (GRADIENT_TRANSFORMS, GradientTransform, ReportColumn, TransformContext,
                                            TransformEntry)
@@ -184,10 +185,10 @@ class AlphaSVRG(GradientTransform):
             return  # no correction this interval: no pass either (the authors' pass at alpha 0 only moves BN stats)
         keep = set(range(step, end)) if self.cfg.mode == "cached" else {step}
         epoch_start, epoch_end = epoch * self.steps_per_epoch, (epoch + 1) * self.steps_per_epoch
-        snapshot = [w.clone() for w in self.engine.local_weights()]
+        snapshot = [w.clone() for w in local_weights(self.engine.ownership())]
         total, squares, count = None, None, 0
         keep_stats = not self.cfg.pass_updates_running_stats
-        with self.engine.weights_swapped(snapshot), isolated(self.engine.model, keep_stats):
+        with weights_swapped(self.engine.ownership(), snapshot), isolated(self.engine.model, keep_stats):
             for s, micro_batches in self._steps(epoch_start, self.steps_per_epoch):
                 grads = self._gradient_at(s, micro_batches)
                 with torch.no_grad():
@@ -227,7 +228,7 @@ class AlphaSVRG(GradientTransform):
         snapshot_grad = self.cache.pop(step, None)
         if self._alpha_step:
             if snapshot_grad is None:
-                with self.engine.weights_swapped(self.snapshot), isolated(self.engine.model, True):
+                with weights_swapped(self.engine.ownership(), self.snapshot), isolated(self.engine.model, True):
                     snapshot_grad = [g.clone() for g in self._gradient_at(step, micro_batches)]
                     self.engine.zero_grad()
                 self.extra_steps += 1
@@ -269,8 +270,9 @@ class AlphaSVRG(GradientTransform):
             pending.append(self._snapshot_variance.reshape(1))
         if pending:
             summed = torch.cat(pending)
-            if self.engine.sharded_grads:
-                summed = all_reduce(summed, process_group=self.engine.shard_group)
+            own = self.engine.ownership()
+            if own.sharded_grads:
+                summed = all_reduce(summed, process_group=own.shard_group)
             values.update(zip(names, summed.tolist()))
         self._variance = self._snapshot_variance = None
         return values
