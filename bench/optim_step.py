@@ -9,7 +9,7 @@ writes param + state (36 B per fp32 element), AdamW 28 B.
 On CPU two more tables: the one-off build of the fused kernel (in an empty cache), and the
 unfused VSGD step with the rank processes' allocator settings (`vsgd_dist.allocator`) against
 plain glibc, each in a fresh process (the settings are read at process start); "one piece"
-is the unfused step on whole tensors (no 64K-element pieces), as before issue 15.
+is the unfused step on whole tensors (no 64K-element pieces), as the step was before it cut them.
 
     python bench/optim_step.py [--models resnet50 vit_b16] [--steps 7] [--threads N] [--device cuda]
         [--shard-of 2] [--optimizers "VSGD fused" "AdamW fused"] [--no-allocator-table]

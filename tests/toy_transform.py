@@ -36,7 +36,7 @@ class GradNoise(GradientTransform):
     def __init__(self, cfg: GradNoiseConfig, context: TransformContext):
         self.cfg, self.engine, self.seed = cfg, context.engine, context.seed
         # Sharded gradients: each rank draws its own part; replicated ones (ddp): every rank the same.
-        self.stream = rank_and_world()[0] if context.engine.sharded_grads else 0
+        self.stream = rank_and_world()[0] if context.engine.ownership().sharded_grads else 0
         self.step, self.sigma, self.noised_steps = 0, 0.0, 0
         self.noise_sum: list[torch.Tensor] | None = None
 
@@ -60,8 +60,8 @@ class GradNoise(GradientTransform):
         total = torch.zeros((), dtype=torch.float64, device=next(self.engine.model.parameters()).device)
         if self.noise_sum is not None:
             total = torch.stack(torch._foreach_norm(self.noise_sum)).double().square().sum()
-        if self.engine.sharded_grads:
-            total = all_reduce(total.reshape(1), process_group=self.engine.shard_group)[0]
+        if self.engine.ownership().sharded_grads:
+            total = all_reduce(total.reshape(1), process_group=self.engine.ownership().shard_group)[0]
         return {"grad_noise/sigma": self.sigma, "grad_noise/noised_steps": float(self.noised_steps),
                 "grad_noise/sum_sq": float(total)}
 

@@ -1,7 +1,7 @@
 """DeepSpeed: what the engine relies on beyond DeepSpeed's public API.
 
-Written for deepspeed 0.19.8 (`UPSTREAM`); `tests/test_deepspeed.py` fails when another
-version is installed, so that each piece below is checked again on an upgrade.
+Written for deepspeed 0.19.8 (`WRITTEN_FOR`); tests/test_compat.py fails when another version
+is installed, so that each piece below is checked again on an upgrade.
 
 - `fragment_of`: where a parameter's elements lie in ZeRO's flat fp32 partitions, read from
   the private `_hp_mapping` ZeRO-1/2 attaches to every parameter (group index, the slice of
@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import torch
 
-UPSTREAM = ("deepspeed", "0.19.8")
-"""The library and the version these patches were written for."""
+WRITTEN_FOR = {"deepspeed": "0.19.8"}
 
 
 def fragment_of(param: torch.Tensor) -> tuple[int, int, int, int] | None:
