@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,14 +114,33 @@ def launch_run(out: Path, nproc: int, *overrides: str) -> subprocess.CompletedPr
 @pytest.mark.parametrize("engine", SHARDING_ENGINES)
 def test_an_optimizer_registered_outside_trains_on_every_sharding_engine_and_reshards(engine, tmp_path):
     """One registration (tests/toy_optimizer.py) is all it takes: recipe keys, every engine's
-    sharded state, checkpoints that reshard (2 ranks -> 1) and resume."""
+    sharded state, checkpoints that reshard (2 ranks -> 1) and resume. The reshard is exact:
+    1 rank loading the 2-rank checkpoint and saving it at once writes the same weights and
+    momentum, bit for bit."""
+    from vsgd_dist.train.engine_state import full_state
     from vsgd_dist.train.checkpoint import latest_checkpoint, open_checkpoint
+
+    def consolidated(run: Path) -> tuple[dict, dict]:
+        meta, read = open_checkpoint(latest_checkpoint(run / "checkpoints"))
+        return meta, full_state(lambda r: read(r)["engine"], meta)
 
     out = tmp_path / "run"
     first = launch_run(out, 2, f"engine={engine}", "max_steps=6", "train.stop_at=4")
     assert first.returncode == 0, first.stderr[-3000:]
-    meta, _ = open_checkpoint(latest_checkpoint(out / "checkpoints"))
+    meta, written = consolidated(out)
     assert meta["optimizer_class"] == "toy_optimizer.SignMomentum" and (meta["world_size"], meta["step"]) == (2, 4)
+    assert all(set(state) == {"step", "momentum"} and state["momentum"].abs().sum() > 0
+               for state in written["optimizer"].values())
+
+    shutil.copytree(out, tmp_path / "resharded")
+    resharded = launch_run(tmp_path / "resharded", 1, f"engine={engine}", "max_steps=4")
+    assert resharded.returncode == 0, resharded.stderr[-3000:]
+    meta, loaded = consolidated(tmp_path / "resharded")
+    assert (meta["world_size"], meta["step"]) == (1, 4)
+    for name, weight in written["model"].items():
+        assert torch.equal(loaded["model"][name], weight), name
+    for name, state in written["optimizer"].items():
+        assert torch.equal(loaded["optimizer"][name]["momentum"], state["momentum"]), name
 
     resumed = launch_run(out, 1, f"engine={engine}", "max_steps=6")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
