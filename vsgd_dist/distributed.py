@@ -230,7 +230,5 @@ def node_mesh(device_type: str) -> DeviceMesh | None:
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a DTensor (FSDP2's sharded parameters and state), or the tensor
-    itself."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    itself. An attribute test, not isinstance: the optimizers call it per tensor per step."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

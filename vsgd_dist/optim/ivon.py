@@ -53,10 +53,10 @@ from typing import Iterable, Sequence
 import torch
 from torch.optim import Optimizer
 
+from vsgd_dist.distributed import local_tensor
 from vsgd_dist.optim.ivon_fused import FusedIVON, GroupPlan
 from vsgd_dist.optim.noise import check_counter, normal_from_index, sqrt_rn, standard_normal
 from vsgd_dist.optim.registry import OPTIMIZERS, Diagnostics, OptimizerEntry, Sampler
-from vsgd_dist.optim.vsgd import _local
 from vsgd_dist.sharding.layout import memory_dim_order, to_memory_flat
 
 __all__ = ["IVON", "IVONHparams", "evaluation_seed"]
@@ -224,10 +224,10 @@ class IVON(Optimizer):
         base_j = the numel of all parameters before j in the unsharded optimizer's order (what
         that optimizer uses by default). Bucket padding may take any indices (its noise is unused).
         """
-        runs = [(offset, _local(tensor).numel())] if isinstance(offset, int) else [tuple(r) for r in offset]
-        if sum(length for _, length in runs) != _local(tensor).numel() or any(s < 0 or n < 0 for s, n in runs):
+        runs = [(offset, local_tensor(tensor).numel())] if isinstance(offset, int) else [tuple(r) for r in offset]
+        if sum(length for _, length in runs) != local_tensor(tensor).numel() or any(s < 0 or n < 0 for s, n in runs):
             raise ValueError(f"IVON: global offset runs {runs} must be non-negative and cover the tensor's "
-                             f"{_local(tensor).numel()} local elements")
+                             f"{local_tensor(tensor).numel()} local elements")
         self._offsets[tensor] = runs
         self._global_runs = None
         self.fused_path.plans.clear()
@@ -238,7 +238,7 @@ class IVON(Optimizer):
             runs, base = {}, 0
             for group in self.param_groups:
                 for p in group["params"]:
-                    runs[p] = self._offsets.get(p) or [(base + _dtensor_local_start(p), _local(p).numel())]
+                    runs[p] = self._offsets.get(p) or [(base + _dtensor_local_start(p), local_tensor(p).numel())]
                     base += p.numel()  # a DTensor's global numel
             self._global_runs = runs
         return self._global_runs
@@ -269,12 +269,12 @@ class IVON(Optimizer):
             for p in group["params"]:
                 state = self.state[p] or self._init_state(group, p)
                 if p not in self._stash:  # the first sample of the step: keep m_w
-                    self._stash[p] = (_local(p).detach().clone(memory_format=torch.preserve_format),
-                                      torch.empty_like(_local(state["h"]), memory_format=torch.preserve_format))
+                    self._stash[p] = (local_tensor(p).detach().clone(memory_format=torch.preserve_format),
+                                      torch.empty_like(local_tensor(state["h"]), memory_format=torch.preserve_format))
                 mean, eps = self._stash[p]
                 views = [_flat(t) for t in (p, state["h"], mean, eps)]
                 if z is not None:
-                    _sample_eager(*views, _flat(z[index], _local(p)).to(eps.dtype), group)
+                    _sample_eager(*views, _flat(z[index], local_tensor(p)).to(eps.dtype), group)
                 else:
                     counter = (key, int(state["step"]) + 1, mc_sample)
                     _sample_eager(*views, _standard_normal_runs(counter, runs[p], eps.device, eps.dtype), group)
@@ -294,12 +294,12 @@ class IVON(Optimizer):
             return True
         for p in group["params"]:
             state = self.state[p] or self._init_state(group, p)
-            local = _local(p)
-            mean, eps = self._stash.get(p) or fused.buffers_of(p, local, _local(state["h"]))
+            local = local_tensor(p)
+            mean, eps = self._stash.get(p) or fused.buffers_of(p, local, local_tensor(state["h"]))
             by_step.setdefault(int(state["step"]) + 1, []).append((p, mean, eps, state))
         buckets = {}
         for step, members in by_step.items():
-            items = buckets[step] = [(_flat(p), _flat(state["h"]), _flat(mean, _local(p)), _flat(eps, _local(p)),
+            items = buckets[step] = [(_flat(p), _flat(state["h"]), _flat(mean, local_tensor(p)), _flat(eps, local_tensor(p)),
                                       runs[p]) for p, mean, eps, state in members]
             for *_, param_runs in items:
                 for start, n in param_runs:
@@ -337,7 +337,7 @@ class IVON(Optimizer):
         for p, (_, eps) in self._stash.items():
             if p.grad is None:
                 continue
-            g = _flat(p.grad, _local(p)).to(eps.dtype, copy=True)  # .grad may be a reused buffer
+            g = _flat(p.grad, local_tensor(p)).to(eps.dtype, copy=True)  # .grad may be a reused buffer
             stat = g * _flat(eps) if price[p] else g * g
             if p in self._sums:
                 sums = self._sums[p]
@@ -354,7 +354,7 @@ class IVON(Optimizer):
     def restore(self) -> None:
         """Put the mean weights back and forget the samples of this step (no update)."""
         for p, (mean, _) in self._stash.items():
-            _local(p).copy_(mean)
+            local_tensor(p).copy_(mean)
         self._clear()
 
     def _clear(self) -> None:
@@ -407,10 +407,10 @@ class IVON(Optimizer):
                 g, stat, n = self._sums[p]
                 single = False
             elif p.grad is not None:
-                g, n, single = _flat(p.grad, _local(p)), 1, True
+                g, n, single = _flat(p.grad, local_tensor(p)), 1, True
                 stat = _flat(eps) if group["hess_approx"] == "price" else g
             else:
-                _local(p).copy_(mean)  # no gradient, no update: back to the mean
+                local_tensor(p).copy_(mean)  # no gradient, no update: back to the mean
                 continue
             state = self.state[p]
             state["step"] += 1
@@ -452,7 +452,7 @@ class IVON(Optimizer):
 # =============================================================================== helpers
 def _flat(tensor: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
     """1-D view of a (local) tensor in the memory order of `like` (default: itself)."""
-    tensor = _local(tensor)
+    tensor = local_tensor(tensor)
     like = tensor if like is None else like
     if like.dim() <= 1:
         return tensor.reshape(-1)

@@ -34,6 +34,7 @@ from typing import Any, Iterable
 import torch
 from torch.optim import Optimizer
 
+from vsgd_dist.distributed import local_tensor
 from vsgd_dist.optim.registry import OPTIMIZERS, Diagnostics, OptimizerEntry
 from vsgd_dist.sharding.layout import memory_dim_order, to_memory_flat
 
@@ -364,7 +365,7 @@ def _pieces(tensors: tuple) -> list[tuple]:
 def _flat_views(tensors) -> list[torch.Tensor] | None:
     """1-D views of the (local) tensors' memory in which element i is the same element of
     each, or None when shapes, strides or DTensor placements differ or memory has gaps."""
-    local = [_local(t) for t in tensors]
+    local = [local_tensor(t) for t in tensors]
     first = local[0]
     if any(t.stride() != first.stride() or t.shape != first.shape for t in local[1:]):
         return None
@@ -385,8 +386,8 @@ def _kernel_operands(tensors, dtype: torch.dtype | None) -> tuple[list[torch.Ten
     flat = _flat_views(tensors)
     if flat is not None and (dtype is None or all(t.dtype == dtype for t in flat)):
         return flat, []
-    staged = [_local(t).to(dtype=dtype or t.dtype, memory_format=torch.contiguous_format) for t in tensors]
-    back = [(_local(tensors[i]), staged[i]) for i in (0, 2, 3, 4) if staged[i] is not _local(tensors[i])]
+    staged = [local_tensor(t).to(dtype=dtype or t.dtype, memory_format=torch.contiguous_format) for t in tensors]
+    back = [(local_tensor(tensors[i]), staged[i]) for i in (0, 2, 3, 4) if staged[i] is not local_tensor(tensors[i])]
     return [t.view(-1) for t in staged], back
 
 
@@ -477,11 +478,6 @@ def _one_dense_layout(tensors) -> bool:
     stride = param.stride()
     return (grad.stride() == stride == mug.stride() == bg.stride() == bhg.stride()
             and (param.is_contiguous() or param.is_contiguous(memory_format=torch.channels_last)))
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2), or the tensor itself: the kernel is elementwise."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 # =========================================================================== diagnostics
