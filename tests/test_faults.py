@@ -368,7 +368,7 @@ def test_bad_recipe_files_are_one_line_errors(tmp_path, case):
 def test_base_next_to_the_recipe_or_in_recipes_is_allowed(tmp_path):
     write(tmp_path / "shared.yaml", "base: " + str(REPO / "recipes/demo.yaml") + "\ntrain:\n  seed: 7\n")
     write(tmp_path / "mine.yaml", "base: shared.yaml\n")
-    res = launch("submit", tmp_path / "mine.yaml", "--cluster", GPU_PROFILE, "--dry-run")
+    res = launch("submit", tmp_path / "mine.yaml", "--cluster", GPU_PROFILE, "--dry-run", "--full")  # --full: the resolved recipe
     assert res.returncode == 0, res.stderr
     assert "  seed: 7\n" in res.stdout and "  name: resnet_tiny\n" in res.stdout
 
