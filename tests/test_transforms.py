@@ -68,7 +68,8 @@ def test_a_transform_registered_outside_trains_compares_and_resumes_on_another_w
     added = sum(float((at_6[k] - at_4[k]).double().square().sum()) for k in at_4)
     # expected added / saved: sum of (1 + t)^-1.1 over t = 4, 5 against t = 0..3, about 0.16; about 1.16 if lost
     assert saved > 0 and added < 0.5 * saved, (saved, added)
-    assert scalars(out, "grad_noise/noised_steps") == {2: 2.0, 4: 4.0, 6: 6.0}
+    # logged every step: a run this short logs at least 8 times (train.log_every shortened)
+    assert scalars(out, "grad_noise/noised_steps") == {s: float(s) for s in range(1, 7)}
     assert scalars(out, "grad_noise/sigma")[6] == pytest.approx(0.01 / 6**0.55, rel=1e-6)  # step 5's, 0-based
 
     compared = launch("compare", str(out), "--out", str(tmp_path / "report"))
