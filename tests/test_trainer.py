@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -155,7 +156,7 @@ def test_accumulated_micro_batches_train_as_one_large_batch(engine, tmp_path, mo
 @pytest.mark.parametrize("overrides,message", [
     (["max_step=5"], "unknown recipe key 'max_step'; did you mean 'train.max_steps'?"),
     (["train.global_batch=lots"], "bad value for train.global_batch"),
-    (["optimizer=sgdd"], "optim.name='sgdd' is not one of adamw, vsgd, ivon, sgd; did you mean 'sgd'?"),
+    (["optimizer=sgdd"], "optim.name='sgdd' is not one of adamw, ivon, sgd, vsgd; did you mean 'sgd'?"),
     (["engine=zer0"], "did you mean 'zero'?"),
     (["train.global_batch=63"], "not divisible by the world size 2"),
     (["noequals"], "is not key=value"),
@@ -253,6 +254,9 @@ def test_a_resumed_runs_writer_hides_what_the_killed_run_logged_after_its_checkp
     for step in range(1, 16):
         killed.scalars({"train/loss": float(step)}, step)
     killed.close()
+    # Readers order event files by name: the creation second, then a per-process counter that
+    # sorts as text (9 after 10). A real resume starts seconds later; so must this one.
+    time.sleep(1.05 - time.time() % 1.0)
     resumed = RunLogger(str(tmp_path), enabled=True, purge_step=11)
     for step in range(11, 21):
         resumed.scalars({"train/loss": step + 0.5}, step)

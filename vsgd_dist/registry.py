@@ -53,7 +53,8 @@ class Registry(Generic[T]):
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
+        """Names in sorted order: messages must not depend on which module imported first."""
+        return iter(sorted(self._entries))
 
     def items(self):
         return self._entries.items()
