@@ -208,6 +208,34 @@ def test_staged_copies_rebuild_the_table_every_step():
     assert tables[0] is not tables[1]
 
 
+def test_planned_steps_give_the_bucketed_steps_bits_and_yield_to_changes():
+    """A group's plan (one launch per step) gives the numbers of the bucket-by-bucket fused step
+    (plans dropped after every step), through what must renew or end a plan: gradients in new
+    memory, the same gradients again (step 3), gradients of another layout (5: staged copies,
+    no plan), a reload (6), a missing gradient (8: the step counts part, no plan)."""
+    shapes = [(8, 3, 3, 3), (300, 7), (11,)]
+    planned, bucketed = make_params(shapes, channels_last=True), make_params(shapes, channels_last=True)
+    opt = VSGD(planned, lr=0.02, weight_decay=0.01, fused=True)
+    ref = VSGD(bucketed, lr=0.02, weight_decay=0.01, fused=True)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(9):
+        if step != 3:
+            for p, q in zip(planned, bucketed):
+                g = torch.randn(p.shape, generator=gen)
+                p.grad = g if step == 5 else torch.empty_like(p).copy_(g)
+                q.grad = p.grad.clone(memory_format=torch.preserve_format)
+        if step == 8:
+            planned[2].grad = bucketed[2].grad = None
+        if step == 6:
+            opt.load_state_dict(opt.state_dict())
+        opt.step()
+        ref.step()
+        ref.fused_path.plans.clear()
+        assert (0 in opt.fused_path.plans) == (step not in (5, 8)), step
+        assert_same(planned, bucketed, opt, ref)
+    assert [int(opt.state[p]["step"]) for p in planned] == [9, 9, 8]
+
+
 # ---------------------------------------------------------------------------- IVON fused
 IVON_HP = dict(lr=0.05, ess=50.0, hess_init=0.5, beta1=0.9, beta2=0.99, weight_decay=0.01, clip_radius=1.0)
 IVON_SHAPES = [(64, 40, 3, 3), (33, 7), (5,), (5000,), (3, 5, 1, 1)]
