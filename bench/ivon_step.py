@@ -220,4 +220,4 @@ def main() -> None:
 if __name__ == "__main__":
     from results import run_recorded
 
-    sys.exit(run_recorded("ivon_step_host" if "--host" in sys.argv else "ivon_step", main))
+    sys.exit(run_recorded("ivon_step", main, variant="host" if "--host" in sys.argv else ""))
