@@ -56,7 +56,7 @@ class _Kept:
 class GroupPlan:
     """Everything a fused group's sample and one-sample step read, kept while it holds, so that
     such a step checks addresses and launches (host work per step on ResNet-50's 161 tensors:
-    see bench/optim_step.py --host). Valid while the parameters' addresses hold and every
+    see bench/ivon_step.py --host). Valid while the parameters' addresses hold and every
     parameter has the same step count `t`; the optimizer drops it on any other change (a step
     through the general path, load_state_dict, new offsets or groups)."""
 
