@@ -1,11 +1,14 @@
 """Faults and bad input: every way a run can break ends in one clear line, and no
 run is lost, mixed up or orphaned. Real processes and real files throughout; the commands run
-as `python -m launch ...` subprocesses, as a user types them.
+as `python -m launch ...` subprocesses, as a user types them. Refusals that start no process
+also go through the launcher's main() in this process (`launch_here`), each family keeping a
+subprocess case so that the real entry point stays covered.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import resource
@@ -35,6 +38,22 @@ def launch(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.Com
                           text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+def launch_here(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """The same command through the launcher's main() in this process, as a CompletedProcess: for checks of
+    a refusal's message and exit code, which start no process (seconds saved per command)."""
+    from launch.__main__ import main
+
+    argv, out, err = list(map(str, args)), io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's errors, as `python -m launch` exits with them
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+    return subprocess.CompletedProcess(["launch", *argv], code, out.getvalue(), err.getvalue())
+
+
 def one_line_error(res: subprocess.CompletedProcess, code: int = 2) -> str:
     """The command failed with `code` and said so in exactly one line (no traceback)."""
     assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
@@ -51,7 +70,7 @@ HOSTILE = "x\ntouch /tmp/pwned #"
 @pytest.mark.parametrize("option", ["--account", "--qos", "--out"])
 def test_control_characters_in_options_are_refused(tmp_path, option):
     value = str(tmp_path / HOSTILE) if option == "--out" else HOSTILE
-    res = launch("submit", "recipes/demo.yaml", "--cluster", GPU_PROFILE, "--dry-run", "--out", tmp_path / "job",
+    res = (launch if option == "--account" else launch_here)("submit", "recipes/demo.yaml", "--cluster", GPU_PROFILE, "--dry-run", "--out", tmp_path / "job",
                  option, value)
     err = one_line_error(res)
     assert f"{option} " in err and "control character(s) '\\n'" in err, err
@@ -96,7 +115,7 @@ def test_every_slurm_time_format():
 
 @pytest.mark.timeout(120)
 def test_submit_accepts_minutes_and_seconds(tmp_path):
-    res = launch("submit", "recipes/demo.yaml", "--cluster", GPU_PROFILE, "--dry-run", "--out", tmp_path / "job",
+    res = launch_here("submit", "recipes/demo.yaml", "--cluster", GPU_PROFILE, "--dry-run", "--out", tmp_path / "job",
                  "--time", "30:00")
     assert res.returncode == 0, res.stderr
     assert "#SBATCH --time=30" in res.stdout.splitlines()
@@ -107,8 +126,9 @@ def test_submit_accepts_minutes_and_seconds(tmp_path):
 @pytest.mark.parametrize("command,override", [("submit", "out"), ("submit", "train.out"), ("sweep", "out")])
 def test_out_override_on_slurm_points_to_the_out_flag(tmp_path, command, override):
     grid = ["seed=0,1"] if command == "sweep" else []
-    res = launch(command, "recipes/demo.yaml", "--cluster", GPU_PROFILE, "--dry-run", *grid,
-                 f"{override}={tmp_path / 'x'}")
+    via = launch if (command, override) == ("submit", "out") else launch_here
+    res = via(command, "recipes/demo.yaml", "--cluster", GPU_PROFILE, "--dry-run", *grid,
+              f"{override}={tmp_path / 'x'}")
     err = one_line_error(res)
     assert f"as --out {tmp_path / 'x'} " in err, err
     assert not res.stdout
@@ -175,14 +195,14 @@ def checkpoint_of(run_dir: Path) -> Path:
 def test_checkpoint_commands_on_a_rank_file_name_its_folder(demo_run, tmp_path, action):
     rank_file = checkpoint_of(demo_run) / "rank0.pt"
     extra = ["--out", tmp_path / "c.pt"] if action == "convert" else []
-    err = one_line_error(launch("checkpoint", action, rank_file, *extra))
+    err = one_line_error((launch if action == "inspect" else launch_here)("checkpoint", action, rank_file, *extra))
     assert f"{rank_file} is one rank's file; give its checkpoint folder {rank_file.parent}" in err, err
 
 
 @pytest.mark.timeout(400)
 def test_convert_to_a_folder_is_refused_and_leaves_nothing(demo_run, tmp_path):
     (tmp_path / "out").mkdir()
-    err = one_line_error(launch("checkpoint", "convert", demo_run, "--out", tmp_path / "out"))
+    err = one_line_error(launch_here("checkpoint", "convert", demo_run, "--out", tmp_path / "out"))
     assert f"--out {tmp_path / 'out'} is a folder; give a file to write" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not any((tmp_path / "out").iterdir())
 
@@ -328,8 +348,9 @@ def test_bad_values_fail_in_the_launcher(tmp_path, command, case):
     overrides, message = BAD_VALUES[case]
     slurm = {"run": [], "submit": ["--cluster", GPU_PROFILE, "--dry-run"],
              "sweep": ["--cluster", GPU_PROFILE, "--dry-run", "seed=0,1"]}[command]
-    err = one_line_error(launch(command, "recipes/demo.yaml", *overrides.split(), *slurm,
-                                *(["out=" + str(tmp_path / "run")] if command == "run" else [])))
+    via = launch if case == "tau1" else launch_here  # each command's real entry point once
+    err = one_line_error(via(command, "recipes/demo.yaml", *overrides.split(), *slurm,
+                             *(["out=" + str(tmp_path / "run")] if command == "run" else [])))
     assert message in err, err
     assert not (tmp_path / "run").exists()
 
@@ -360,7 +381,7 @@ def test_bad_recipe_files_are_one_line_errors(tmp_path, case):
         recipe.mkdir(parents=True)
     else:
         write(recipe, content)
-    err = one_line_error(launch("run", recipe))
+    err = one_line_error((launch if case == "empty" else launch_here)("run", recipe))
     assert message in err and "secret_token_xyz" not in err and "root:" not in err, err
 
 
@@ -386,9 +407,12 @@ def copy_run(demo_run: Path, tmp_path: Path) -> Path:
 
 
 def checkpoint_command(action: str, run_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """A resume runs the launcher; inspect runs `python -m launch`; convert, its main() in this process."""
     if action == "run":  # resume it
         return run(run_dir, "max_steps=6")
-    return launch("checkpoint", action, run_dir, *(["--out", tmp_path / "c.pt"] if action == "convert" else []))
+    if action == "inspect":
+        return launch("checkpoint", action, run_dir)
+    return launch_here("checkpoint", action, run_dir, "--out", tmp_path / "c.pt")
 
 
 @pytest.mark.timeout(400)
@@ -496,7 +520,10 @@ def test_resume_may_change_engine_steps_workers_and_cadence(demo_run, tmp_path):
                                           ("data.minival=100", "data.minival")])
 def test_resume_refuses_only_what_the_checkpoint_cannot_hold(demo_run, tmp_path, override, key):
     run_dir = copy_run(demo_run, tmp_path)
-    err = one_line_error(run(run_dir, "max_steps=4", override))
+    if override == "seed=3":  # the real entry point once
+        err = one_line_error(run(run_dir, "max_steps=4", override))
+    else:
+        err = one_line_error(launch_here("run", *DEMO, "--nproc", 2, f"out={run_dir}", "max_steps=4", override))
     assert f"holds a different run ({key}: " in err and f"resume it with {key}=" in err, err
 
 
@@ -556,7 +583,8 @@ def test_lock_of_another_host_holds_until_its_heartbeat_stops(tmp_path, monkeypa
 @pytest.mark.parametrize("override,accepted", [("max_steps=6", True), ("seed=3", False)])
 def test_submit_into_a_job_folder_follows_the_resume_rule(demo_run, tmp_path, override, accepted):
     shutil.copytree(demo_run, tmp_path / "job" / "run")
-    res = launch("submit", *DEMO, "--cluster", GPU_PROFILE, "--dry-run", "--out", tmp_path / "job", override)
+    res = (launch_here if accepted else launch)("submit", *DEMO, "--cluster", GPU_PROFILE, "--dry-run", "--out",
+                                                tmp_path / "job", override)
     if accepted:
         assert res.returncode == 0 and "dry run: nothing submitted" in res.stdout, res.stderr
     else:
