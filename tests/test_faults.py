@@ -70,8 +70,9 @@ HOSTILE = "x\ntouch /tmp/pwned #"
 @pytest.mark.parametrize("option", ["--account", "--qos", "--out"])
 def test_control_characters_in_options_are_refused(tmp_path, option):
     value = str(tmp_path / HOSTILE) if option == "--out" else HOSTILE
-    res = (launch if option == "--account" else launch_here)("submit", "recipes/demo.yaml", "--cluster", GPU_PROFILE, "--dry-run", "--out", tmp_path / "job",
-                 option, value)
+    via = launch if option == "--account" else launch_here
+    res = via("submit", "recipes/demo.yaml", "--cluster", GPU_PROFILE, "--dry-run", "--out", tmp_path / "job",
+              option, value)
     err = one_line_error(res)
     assert f"{option} " in err and "control character(s) '\\n'" in err, err
     assert "touch /tmp/pwned" not in res.stdout
@@ -115,8 +116,8 @@ def test_every_slurm_time_format():
 
 @pytest.mark.timeout(120)
 def test_submit_accepts_minutes_and_seconds(tmp_path):
-    res = launch_here("submit", "recipes/demo.yaml", "--cluster", GPU_PROFILE, "--dry-run", "--out", tmp_path / "job",
-                 "--time", "30:00")
+    res = launch_here("submit", "recipes/demo.yaml", "--cluster", GPU_PROFILE, "--dry-run", "--out",
+                      tmp_path / "job", "--time", "30:00")
     assert res.returncode == 0, res.stderr
     assert "#SBATCH --time=30" in res.stdout.splitlines()
 
