@@ -661,36 +661,6 @@ def test_a_killed_rank_is_blamed_not_its_survivor(tmp_path):
                                             "(killed or crashed)"), err
 
 
-# --- item 10: launch cancel of a job that is not running -----------------------------------
-@pytest.fixture(scope="module")
-def cluster(request):
-    """The one-node local cluster (stopped at the end if started here)."""
-    from slurm_helpers import Cluster
-
-    from launch.slurm import LOCAL_DIR
-
-    cluster = Cluster.start(LOCAL_DIR)
-    if cluster.started_here:
-        request.config.add_cleanup(cluster.stop)
-    return cluster
-
-
-@pytest.mark.timeout(300)
-def test_cancel_of_an_unknown_or_ended_job_says_so(cluster, tmp_path):
-    from slurm_helpers import job_id
-
-    err = one_line_error(cluster.launch("cancel", "99999"))
-    assert "job 99999 is not queued or running (SLURM knows no such job: check the id, or --cluster)" in err, err
-    (tmp_path / "toy.yaml").write_text("max_steps: 2\n")
-    res = cluster.launch("submit", tmp_path / "toy.yaml", "--cluster", "local", "--out", tmp_path / "job",
-                         "--trainer", "tests.toy_trainer:ToyTrainer")
-    assert res.returncode == 0, res.stderr
-    jid = job_id(tmp_path / "job")
-    assert cluster.wait_done(jid, timeout=120) == {jid: "COMPLETED"}
-    err = one_line_error(cluster.launch("cancel", tmp_path / "job"))
-    assert f"job {jid} is not queued or running (it ended COMPLETED); nothing cancelled" in err, err
-
-
 # A run killed right after a checkpoint kept every step logged up to it: TensorBoard's writer
 # flushes every two minutes; the steps logged before a checkpoint must be on disk when it is
 # published, since a run killed then resumes after them and never logs them again (found by
