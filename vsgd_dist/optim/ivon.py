@@ -477,10 +477,17 @@ def _dtensor_local_start(param: torch.Tensor) -> int:
 def _standard_normal_runs(counter: tuple, runs: list[tuple[int, int]], device, dtype) -> torch.Tensor:
     """z for the elements of `runs`, in one pass over all of them (a ZeRO shard has a run
     per parameter piece): the numbers of one `standard_normal` per run, concatenated."""
-    if len(runs) == 1:
-        return standard_normal(*counter, *runs[0], device=device, dtype=dtype)
     for start, n in runs:
         check_counter(*counter, start, n)
+    if torch.device(device).type == "cpu":
+        try:  # the C++ generator: the same numbers, without the torch-ops Philox's many passes
+            from vsgd_dist.optim import ivon_cpu
+
+            return torch.cat([ivon_cpu.normals(*counter, start, n) for start, n in runs]).to(dtype)
+        except (RuntimeError, OSError):  # no compiler here
+            pass
+    if len(runs) == 1:
+        return standard_normal(*counter, *runs[0], device=device, dtype=dtype)
     index = torch.cat([torch.arange(start, start + n, dtype=torch.int64, device=device) for start, n in runs])
     return normal_from_index(index, *counter).to(dtype)
 
