@@ -45,9 +45,9 @@ from vsgd_dist.train.engine_setup import engine_for  # noqa: E402
 RECIPES = {"resnet50": {"vsgd": ("resnet50_vsgd.yaml", ()), "adamw": ("resnet50_adamw.yaml", ())},
            "vit_s16": {"vsgd": ("vit_s16_vsgd.yaml", ()), "adamw": ("vit_s16_adamw.yaml", ()),
                        "ivon": ("vit_s16_adamw.yaml", ("optim.name=ivon", "optim.lr=2.5", "optim.lr_base_batch=1024",
-                                                       "optim.weight_decay=5e-5", "optim.ivon.ess=1281167",
-                                                       "optim.ivon.hess_init=0.05", "optim.ivon.beta2=0.999995",
-                                                       "optim.ivon.mc_samples=1"))}}
+                                                       "optim.weight_decay=5e-5", "optim.fused=true",
+                                                       "optim.ivon.ess=1281167", "optim.ivon.hess_init=0.05",
+                                                       "optim.ivon.beta2=0.999995", "optim.ivon.mc_samples=1"))}}
 """Per model: optimizer -> (recipe in recipes/imagenet, overrides)."""
 TARGETS = {"vsgd": 0.97, "ivon": 0.90}
 """Images/s of each optimizer's recipe / AdamW's."""

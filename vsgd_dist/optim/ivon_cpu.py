@@ -106,6 +106,67 @@ inline void box_muller(uint32_t a, uint32_t b, float& even, float& odd) {
   odd = radius * (quadrant >= 2 ? -sin_v : sin_v);
 }
 
+#if defined(__AVX512F__)
+// box_muller on 16 lanes: the same operations in the same order (bitwise the scalar one).
+inline void box_muller16(__m512i a, __m512i b, float* even_out, float* odd_out) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 u1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_srli_epi32(a, 8), _mm512_set1_epi32(1))),
+                                  _mm512_set1_ps(k_two_m24));
+  // log_unit(u1)
+  const __m512i bits = _mm512_castps_si512(u1);
+  __m512i exponent = _mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(126));
+  const __m512 mantissa = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0x007FFFFF)),
+                                                             _mm512_set1_epi32(0x3F000000)));
+  const __mmask16 small = _mm512_cmp_ps_mask(mantissa, _mm512_set1_ps(k_sqrt_half), _CMP_LT_OQ);
+  exponent = _mm512_mask_sub_epi32(exponent, small, exponent, _mm512_set1_epi32(1));
+  __m512 x = _mm512_sub_ps(_mm512_mask_add_ps(mantissa, small, mantissa, mantissa), one);
+  const __m512 z = _mm512_mul_ps(x, x);
+  __m512 y = _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(k_log0)), _mm512_set1_ps(k_log1));
+  y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(k_log2));
+  y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(k_log3));
+  y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(k_log4));
+  y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(k_log5));
+  y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(k_log6));
+  y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(k_log7));
+  y = _mm512_add_ps(_mm512_mul_ps(y, x), _mm512_set1_ps(k_log8));
+  y = _mm512_mul_ps(y, x);
+  y = _mm512_mul_ps(y, z);
+  const __m512 e = _mm512_cvtepi32_ps(exponent);
+  y = _mm512_add_ps(y, _mm512_mul_ps(e, _mm512_set1_ps(k_ln2_lo)));
+  y = _mm512_add_ps(y, _mm512_mul_ps(z, _mm512_set1_ps(-0.5f)));
+  x = _mm512_add_ps(x, y);
+  const __m512 log_u = _mm512_add_ps(x, _mm512_mul_ps(e, _mm512_set1_ps(k_ln2_hi)));
+  const __m512 radius = _mm512_sqrt_ps(_mm512_mul_ps(log_u, _mm512_set1_ps(-2.0f)));
+  // angle
+  const __m512 fraction = _mm512_mul_ps(
+      _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(b, 6), _mm512_set1_epi32(0xFFFFFF))), _mm512_set1_ps(k_two_m24));
+  const __mmask16 upper = _mm512_cmp_ps_mask(fraction, _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+  const __m512 xa = _mm512_mul_ps(_mm512_mask_sub_ps(fraction, upper, one, fraction), _mm512_set1_ps(k_half_pi));
+  const __m512 za = _mm512_mul_ps(xa, xa);
+  __m512 s = _mm512_add_ps(_mm512_mul_ps(za, _mm512_set1_ps(k_sin0)), _mm512_set1_ps(k_sin1));
+  s = _mm512_add_ps(_mm512_mul_ps(s, za), _mm512_set1_ps(k_sin2));
+  s = _mm512_mul_ps(s, za);
+  s = _mm512_mul_ps(s, xa);
+  s = _mm512_add_ps(s, xa);
+  __m512 c = _mm512_add_ps(_mm512_mul_ps(za, _mm512_set1_ps(k_cos0)), _mm512_set1_ps(k_cos1));
+  c = _mm512_add_ps(_mm512_mul_ps(c, za), _mm512_set1_ps(k_cos2));
+  c = _mm512_mul_ps(c, za);
+  c = _mm512_mul_ps(c, za);
+  c = _mm512_sub_ps(c, _mm512_mul_ps(za, _mm512_set1_ps(0.5f)));
+  c = _mm512_add_ps(c, one);
+  const __m512 sin_f = _mm512_mask_blend_ps(upper, s, c), cos_f = _mm512_mask_blend_ps(upper, c, s);
+  const __m512i quadrant = _mm512_srli_epi32(b, 30);
+  const __mmask16 odd_q = _mm512_test_epi32_mask(quadrant, _mm512_set1_epi32(1));
+  const __m512 cos_v = _mm512_mask_blend_ps(odd_q, cos_f, sin_f), sin_v = _mm512_mask_blend_ps(odd_q, sin_f, cos_f);
+  const __mmask16 neg_cos = _mm512_cmpeq_epi32_mask(quadrant, _mm512_set1_epi32(1)) |
+                            _mm512_cmpeq_epi32_mask(quadrant, _mm512_set1_epi32(2));
+  const __mmask16 neg_sin = _mm512_cmpge_epu32_mask(quadrant, _mm512_set1_epi32(2));
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  _mm512_store_ps(even_out, _mm512_mul_ps(radius, _mm512_mask_xor_ps(cos_v, neg_cos, cos_v, sign)));
+  _mm512_store_ps(odd_out, _mm512_mul_ps(radius, _mm512_mask_xor_ps(sin_v, neg_sin, sin_v, sign)));
+}
+#endif
+
 // Philox4x32-10 of the counters (first_group + j, step, sample), j < groups (a multiple of 16),
 // word q into w[q][j].
 void philox(const Counter& counter, uint64_t first_group, int64_t groups, uint32_t (*w)[kGroups]) {
@@ -192,11 +253,17 @@ void normals(const Counter& counter, int64_t first, int64_t n, float* out) {
   philox(counter, c_first << 4, groups, w);
   alignas(64) float z[kGroups * 4];  // chunk k's word q of lane l at k * 64 + q * 16 + l
   for (int64_t k = 0; k < chunks; ++k) {
+#if defined(__AVX512F__)
+    const auto word = [&](int q) { return _mm512_load_si512(reinterpret_cast<const __m512i*>(w[q] + k * 16)); };
+    box_muller16(word(0), word(1), z + k * 64, z + k * 64 + 16);
+    box_muller16(word(2), word(3), z + k * 64 + 32, z + k * 64 + 48);
+#else
     for (int64_t l = 0; l < 16; ++l) {
       const int64_t j = k * 16 + l;
       box_muller(w[0][j], w[1][j], z[k * 64 + l], z[k * 64 + 16 + l]);
       box_muller(w[2][j], w[3][j], z[k * 64 + 32 + l], z[k * 64 + 48 + l]);
     }
+#endif
   }
   std::memcpy(out, z + (first - int64_t(c_first) * kChunk), n * sizeof(float));
 }
@@ -237,31 +304,17 @@ inline void store_fence() {
 #endif
 }
 
-constexpr int64_t kAhead = 2 * kBlock;  // elements between a prefetch and its use
-
-template <typename T>
-inline void prefetch_lines(const T* from, int64_t n) {
-#if defined(__AVX512F__) || defined(__AVX__)
-  const char* p = reinterpret_cast<const char*>(from);
-  for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-#endif
-}
-
 template <typename T, bool First>
 void sample_range(T* __restrict__ param, const T* __restrict__ h, T* __restrict__ mean, T* __restrict__ eps,
                   int64_t n, int64_t first, const Counter& counter, T ess, T wd) {
   alignas(64) float z[kBlock];
   alignas(64) T e_block[kBlock];
   // Blocks end on chunk boundaries of the global index, so that each draws only its chunks.
-  const T* m_src = First ? param : mean;
   for (int64_t lo = 0, len = 0; lo < n; lo += len) {
     len = std::min(kBlock - (first + lo) % kChunk, n - lo);
-    // The draw is arithmetic only: ask for the next blocks' inputs first, so that memory
-    // works while it runs (the hardware prefetcher sees no loads during the draw).
-    prefetch_lines(h + lo + kAhead, std::min(kBlock, n - lo - kAhead));
-    prefetch_lines(m_src + lo + kAhead, std::min(kBlock, n - lo - kAhead));
     normals(counter, first + lo, len, z);
     if (First) stream_copy(mean + lo, param + lo, len);
+    const T* m_src = First ? param : mean;
     for (int64_t i = 0; i < len; ++i) {
       const T sigma = T(1) / std::sqrt((h[lo + i] + wd) * ess);
       const T e = T(z[i]) * sigma;
