@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import threading
@@ -36,8 +37,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from launch.__main__ import main as launch
 from vsgd_dist.config import RunConfig
 from vsgd_dist.spawn import RankFailed, run_distributed
-from vsgd_dist.train.checkpoint import CheckpointError, file_digest, open_checkpoint
-from vsgd_dist.train.engine_state import full_state
+from vsgd_dist.train.checkpoint import CheckpointError, file_digest, read_full, read_meta
 
 pytestmark = pytest.mark.dist
 
@@ -133,8 +133,7 @@ def load_all(rank, world, jobs, folder_out):
 def mismatches(rank, world, source):
     """Load a zero2 VSGD checkpoint into runs that differ from it; return the errors."""
     from vsgd_dist.optim import OPTIMIZERS as OPTIMIZERS_BY_NAME
-    from vsgd_dist.train import engine_state
-    from vsgd_dist.train.checkpoint import Checkpointer
+    from vsgd_dist.train.checkpoint import Checkpointer, load
     from vsgd_dist.train.engine_setup import engine_for
 
     ckpt = Checkpointer(Path(source), keep=1)
@@ -146,36 +145,27 @@ def mismatches(rank, world, source):
             ckpt.load_latest(engine_for(model, cfg, LR), cfg)
         except Exception as e:  # noqa: BLE001 - the message is what is tested
             errors[case] = f"{type(e).__name__}: {e}"
-    meta, read = open_checkpoint(ckpt.latest())
+    meta = read_meta(ckpt.latest())
     engine = engine_for(make_model(), make_cfg("ddp", "adamw"), LR)
     try:  # the loader's own check, under the Checkpointer's name check
-        engine_state.load(engine, lambda r: read(r)["engine"], meta, OPTIMIZERS_BY_NAME.get("adamw").optimizer_class)
+        load(engine, ckpt.latest(), meta, OPTIMIZERS_BY_NAME.get("adamw").optimizer_class)
     except Exception as e:  # noqa: BLE001
         errors["optimizer class"] = f"{type(e).__name__}: {e}"
     return errors
 
 
-class EngineThatDiesWhileSaving:
-    """Rank 1 kills itself (SIGKILL) while torch.save is writing its file, with ballast in
-    its optimizer state so that the write takes a while."""
-
-    def __init__(self, engine, file: Path):
-        self.engine, self.file = engine, file
-        self.optimizer = self
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def state_dict(self):
-        if int(os.environ["RANK"]) == 1:
-            threading.Thread(target=self._kill_once_writing, daemon=True).start()
-            return {**self.engine.optimizer.state_dict(), "ballast": torch.zeros(2**24)}
-        return self.engine.optimizer.state_dict()
-
-    def _kill_once_writing(self):
-        while not (self.file.exists() and self.file.stat().st_size > 0):
+def die_while_writing(file: Path) -> dict:
+    """Rank 1 kills itself (SIGKILL) while DCP is writing its file; the ballast returned, saved
+    with its trainer state, makes the write take a while."""
+    def kill_once_writing():
+        while not (file.exists() and file.stat().st_size > 0):
             time.sleep(0.0005)
         os.kill(os.getpid(), signal.SIGKILL)
+
+    if int(os.environ["RANK"]) != 1:
+        return {}
+    threading.Thread(target=kill_once_writing, daemon=True).start()
+    return {"ballast": torch.zeros(2**24)}
 
 
 def killed_during_save(rank, world, folder):
@@ -191,8 +181,8 @@ def killed_during_save(rank, world, folder):
     if rank == 0:
         np.save(Path(folder) / "weights_at_first.npy", np.concatenate([p.ravel() for p in full_params(model)]))
     train(engine, FIRST, THEN, rank, world)
-    dying = EngineThatDiesWhileSaving(engine, Path(folder) / f"step_{FIRST + THEN:08d}.tmp" / "rank1.pt")
-    ckpt.save(dying, cfg, step=FIRST + THEN)
+    ckpt.save(engine, cfg, step=FIRST + THEN,
+              **die_while_writing(Path(folder) / f"step_{FIRST + THEN:08d}.tmp" / "__1_0.distcp"))
 
 
 class RunsCodeWhenUnpickled:
@@ -246,9 +236,7 @@ def assert_same_full_state(a: dict, b: dict, context):
 
 
 def full_of(folder: Path) -> dict:
-    path = sorted(p for p in Path(folder).glob("step_*") if p.suffix != ".tmp")[-1]
-    meta, read = open_checkpoint(path)
-    return full_state(lambda r: read(r)["engine"], meta)
+    return read_full(sorted(p for p in Path(folder).glob("step_*") if p.suffix != ".tmp")[-1])
 
 
 # --------------------------------------------------------------------------- engine tests
@@ -276,7 +264,7 @@ def test_any_engine_loads_any_engines_checkpoint(saved, loaded, written_by, load
     diff = max(float(np.abs(a - b).max()) for a, b in zip(params, reference))
     assert diff <= ATOL, diff
     assert_same_full_state(full_of(saved[2][0] / f"{written_by}-{opt}"), full_of(Path(again)), (written_by, opt))
-    assert open_checkpoint(sorted(Path(again).glob("step_*"))[-1])[0]["engine"] == ENGINES[loaded_into][0]
+    assert read_meta(sorted(Path(again).glob("step_*"))[-1])["engine"] == ENGINES[loaded_into][0]
 
 
 @pytest.mark.timeout(300)
@@ -293,7 +281,7 @@ def test_mismatched_checkpoint_names_what_differs(saved):
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     with pytest.raises(RankFailed):  # rank 1 killed; rank 0 sees its peer gone, or is killed by the harness
         run_distributed(killed_during_save, 2, str(tmp_path), timeout=240)
-    assert (tmp_path / f"step_{FIRST + THEN:08d}.tmp" / "rank1.pt").is_file()  # the interrupted write
+    assert (tmp_path / f"step_{FIRST + THEN:08d}.tmp" / "__1_0.distcp").is_file()  # the interrupted write
     assert not (tmp_path / f"step_{FIRST + THEN:08d}").exists()
     assert launch(["checkpoint", "convert", str(tmp_path), "--out", str(tmp_path / "c.pt")]) == 0
     converted = torch.load(tmp_path / "c.pt", weights_only=True)
@@ -306,20 +294,18 @@ def test_tampered_file_is_refused_without_running_it(saved, tmp_path, capsys):
     folder = tmp_path / "step_00000003"
     shutil.copytree(sorted((saved[2][0] / "zero2-vsgd").glob("step_*"))[-1], folder)
     marker = tmp_path / "code-ran"
-    torch.save({"engine": RunsCodeWhenUnpickled(marker), "trainer": {}}, folder / "rank1.pt")
-    _, read = open_checkpoint(folder)
-    with pytest.raises(CheckpointError, match="rank1.pt does not match the checksum meta.json recorded"):
-        read(1)
+    (folder / ".metadata").write_bytes(pickle.dumps(RunsCodeWhenUnpickled(marker)))
+    with pytest.raises(CheckpointError, match=".metadata does not match the checksum meta.json recorded"):
+        read_full(folder)
     # whoever can write the file can write meta.json too: the unpickler still refuses the code
     meta = json.loads((folder / "meta.json").read_text())
-    meta["sha256"]["rank1.pt"] = file_digest(folder / "rank1.pt")
+    meta["sha256"][".metadata"] = file_digest(folder / ".metadata")
     (folder / "meta.json").write_text(json.dumps(meta))
-    _, read = open_checkpoint(folder)
     with pytest.raises(CheckpointError, match="holds objects other than tensors and containers.*tampered"):
-        read(1)
+        read_full(folder)
     assert launch(["checkpoint", "convert", str(folder), "--out", str(tmp_path / "c.pt")]) == 2
     err = capsys.readouterr().err
-    assert "rank1.pt holds objects other than tensors" in err and len(err.strip().splitlines()) == 1, err
+    assert ".metadata holds objects other than tensors" in err and len(err.strip().splitlines()) == 1, err
     assert not marker.exists() and not (tmp_path / "c.pt").exists()
 
 
@@ -333,9 +319,9 @@ def test_inspect_and_convert_refuse_folders_without_a_finished_checkpoint(saved,
     assert "only unfinished checkpoints (step_00000009.tmp" in err and len(err.strip().splitlines()) == 1, err
     published = tmp_path / "checkpoints" / "step_00000003"
     shutil.copytree(tmp_path / "checkpoints" / "step_00000009.tmp", published)
-    (published / "rank1.pt").unlink()
+    (published / "__1_0.distcp").unlink()
     assert launch(["checkpoint", "inspect", str(tmp_path)]) == 2
-    assert "lacks rank1.pt of its 2 rank files" in capsys.readouterr().err
+    assert "lacks __1_0.distcp of its 3 files" in capsys.readouterr().err
 
 
 def test_convert_keeps_each_optimizers_own_state_names(saved, tmp_path):
@@ -399,9 +385,9 @@ def test_trainer_resumes_two_ranks_checkpoint_at_three(trainer_runs):
     whole, resumed = losses(trainer_runs / "whole"), losses(trainer_runs / "resumed3")
     assert [resumed[s] for s in range(1, 7)] == [whole[s] for s in range(1, 7)]  # written by the 2-rank part
     assert sorted(resumed) == list(range(1, 13)) and all(math.isfinite(resumed[s]) for s in range(7, 13))
-    meta, _ = open_checkpoint(sorted((trainer_runs / "resumed3" / "checkpoints").glob("step_*"))[-1])
+    meta = read_meta(sorted((trainer_runs / "resumed3" / "checkpoints").glob("step_*"))[-1])
     assert meta["step"] == 12 and meta["world_size"] == 3
-    resharded, _ = open_checkpoint(sorted((trainer_runs / "resharded3" / "checkpoints").glob("step_*"))[-1])
+    resharded = read_meta(sorted((trainer_runs / "resharded3" / "checkpoints").glob("step_*"))[-1])
     assert resharded["step"] == 6 and resharded["world_size"] == 3
     assert_same_full_state(full_of(trainer_runs / "stopped2" / "checkpoints"),
                            full_of(trainer_runs / "resharded3" / "checkpoints"), "2 ranks -> 3 ranks")
@@ -423,18 +409,40 @@ def test_inspect_and_convert_a_real_run(trainer_runs, tmp_path, capsys):
     converted = torch.load(out, weights_only=True)
     assert converted["step"] == 12
     path = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
-    files = [torch.load(path / f"rank{r}.pt", weights_only=True)["engine"] for r in range(2)]
-    for name, tensor in files[0]["model"].items():
-        assert torch.equal(converted["model"][name], tensor), name
-    # Every rank's flat shard, read through its own layout, equals the converted tensors.
-    covered = {name: 0 for name in files[0]["optimizer"]["params"]}
-    for shard in (f["optimizer"] for f in files):
-        for name, where in shard["params"].items():
-            first, last = (o - where["range"][0] for o in where["owned"])
-            lo, hi = where["shard_range"]
-            state = shard["state"][where["group"]]
+    items = stored_items(path)
+    for fqn, tensor in items.items():
+        if fqn[0].startswith("model/"):
+            assert torch.equal(converted["model"][fqn[0].removeprefix("model/")], tensor), fqn
+    # Every chunk a rank wrote, read from its file as DCP stored it, equals the converted tensors.
+    covered = {name: 0 for name in converted["optimizer"]}
+    for (fqn, first), chunk in items.items():
+        if fqn.startswith("optim/") and fqn.endswith("/mug"):
+            name = fqn.split("/")[1]
+            last = first + chunk.numel()
             for key in ("mug", "bg", "bhg"):
-                assert torch.equal(converted["optimizer"][name][key].reshape(-1)[first:last], state[key][lo:hi])
-            assert int(converted["optimizer"][name]["step"]) == int(state["step"]) == 12
+                assert torch.equal(converted["optimizer"][name][key].reshape(-1)[first:last],
+                                   items[(f"optim/{name}/{key}", first)])
+            assert int(converted["optimizer"][name]["step"]) == 12
             covered[name] += last - first
     assert covered == {n: converted["model"][n].numel() for n in covered}
+
+
+def stored_items(path: Path) -> dict:
+    """{(fqn, first element): tensor} of every tensor chunk in a checkpoint's files, read with
+    plain torch.load from where DCP's metadata says each lies."""
+    import io
+
+    from vsgd_dist.compat.torch import MetadataUnpickler
+
+    with open(path / ".metadata", "rb") as f:
+        metadata = MetadataUnpickler(f).load()
+    items = {}
+    for index, where in metadata.storage_data.items():
+        if index.offset is None:
+            continue  # a value, not a tensor
+        with open(path / where.relative_path, "rb") as f:
+            f.seek(where.offset)
+            data = f.read(where.length)
+        items[(index.fqn, index.offset[0] if len(index.offset) else 0)] = torch.load(io.BytesIO(data),
+                                                                                    weights_only=True)
+    return items

@@ -149,6 +149,11 @@ class DeepSpeedEngine(Engine):
             raise NotImplementedError("DeepSpeed copies its fp32 partitions into the parameters inside its "
                                       "step only; weights cannot be set from outside")
 
+        def fresh_state(i):
+            self.optimizer.state[groups[i]["params"][0]] = {}
+            return self.optimizer.state[groups[i]["params"][0]]
+
         return Ownership(layout=self.layout, params=params, stores=partitions,
-                         state_of=lambda i: self.optimizer.state.get(groups[i]["params"][0], {}), groups=groups,
+                         state_of=lambda i: self.optimizer.state.get(groups[i]["params"][0], {}),
+                         fresh_state=fresh_state, groups=groups,
                          names_per_group=self._names_per_group(), publish=publish)
