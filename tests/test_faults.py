@@ -173,7 +173,7 @@ def checkpoint_of(run_dir: Path) -> Path:
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("action", ["inspect", "convert"])
 def test_checkpoint_commands_on_a_rank_file_name_its_folder(demo_run, tmp_path, action):
-    rank_file = checkpoint_of(demo_run) / "rank0.pt"
+    rank_file = checkpoint_of(demo_run) / "__0_0.distcp"
     extra = ["--out", tmp_path / "c.pt"] if action == "convert" else []
     err = one_line_error(launch("checkpoint", action, rank_file, *extra))
     assert f"{rank_file} is one rank's file; give its checkpoint folder {rank_file.parent}" in err, err
@@ -300,7 +300,7 @@ def test_stop_signal_saves_on_every_rank_and_says_where(tmp_path, sig):
     step = json.loads((saved / "meta.json").read_text())["step"]
     assert err.strip().splitlines()[-1] == (f"launch run: {sig.name} received: every rank stopped at step {step} "
                                             f"and saved it to {saved}; run the same command to resume"), err
-    assert sorted(p.name for p in saved.iterdir()) == ["meta.json", "rank0.pt", "rank1.pt"]
+    assert sorted(p.name for p in saved.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json"]
     assert gone(ranks, timeout=30)
 
 
@@ -395,7 +395,7 @@ def checkpoint_command(action: str, run_dir: Path, tmp_path: Path) -> subprocess
 @pytest.mark.parametrize("action", ["inspect", "convert", "run"])
 def test_flipped_bytes_in_a_checkpoint_file_are_named(demo_run, tmp_path, action):
     run_dir = copy_run(demo_run, tmp_path)
-    file = checkpoint_of(run_dir) / "rank1.pt"
+    file = checkpoint_of(run_dir) / "__1_0.distcp"
     data = bytearray(file.read_bytes())
     data[len(data) // 2] ^= 0x10  # inside a tensor
     file.write_bytes(data)

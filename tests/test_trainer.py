@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import toy_model  # noqa: F401 - registers vit_toy here; ranks import it through VSGD_DIST_PLUGINS
 from launch.__main__ import main as launch
 from vsgd_dist.models import build_model
-from vsgd_dist.train.checkpoint import open_checkpoint
+from vsgd_dist.train.checkpoint import read_full
 
 DEMO = "recipes/demo.yaml"
 QUIET = ["train.progress=false", "train.log_every=1"]
@@ -199,8 +199,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     kept = sorted((out / "checkpoints").glob("step_*"))
     assert kept and f"the latest checkpoint, {kept[-1]} (finite weights), is kept" in err, err
     # what was kept is finite: a checkpoint with NaN or inf tensors is never published
-    meta, read = open_checkpoint(kept[-1])
-    tensors = [t for t in flatten(read(0)["engine"]) if torch.is_tensor(t) and t.is_floating_point()]
+    full = read_full(kept[-1])
+    tensors = [t for part in ("model", "optimizer", "grad_state") for t in flatten(full[part])
+               if torch.is_tensor(t) and t.is_floating_point()]
     assert tensors and all(bool(torch.isfinite(t).all()) for t in tensors)
 
 

@@ -23,6 +23,7 @@ import json
 import pickle
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -231,7 +232,7 @@ def load(engine, path: Path, meta: dict, optimizer_class: type) -> dict:
         with named_failures(path):
             dcp.load(state, storage_reader=safe_reader(path, meta), planner=SafeLoadPlanner())
 
-    return dcp_state.load_state(engine, metadata, trainer_key, read)
+    return dcp_state.load_state(engine, metadata, meta["params"], trainer_key, read)
 
 
 def read_full(path: Path) -> dict:
@@ -243,7 +244,8 @@ def read_full(path: Path) -> dict:
         metadata = reader.read_metadata()
     values = {fqn: torch.empty(md.size, dtype=md.properties.dtype) if isinstance(md, TensorStorageMetadata) else None
               for fqn, md in metadata.state_dict_metadata.items()}
-    with named_failures(path):
+    with named_failures(path), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process, as meant
         dcp.load(values, storage_reader=safe_reader(path, meta), planner=SafeLoadPlanner(), no_dist=True)
     return {**dcp_state.full_form(values, meta["params"]), "step": meta["step"], "meta": meta}
 

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from vsgd_dist.engines import Engine
 from vsgd_dist.engines.ownership import Ownership, flat
 from vsgd_dist.engines.sampling import WeightSampling
-from vsgd_dist.sharding.layout import from_memory_flat
+from vsgd_dist.sharding.layout import from_memory_flat, to_memory_flat
 
 
 class CheckpointMismatch(RuntimeError):
@@ -125,11 +125,15 @@ def check_model(engine: Engine, params: dict[str, dict], metadata: Metadata) -> 
                                  f"this model as parameters; use another out= folder")
 
 
-def load_state(engine: Engine, metadata: Metadata, trainer_key: str, load) -> dict:
+def load_state(engine: Engine, metadata: Metadata, params: dict[str, dict], trainer_key: str, load) -> dict:
     """Load a checkpoint into `engine` through `load(state_dict)` (dcp.load with this run's
-    reader and planner), this rank asking only for its own chunks. Returns {"trainer": the
-    state under `trainer_key`, "grad_state": {key: tensors laid out like the stores}}."""
+    reader and planner), this rank asking only for its own chunks. A parameter the checkpoint
+    counts in another memory order (`params`, see `params_of`: e.g. channels_last under DDP,
+    contiguous under FSDP2) is read whole and reordered. Returns {"trainer": the state under
+    `trainer_key`, "grad_state": {key: tensors laid out like the stores}}."""
     own = engine.ownership()
+    reordered = {name for name, p in own.params.items() if tuple(params[name]["dim_order"]) != p.dim_order}
+    after_load = []  # (whole tensor in the checkpoint's order, name, destination chunks)
     saved = metadata.state_dict_metadata
     model = engine.model.state_dict()
     state: dict = {k: v for k, v in ((f"model/{k}", v) for k, v in model.items() if k not in own.params)}
@@ -146,11 +150,15 @@ def load_state(engine: Engine, metadata: Metadata, trainer_key: str, load) -> di
             state[f"master/{name}"] = OwnedChunks(whole[name].numel(), [(0, whole[name])])
     fresh: dict[int, dict] = {}
 
-    def into(tensors_of, name):
-        ranges = [r for r in own.params[name].ranges if r.stop > r.start]
-        return OwnedChunks(_numel(own.params[name].shape),
-                           [(r.start, flat(tensors_of(r.store))[r.offset:r.offset + r.stop - r.start])
-                            for r in ranges])
+    def into(tensors_of, name, dtype=torch.float32):
+        param = own.params[name]
+        chunks = [(r.start, flat(tensors_of(r.store))[r.offset:r.offset + r.stop - r.start])
+                  for r in param.ranges if r.stop > r.start]
+        if name not in reordered:
+            return OwnedChunks(_numel(param.shape), chunks)
+        whole_saved = torch.empty(_numel(param.shape), dtype=dtype, device=own.stores[0].device)
+        after_load.append((whole_saved, name, chunks))
+        return OwnedChunks(whole_saved.numel(), [(0, whole_saved)])
 
     for name in own.params:
         if name not in whole:
@@ -165,17 +173,27 @@ def load_state(engine: Engine, metadata: Metadata, trainer_key: str, load) -> di
                     fresh[store] = own.fresh_state(store)
                 if key not in fresh[store]:
                     fresh[store][key] = torch.zeros_like(own.state_like(store), dtype=md.properties.dtype)
-            state[fqn] = into(lambda i: fresh[i][key], name)
+            state[fqn] = into(lambda i: fresh[i][key], name, md.properties.dtype)
         elif kind == "grad":
             key, name = rest.rsplit("/", 1)
             if key not in grad_state:
                 grad_state[key] = [torch.zeros_like(s, dtype=md.properties.dtype) for s in own.stores]
-            state[fqn] = into(lambda i: grad_state[key][i], name)
+            state[fqn] = into(lambda i: grad_state[key][i], name, md.properties.dtype)
     load(state)
     with torch.no_grad():
+        for saved_order, name, chunks in after_load:
+            mine = to_memory_flat(from_memory_flat(saved_order, own.params[name].shape,
+                                                   tuple(params[name]["dim_order"])), own.params[name].dim_order)
+            for start, destination in chunks:
+                destination.copy_(mine[start:start + destination.numel()])
         for name, weights in whole.items():
             param = own.params[name]
-            model[name].copy_(from_memory_flat(weights, param.shape, param.dim_order))
+            if name in reordered:
+                weights = from_memory_flat(weights, param.shape, tuple(params[name]["dim_order"]))
+                model[name].copy_(weights)
+                weights = to_memory_flat(weights, param.dim_order)
+            else:
+                model[name].copy_(from_memory_flat(weights, param.shape, param.dim_order))
             for r in param.ranges:
                 flat(own.stores[r.store])[r.offset:r.offset + r.stop - r.start] = weights[r.start:r.stop]
     for store, names in stores_of.items():  # counters: a store's are any of its parameters'

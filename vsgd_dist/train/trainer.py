@@ -90,6 +90,7 @@ class Trainer:
                 result = self._end_epoch() or result
         self.progress.close()
         self._save()  # at max_steps, at stop_at, or on a stop request: the resume point
+        self.checkpointer.wait()  # a background save is published before the run ends
         if status == "completed":
             result = self._validate()
             self._log_hparams(result)
@@ -155,7 +156,8 @@ class Trainer:
             engine=self.engine, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
             log_every=self.log_every, seed=tc.seed, gradient=self._gradient, read_steps=self._read_steps))
 
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=tc.keep_checkpoints)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=tc.keep_checkpoints,
+                                         background=tc.async_checkpoint)
         self.timer = StepTimer(self.device)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.window_losses, self.window_start = [], time.perf_counter()
