@@ -446,3 +446,136 @@ def stored_items(path: Path) -> dict:
         items[(index.fqn, index.offset[0] if len(index.offset) else 0)] = torch.load(io.BytesIO(data),
                                                                                     weights_only=True)
     return items
+
+
+# ------------------------------------------------------------------ background saves, ecosystem
+def background_saves(rank, world, folder):
+    """zero2 VSGD at 2 ranks saving in the background: step 3 (published by the next save's
+    wait), step 6 whose write fails (a full disk), step 9 (published by the final wait);
+    beside it the same states saved synchronously."""
+    import contextlib
+    import io
+
+    from vsgd_dist.train.checkpoint import Checkpointer
+    from vsgd_dist.train.engine_setup import engine_for
+
+    class FullDiskAtStep6(Checkpointer):
+        def _storage_writer(self, tmp):
+            writer = super()._storage_writer(tmp)
+            if tmp.name.startswith("step_00000006"):
+                def write_data(plan, planner):
+                    raise OSError(28, "No space left on device")
+                writer.write_data = write_data
+            return writer
+
+    cfg = make_cfg("zero2", "vsgd")
+    engine = engine_for(make_model(), cfg, LR)
+    background = FullDiskAtStep6(Path(folder) / "background", keep=3, background=True)
+    sync = Checkpointer(Path(folder) / "sync", keep=3)
+    seen, err = {}, io.StringIO()
+    train(engine, 0, 3, rank, world)
+    with contextlib.redirect_stderr(err):
+        for step in (3, 6, 9):
+            sync.save(engine, cfg, step=step)
+            background.save(engine, cfg, step=step)
+            seen[step] = background.latest()  # before this save's wait: the one before it
+            train(engine, step, 3, rank, world)  # training goes on while it writes
+        background.wait()
+    return {"seen": {s: p and p.name for s, p in seen.items()}, "err": err.getvalue(),
+            "published": sorted(p.name for p in (Path(folder) / "background").glob("step_*"))}
+
+
+@pytest.mark.timeout(300)
+def test_background_saves_publish_after_writing_and_keep_the_previous_on_failure(tmp_path):
+    result = run_distributed(background_saves, 2, str(tmp_path), timeout=240)[0]
+    # nothing is published before its write completed: each save sees the one before it
+    assert result["seen"] == {3: None, 6: "step_00000003", 9: "step_00000003"}, result
+    assert "background save of step 6 failed (No space left on device)" in result["err"], result["err"]
+    assert "step_00000003" in result["err"]  # the resume point it keeps
+    assert result["published"] == ["step_00000003", "step_00000009"], result
+    for step in (3, 9):  # what training went on from while it wrote: the saved state, bit for bit
+        assert_same_full_state(read_full(tmp_path / "sync" / f"step_{step:08d}"),
+                               read_full(tmp_path / "background" / f"step_{step:08d}"), step)
+
+
+@pytest.mark.timeout(300)
+def test_torch_consolidates_our_checkpoint_into_one_file(tmp_path):
+    """DCP's own tool reads the folder: every parameter's 1-D tensor, buffers and values."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    run_distributed(save_all, 2, str(tmp_path), ["zero2"], timeout=240)
+    folder = sorted((tmp_path / "zero2-vsgd").glob("step_*"))[-1]
+    dcp_to_torch_save(folder, tmp_path / "one.pt")
+    one = torch.load(tmp_path / "one.pt", weights_only=True)
+    full = read_full(folder)
+    for name, weight in full["model"].items():
+        assert torch.equal(one[f"master/{name}"], weight.reshape(-1)), name
+    for name, state in full["optimizer"].items():
+        assert torch.equal(one[f"optim/{name}/mug"], state["mug"].reshape(-1)), name
+        assert int(one[f"counters/{name}"]["step"]) == FIRST
+    assert one["trainer/rank1"]["step"] == FIRST
+
+
+def save_torchvision_weights(rank, world, folder, name):
+    from vsgd_dist.models import build_model
+    from vsgd_dist.train.checkpoint import Checkpointer
+    from vsgd_dist.train.engine_setup import engine_for
+
+    cfg = make_cfg("ddp", "adamw")
+    cfg.model.name = name
+    Checkpointer(Path(folder), keep=1).save(engine_for(build_model(name, 1000), cfg, LR), cfg, step=0)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("model,torchvision_model", [("resnet50", "resnet50"), ("vit_b16", "vit_b_16")])
+def test_convert_gives_a_state_dict_torchvision_loads_strictly(tmp_path, model, torchvision_model):
+    import torchvision
+
+    run_distributed(save_torchvision_weights, 1, str(tmp_path / "run"), model, timeout=500)
+    assert launch(["checkpoint", "convert", str(tmp_path / "run"), "--out", str(tmp_path / "c.pt")]) == 0
+    converted = torch.load(tmp_path / "c.pt", weights_only=True)["model"]
+    reference = getattr(torchvision.models, torchvision_model)()
+    reference.load_state_dict(converted, strict=True)
+    assert all(torch.equal(v, converted[k]) for k, v in reference.state_dict().items())
+
+
+def test_old_per_rank_checkpoints_are_refused_then_upgraded(tmp_path, capsys):
+    """A checkpoint of the earlier format (rank<r>.pt files written by 2 zero2 ranks, built
+    here from the state of a DCP one) is refused with the command that upgrades it, which
+    rewrites it in place, state unchanged."""
+    old = tmp_path / "checkpoints" / "step_00000003"
+    run_distributed(write_old_format, 2, str(old), timeout=240)
+    assert launch(["checkpoint", "inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{old} is in the old per-rank format; convert it with `python -m launch checkpoint upgrade {old}`" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert launch(["checkpoint", "upgrade", str(tmp_path)]) == 0
+    upgraded = read_full(old)
+    reference = read_full(sorted((tmp_path / "reference").glob("step_*"))[-1])
+    assert_same_full_state(reference, upgraded, "upgraded")
+    assert upgraded["trainer"][1]["step"] == FIRST and not (old / "rank0.pt").exists()
+
+
+def write_old_format(rank, world, folder):
+    """What the earlier per-rank format held for a zero2 run: each rank's ZeroOptimizer shard
+    and rank 0's model, in rank<r>.pt, with meta.json's checksums."""
+    from vsgd_dist.train.checkpoint import Checkpointer, file_digest
+    from vsgd_dist.train.engine_setup import engine_for
+
+    cfg = make_cfg("zero2", "vsgd")
+    model = make_model()
+    engine = engine_for(model, cfg, LR)
+    train(engine, 0, FIRST, rank, world)
+    Checkpointer(Path(folder).parents[1] / "reference", keep=1).save(engine, cfg, step=FIRST)
+    payload = {"optimizer": engine.optimizer.state_dict()}
+    if rank == 0:
+        payload["model"] = engine.model.state_dict()
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    torch.save({"engine": payload, "trainer": {"step": FIRST, "rank": rank}}, Path(folder) / f"rank{rank}.pt")
+    torch.distributed.barrier()
+    if rank == 0:
+        meta = {"step": FIRST, "world_size": 2, "engine": "zero", "zero_stage": 2, "optimizer": "vsgd",
+                "optimizer_class": "vsgd_dist.optim.vsgd.VSGD", "model": "resnet_tiny",
+                "state_bytes_per_rank": [0, 0],
+                "sha256": {f"rank{r}.pt": file_digest(Path(folder) / f"rank{r}.pt") for r in range(2)}}
+        (Path(folder) / "meta.json").write_text(json.dumps(meta))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import resource
@@ -405,15 +406,29 @@ def test_flipped_bytes_in_a_checkpoint_file_are_named(demo_run, tmp_path, action
     assert not (tmp_path / "c.pt").exists()
 
 
-def damage_data_pkl(file: Path) -> None:
-    """Cut the pickle inside a torch zip file in half (the tensors stay intact)."""
-    import zipfile
+def damage_data_pkl(folder: Path) -> Path:
+    """Cut the pickle of one value (rank 0's trainer state) inside its DCP file in half, the
+    file's length unchanged, and record the damaged file's checksum: only the unpickler can
+    judge it. Returns the file."""
+    import struct
 
-    with zipfile.ZipFile(file) as old, zipfile.ZipFile(file.with_suffix(".new"), "w") as new:
-        for info in old.infolist():
-            data = old.read(info.filename)
-            new.writestr(info, data[:len(data) // 2] if info.filename.endswith("data.pkl") else data)
-    file.with_suffix(".new").replace(file)
+    from vsgd_dist.compat.torch import MetadataUnpickler
+
+    with open(folder / ".metadata", "rb") as f:
+        where = next(w for i, w in MetadataUnpickler(f).load().storage_data.items() if i.fqn == "trainer/rank0")
+    file = folder / where.relative_path
+    data = bytearray(file.read_bytes())
+    blob = where.offset + data[where.offset:where.offset + where.length].index(b"data.pkl")
+    header = data.rfind(b"PK\x03\x04", where.offset, blob)  # the zip entry of torch.save's pickle
+    size, = struct.unpack("<I", data[header + 18:header + 22])
+    name_len, extra_len = struct.unpack("<HH", data[header + 26:header + 30])
+    start = header + 30 + name_len + extra_len
+    data[start + size // 2:start + size] = bytes(size - size // 2)
+    file.write_bytes(data)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["sha256"][file.name] = hashlib.sha256(data).hexdigest()
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return file
 
 
 @pytest.mark.timeout(400)
@@ -422,14 +437,11 @@ def damage_data_pkl(file: Path) -> None:
 def test_unreadable_meta_or_pickle_names_the_file(demo_run, tmp_path, part, action):
     run_dir = copy_run(demo_run, tmp_path)
     folder = checkpoint_of(run_dir)
-    meta = json.loads((folder / "meta.json").read_text())
     if part == "meta.json":
         (folder / "meta.json").write_text('{"step": 4, "world_')
         expected = f"{folder / 'meta.json'} is unreadable (JSONDecodeError"
-    else:  # as a checkpoint written before checksums, which only the unpickler can judge
-        damage_data_pkl(folder / "rank0.pt")
-        (folder / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))
-        expected = f"{folder / 'rank0.pt'} is not a readable checkpoint file"
+    else:  # damaged with its checksum updated, which only the unpickler can judge
+        expected = f"{damage_data_pkl(folder)} is not a readable checkpoint file"
     res = checkpoint_command(action, run_dir, tmp_path)
     err = last_line_error(res, 1) if action == "run" else one_line_error(res)
     assert expected in err, err

@@ -127,7 +127,9 @@ def check_state_split(engine, ref_opt, world):
     unsharded = sum(v.nbytes for s in ref_opt.state.values() for v in s.values() if v.dim() > 0)
     assert per_rank[:2] == per_rank[2:], per_rank
     assert sum(per_rank[:2]) >= unsharded
-    if engine.ownership().layout == "flat_shards":  # native ZeRO
+    from vsgd_dist.sharding import ZeroOptimizer
+
+    if isinstance(engine.optimizer, ZeroOptimizer):  # native ZeRO
         opt = engine.optimizer
         assert opt.world_size == 2 and opt.replicas == world // 2
         padding = sum(b.padded_numel - b.numel for b in opt.buckets)

@@ -44,10 +44,6 @@ class OwnedParam:
 
 @dataclass
 class Ownership:
-    layout: str
-    """How the engine keeps its pieces, which is also the checkpoint payload it writes:
-    "replicated" (whole tensors on every rank), "rows" (dim-0 shards, FSDP2), "flat_shards"
-    (per-bucket flat shards, native ZeRO), "partitions" (per-group flat partitions, DeepSpeed)."""
     params: dict[str, OwnedParam]
     """Every parameter by name, in param-group order."""
     stores: list[torch.Tensor]

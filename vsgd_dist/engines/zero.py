@@ -22,8 +22,6 @@ SHARDED_SAMPLER = Sampler(sample=ZeroOptimizer.sample, accumulate=ZeroOptimizer.
 
 
 class ZeroEngine(Engine):
-    layout = "flat_shards"
-
     def __init__(self, model, setup):
         super().__init__(model, setup)
         cfg = setup.engine
@@ -105,7 +103,7 @@ class ZeroEngine(Engine):
             opt.inner.state[opt.masters[i]] = {}
             return opt.inner.state[opt.masters[i]]
 
-        return Ownership(layout=self.layout, params=params, stores=list(opt.masters),
+        return Ownership(params=params, stores=list(opt.masters),
                          state_of=lambda i: opt.inner.state.get(opt.masters[i], {}), fresh_state=fresh_state,
                          groups=opt.param_groups,
                          names_per_group=self._names_per_group(), publish=opt.publish_masters,

@@ -122,14 +122,17 @@ class Checkpointer:
         if self.background:
             if self._group is None:
                 self._group = dist.new_group(backend="gloo")
-            future = dcp.async_save(_stage(state), storage_writer=FileSystemWriter(tmp),
+            future = dcp.async_save(_stage(state), storage_writer=self._storage_writer(tmp),
                                     planner=CheckpointableSavePlanner(), process_group=self._group,
                                     async_stager=_Staged())
             self._in_flight = (step, tmp, meta, future)
             return tmp.with_suffix("")
         with self._writing(step, tmp):
-            dcp.save(state, storage_writer=FileSystemWriter(tmp), planner=CheckpointableSavePlanner())
+            dcp.save(state, storage_writer=self._storage_writer(tmp), planner=CheckpointableSavePlanner())
         return self._publish(step, tmp, meta)
+
+    def _storage_writer(self, tmp: Path) -> FileSystemWriter:
+        return FileSystemWriter(tmp)
 
     def wait(self) -> None:
         """Wait for the background save in flight and publish it; a failed one is reported
