@@ -529,8 +529,9 @@ def save_torchvision_weights(rank, world, folder, name):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("model,torchvision_model", [("resnet50", "resnet50"), ("vit_b16", "vit_b_16")])
 def test_convert_gives_a_state_dict_torchvision_loads_strictly(tmp_path, model, torchvision_model):
-    import torchvision
+    from vsgd_dist.compat.torchvision import import_torchvision
 
+    torchvision = import_torchvision()
     run_distributed(save_torchvision_weights, 1, str(tmp_path / "run"), model, timeout=500)
     assert launch(["checkpoint", "convert", str(tmp_path / "run"), "--out", str(tmp_path / "c.pt")]) == 0
     converted = torch.load(tmp_path / "c.pt", weights_only=True)["model"]
