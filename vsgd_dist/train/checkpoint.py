@@ -145,7 +145,7 @@ class Checkpointer:
         try:
             with self._writing(step, tmp):
                 future.result()
-        except (CheckpointError, CheckpointException, Exception) as e:  # noqa: BLE001 - reported, training goes on
+        except (CheckpointException, Exception) as e:  # noqa: BLE001 - reported, training goes on
             error = e
         if reduce_host_values([error is not None], op="max")[0]:
             if error is not None:
