@@ -132,6 +132,7 @@ class Checkpointer:
         return self._publish(step, tmp, meta)
 
     def _storage_writer(self, tmp: Path) -> FileSystemWriter:
+        """DCP's writer into `tmp` (a method, so that a test can make a background write fail)."""
         return FileSystemWriter(tmp)
 
     def wait(self) -> None:
