@@ -410,7 +410,9 @@ def damage_data_pkl(folder: Path) -> Path:
     """Cut the pickle of one value (rank 0's trainer state) inside its DCP file in half, the
     file's length unchanged, and record the damaged file's checksum: only the unpickler can
     judge it. Returns the file."""
+    import io
     import struct
+    import zipfile
 
     from vsgd_dist.compat.torch import MetadataUnpickler
 
@@ -418,12 +420,12 @@ def damage_data_pkl(folder: Path) -> Path:
         where = next(w for i, w in MetadataUnpickler(f).load().storage_data.items() if i.fqn == "trainer/rank0")
     file = folder / where.relative_path
     data = bytearray(file.read_bytes())
-    blob = where.offset + data[where.offset:where.offset + where.length].index(b"data.pkl")
-    header = data.rfind(b"PK\x03\x04", where.offset, blob)  # the zip entry of torch.save's pickle
-    size, = struct.unpack("<I", data[header + 18:header + 22])
+    with zipfile.ZipFile(io.BytesIO(bytes(data[where.offset:where.offset + where.length]))) as blob:
+        entry = next(info for info in blob.infolist() if info.filename.endswith("data.pkl"))
+    header = where.offset + entry.header_offset  # its local header, then its bytes
     name_len, extra_len = struct.unpack("<HH", data[header + 26:header + 30])
     start = header + 30 + name_len + extra_len
-    data[start + size // 2:start + size] = bytes(size - size // 2)
+    data[start + entry.file_size // 2:start + entry.file_size] = bytes(entry.file_size - entry.file_size // 2)
     file.write_bytes(data)
     meta = json.loads((folder / "meta.json").read_text())
     meta["sha256"][file.name] = hashlib.sha256(data).hexdigest()

@@ -11,7 +11,10 @@
   `DefaultLoadPlanner.load_bytes` non-tensor values with `torch.load(weights_only=False)`.
   `SafeReader` unpickles the metadata with `MetadataUnpickler` (DCP's metadata dataclasses and
   the torch types they hold, nothing else) and checks each file (`verify`) before it is read;
-  `SafeLoadPlanner` loads values with weights_only=True. Both planners also resolve the objects
+  `SafeLoadPlanner` loads values with weights_only=True. `OSErrorWriter` raises the OSError
+  behind a failed write (torch.save's zip writer reports a full disk as RuntimeError "enforce
+  fail", and DCP sends each rank's failure to every rank pickled, without its context). Both
+  planners also resolve the objects
   of DCP's checkpointable protocol (`vsgd_dist.train.dcp_state.OwnedChunks`), which
   `find_state_dict_object` looks up only as tensors in 2.13.
 
@@ -31,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
 
 WRITTEN_FOR = {"torch": "2.13.0"}
@@ -134,6 +137,20 @@ class UnreadableFile(Exception):
     def __init__(self, file: Path, cause: Exception):
         super().__init__(f"{file}: {type(cause).__name__}: {cause}")
         self.file, self.cause = file, cause
+
+
+class OSErrorWriter(FileSystemWriter):
+    """A FileSystemWriter whose failed write raises the OSError behind it (disk full, file
+    size limit, quota), so that every rank can name it."""
+
+    def write_data(self, plan, planner):
+        try:
+            return super().write_data(plan, planner)
+        except RuntimeError as e:
+            cause = e.__context__ or e.__cause__
+            if isinstance(cause, OSError):
+                raise OSError(cause.errno, cause.strerror) from None
+            raise
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):

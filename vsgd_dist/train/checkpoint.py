@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from vsgd_dist.compat.torch import CheckpointableSavePlanner, SafeLoadPlanner, SafeReader, UnreadableFile
+from vsgd_dist.compat.torch import (CheckpointableSavePlanner, OSErrorWriter, SafeLoadPlanner, SafeReader,
+                                    UnreadableFile)
 from vsgd_dist.config import ConfigError, RunConfig, save_config
 from vsgd_dist.distributed import gather_host_objects, reduce_host_values
 from vsgd_dist.engines.ownership import state_bytes
@@ -131,9 +132,9 @@ class Checkpointer:
             dcp.save(state, storage_writer=self._storage_writer(tmp), planner=CheckpointableSavePlanner())
         return self._publish(step, tmp, meta)
 
-    def _storage_writer(self, tmp: Path) -> FileSystemWriter:
+    def _storage_writer(self, tmp: Path) -> OSErrorWriter:
         """DCP's writer into `tmp` (a method, so that a test can make a background write fail)."""
-        return FileSystemWriter(tmp)
+        return OSErrorWriter(tmp)
 
     def wait(self) -> None:
         """Wait for the background save in flight and publish it; a failed one is reported
@@ -319,12 +320,17 @@ def named_failures(path: Path):
         failure = failures[0]
         file = failure.file if isinstance(failure, UnreadableFile) else path / ".metadata"
         cause = failure.cause if isinstance(failure, UnreadableFile) else failure
-        if isinstance(cause, pickle.UnpicklingError):
-            raise CheckpointError(f"{file} holds objects other than tensors and containers "
-                                  f"({(str(cause).splitlines() or [''])[-1].strip()}); it was not written by this "
-                                  f"trainer or was tampered with: delete that checkpoint folder") from None
-        raise CheckpointError(f"{file} is not a readable checkpoint file ({type(cause).__name__}: "
-                              f"{(str(cause).splitlines() or [''])[0]}); delete that checkpoint folder") from None
+        foreign = [line.strip() for line in str(cause).splitlines()
+                   if "Unsupported global" in line or "not part of a checkpoint's metadata" in line]
+        if isinstance(cause, pickle.UnpicklingError) and foreign:  # else: a damaged pickle
+            raise CheckpointError(f"{file} holds objects other than tensors and containers ({foreign[0]}); it "
+                                  f"was not written by this trainer or was tampered with: delete that checkpoint "
+                                  f"folder") from None
+        lines = [line.strip() for line in str(cause).splitlines()
+                 if line.strip() and not line.startswith("Check the documentation")] or [""]
+        detail = lines[-1] if isinstance(cause, pickle.UnpicklingError) else lines[0]  # torch's advice comes first
+        raise CheckpointError(f"{file} is not a readable checkpoint file ({type(cause).__name__}: {detail}); "
+                              f"delete that checkpoint folder") from None
 
 
 def safe_reader(path: Path, meta: dict) -> SafeReader:
