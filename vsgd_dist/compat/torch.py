@@ -135,8 +135,11 @@ class UnreadableFile(Exception):
     """A checkpoint file whose data failed to load (`cause`: why)."""
 
     def __init__(self, file: Path, cause: Exception):
-        super().__init__(f"{file}: {type(cause).__name__}: {cause}")
+        super().__init__(file, cause)  # as args: DCP sends a rank's failure to the others pickled
         self.file, self.cause = file, cause
+
+    def __str__(self) -> str:
+        return f"{self.file}: {type(self.cause).__name__}: {self.cause}"
 
 
 class OSErrorWriter(FileSystemWriter):
