@@ -803,7 +803,9 @@ def parse_args(argv: list[str] | None = None) -> ChaosConfig:
         p.error(f"--faults {a.faults}: give at least 1")
     if os.geteuid() != 0:
         p.error("the local SLURM cluster, the tmpfs and the network cut need root; run as root")
-    steps = a.steps or a.ckpt_every * (a.faults + 4)
+    # Each fault waits for a checkpoint newer than the last fault's and may cost one (a corrupted
+    # checkpoint is deleted, so the run goes back one): two cadences per fault, four to spare.
+    steps = a.steps or a.ckpt_every * (2 * a.faults + 4)
     if a.workdir and a.workdir.exists() and any(a.workdir.iterdir()):
         p.error(f"--workdir {a.workdir} is not empty (the harness deletes its work folder): give a new folder")
     workdir = (a.workdir or Path(tempfile.mkdtemp(prefix="vsgd-chaos-", dir="/tmp"))).resolve()

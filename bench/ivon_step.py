@@ -16,6 +16,8 @@ rank's optimizer state bytes per parameter.
 
     python bench/ivon_step.py [--models resnet50 vit_b16] [--steps 5] [--threads N] [--world-size 2]
     python bench/ivon_step.py --host   # host work per fused step, kernels replaced by no-ops
+
+Each writes its tables to results/ (`--host`: results/ivon_step_host.md) under the machine it ran on.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_shapes import MODELS, numel  # noqa: E402
+from results import cpu_model  # noqa: E402
 
 from vsgd_dist import IVON, VSGD  # noqa: E402
 from vsgd_dist.config import RunConfig  # noqa: E402
@@ -173,10 +176,13 @@ def main() -> None:
     parser.add_argument("--host", action="store_true", help="only the host work per fused step (no-op kernels)")
     args = parser.parse_args()
     if args.host:
-        print("| model | tensors | optimizer | host CPU ms per step (no-op kernels) |\n|---|---|---|---|")
+        names = ("VSGD fused step", "IVON fused sample + step")
+        print(f"torch {torch.__version__}, {cpu_model()}, load average {os.getloadavg()[0]:.1f} at start; "
+              "host CPU ms per iteration, kernels replaced by no-ops (median of 300)\n")
+        print(f"| model | tensors | {' | '.join(names)} |\n|---|---|---|---|")
         for model in args.models:
-            for name, ms in host_work(model).items():
-                print(f"| {model} | {len(MODELS[model]())} | {name} | {ms:.3f} |")
+            ms = host_work(model)
+            print(f"| {model} | {len(MODELS[model]())} | {' | '.join(f'{ms[name]:.3f}' for name in names)} |")
         return
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.steps} steps\n")
@@ -214,4 +220,4 @@ def main() -> None:
 if __name__ == "__main__":
     from results import run_recorded
 
-    sys.exit(run_recorded("ivon_step", main))
+    sys.exit(run_recorded("ivon_step", main, variant="host" if "--host" in sys.argv else ""))

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model_shapes import MODELS, numel  # noqa: E402
 
 from vsgd_dist import VSGD, allocator  # noqa: E402
-from vsgd_dist.optim import cpp_kernel, vsgd as vsgd_module, vsgd_cpu  # noqa: E402
+from vsgd_dist.optim import cpp_kernel, vsgd_cpu, vsgd_update  # noqa: E402
 
 VARIANTS = {
     "VSGD per-tensor": (lambda p: VSGD(p, lr=1e-3, weight_decay=0.05, foreach=False), 36),
@@ -98,7 +98,7 @@ def one_off_build(device: str) -> str:
 def unfused_worker(model: str, shard_of: int, steps: int, whole: bool) -> dict[str, float]:
     """In a fresh process: median unfused VSGD step times (per-tensor, foreach, flat shard)."""
     if whole:
-        vsgd_module._CHUNK = 2**62
+        vsgd_update.CHUNK = 2**62
     shapes = MODELS[model]()
     results = time_round_robin(UNFUSED, shapes, steps, 1, "cpu")
     shard = time_round_robin(["VSGD per-tensor"], [(numel(shapes) // shard_of,)], steps, 1, "cpu")

@@ -55,10 +55,11 @@ def machine_header(bench_name: str) -> str:
     return "\n".join([f"# {bench_name}", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
-def write_results(bench_name: str, markdown: str, results_dir: Path = RESULTS_DIR) -> Path:
-    """Write results/<bench_name>.md: the machine header, then `markdown` (the script's tables)."""
+def write_results(bench_name: str, markdown: str, results_dir: Path = RESULTS_DIR, *, variant: str = "") -> Path:
+    """Write results/<bench_name>.md (results/<bench_name>_<variant>.md for a mode of the script
+    whose tables must not replace its main ones): the machine header, then `markdown`."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{bench_name}.md"
+    path = results_dir / f"{bench_name}{'_' + variant if variant else ''}.md"
     path.write_text(f"{machine_header(bench_name)}\n\n{markdown.strip()}\n")
     return path
 
@@ -75,7 +76,7 @@ class _Tee(io.TextIOBase):
         self.stream.flush()
 
 
-def run_recorded(bench_name: str, main: Callable[[], int | None], record: bool = True) -> int | None:
+def run_recorded(bench_name: str, main: Callable[[], int | None], record: bool = True, variant: str = "") -> int | None:
     """Run a bench script's `main`, printing as usual, and write what it printed with
     `write_results` unless it raised or printed nothing (e.g. no GPU visible)."""
     if not record:
@@ -87,5 +88,5 @@ def run_recorded(bench_name: str, main: Callable[[], int | None], record: bool =
     finally:
         sys.stdout = tee.stream
     if tee.captured.getvalue().strip():
-        print(f"\nresults: {write_results(bench_name, tee.captured.getvalue())}")
+        print(f"\nresults: {write_results(bench_name, tee.captured.getvalue(), variant=variant)}")
     return code

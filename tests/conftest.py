@@ -1,3 +1,4 @@
+import argparse
 import os
 from pathlib import Path
 
@@ -9,9 +10,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SLURM_MODULES = {"test_slurm.py", "test_multinode.py", "test_chaos.py"}
 """Tests that need a local SLURM cluster (the slurm lane)."""
-CI_MUST_RUN = {"test_slurm.py", "test_multinode.py"}
-"""SLURM tests that skip when no cluster can start here; CI must run them (test_chaos.py is
-opt-in: VSGD_CHAOS=1)."""
+CI_MUST_RUN = SLURM_MODULES
+"""SLURM tests that skip when no cluster can start here; CI must run them."""
+BESIDE_SLURM = {"test_recipes.py", "test_ivon_engines.py", "test_install.py"}
+"""Modules that run in the slurm lane's pytest process when scripts/test.sh runs everything
+(`--stream=slurm`): the SLURM tests leave the CPUs idle while they wait on the scheduler, and
+with these the two processes end at about the same time."""
 GPU_FOLDER = Path(__file__).resolve().parent / "gpu"
 LANES = {
     "unit": "one process, seconds: what a developer runs after each change (scripts/test.sh --fast)",
@@ -21,11 +25,22 @@ LANES = {
 }
 """Every test is in exactly one lane. A test is `unit` unless it says otherwise: `dist` with
 `@pytest.mark.dist` (or a module's `pytestmark`); the modules in SLURM_MODULES are `slurm`,
-those in tests/gpu `gpu`. `pytest --lane NAME` runs one lane; no --lane runs them all."""
+those in tests/gpu `gpu`. `pytest --lane=NAME` runs one lane (`--lane=unit,dist` several; no
+--lane runs them all). Write the `=`: with a space, pytest takes a name that is also a folder
+(`slurm`) for a path to collect and never reads this file's options."""
 
 
 def pytest_addoption(parser):
-    parser.addoption("--lane", choices=sorted(LANES), help="run only this lane of tests (see tests/conftest.py)")
+    parser.addoption("--stream", choices=("slurm", "others"),
+                     help="scripts/test.sh's two processes: the slurm lane and BESIDE_SLURM, or every other test")
+    parser.addoption("--lane", type=lanes, help="run only these lanes of tests, comma-separated (see tests/conftest.py)")
+
+
+def lanes(value: str) -> set[str]:
+    chosen = set(value.split(","))
+    if not chosen <= set(LANES):
+        raise argparse.ArgumentTypeError(f"unknown lane {sorted(chosen - set(LANES))}; lanes are {', '.join(LANES)}")
+    return chosen
 
 
 def pytest_configure(config):
@@ -45,13 +60,15 @@ def lane_of(item) -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark every test with its lane and, with --lane, deselect the others."""
-    wanted = config.getoption("--lane")
+    """Mark every test with its lane and, with --lane or --stream, deselect the others."""
+    wanted, stream = config.getoption("--lane"), config.getoption("--stream")
     kept, dropped = [], []
     for item in items:
         lane = lane_of(item)
         item.add_marker(lane)
-        (kept if wanted in (None, lane) else dropped).append(item)
+        in_slurm_stream = lane == "slurm" or item.path.name in BESIDE_SLURM
+        keep = (wanted is None or lane in wanted) and stream in (None, "slurm" if in_slurm_stream else "others")
+        (kept if keep else dropped).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept

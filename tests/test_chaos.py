@@ -27,12 +27,6 @@ PORTS = {"SLURM_LOCAL_CTLD_PORT": "6877", "SLURM_LOCAL_SLURMD_PORT": "6878", "SL
 """Its own ports (test_multinode.py's cluster may run at the same time in another lane)."""
 KINDS = "kill_rank,preempt,disk_full,corrupt_ckpt"
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("VSGD_CHAOS") != "1",
-    reason="opt-in (VSGD_CHAOS=1): about 6 minutes on its own 2-node cluster, and one run of the whole "
-           "suite saw it fail where a run of this file alone passed; it joins CI once that is understood")
-
-
 @pytest.mark.timeout(2400)
 def test_a_short_chaos_run_survives_every_fault_and_ends_bitwise_equal():
     if os.geteuid() != 0:

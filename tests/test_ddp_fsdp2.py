@@ -18,7 +18,7 @@ from vsgd_dist.config import RunConfig
 from vsgd_dist.engines.ownership import state_pieces
 from vsgd_dist.optim import named_param_groups
 from vsgd_dist.optim.diagnostics import reduced_diagnostics
-from vsgd_dist.optim.vsgd import DIAGNOSTICS, diagnostic_sums
+from vsgd_dist.optim.vsgd_diagnostics import DIAGNOSTICS, diagnostic_sums
 from vsgd_dist.spawn import run_distributed
 from vsgd_dist.train.engine_setup import engine_for, engine_setup
 

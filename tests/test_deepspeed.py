@@ -137,7 +137,7 @@ def norm_rel_diff(a, b) -> float:
 def against_unsharded(rank, world, stage, precision):
     from vsgd_dist.engines.deepspeed import DeepSpeedEngine
     from vsgd_dist.optim.diagnostics import reduced_diagnostics
-    from vsgd_dist.optim.vsgd import DIAGNOSTICS
+    from vsgd_dist.optim.vsgd_diagnostics import DIAGNOSTICS
 
     cfg = make_cfg(stage=stage, precision=precision)
     model = make_model()

@@ -1,12 +1,15 @@
 """Faults and bad input: every way a run can break ends in one clear line, and no
 run is lost, mixed up or orphaned. Real processes and real files throughout; the commands run
-as `python -m launch ...` subprocesses, as a user types them.
+as `python -m launch ...` subprocesses, as a user types them. Refusals that start no process
+also go through the launcher's main() in this process (`launch_here`), each family keeping a
+subprocess case so that the real entry point stays covered.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import os
 import resource
@@ -36,6 +39,22 @@ def launch(*args: str, cwd: Path = REPO, timeout: float = 300) -> subprocess.Com
                           text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+def launch_here(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """The same command through the launcher's main() in this process, as a CompletedProcess: for checks of
+    a refusal's message and exit code, which start no process (seconds saved per command)."""
+    from launch.__main__ import main
+
+    argv, out, err = list(map(str, args)), io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's errors, as `python -m launch` exits with them
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+    return subprocess.CompletedProcess(["launch", *argv], code, out.getvalue(), err.getvalue())
+
+
 def one_line_error(res: subprocess.CompletedProcess, code: int = 2) -> str:
     """The command failed with `code` and said so in exactly one line (no traceback)."""
     assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
@@ -52,8 +71,9 @@ HOSTILE = "x\ntouch /tmp/pwned #"
 @pytest.mark.parametrize("option", ["--account", "--qos", "--out"])
 def test_control_characters_in_options_are_refused(tmp_path, option):
     value = str(tmp_path / HOSTILE) if option == "--out" else HOSTILE
-    res = launch("submit", "recipes/demo.yaml", "--cluster", GPU_PROFILE, "--dry-run", "--out", tmp_path / "job",
-                 option, value)
+    via = launch if option == "--account" else launch_here
+    res = via("submit", "recipes/demo.yaml", "--cluster", GPU_PROFILE, "--dry-run", "--out", tmp_path / "job",
+              option, value)
     err = one_line_error(res)
     assert f"{option} " in err and "control character(s) '\\n'" in err, err
     assert "touch /tmp/pwned" not in res.stdout
@@ -97,8 +117,8 @@ def test_every_slurm_time_format():
 
 @pytest.mark.timeout(120)
 def test_submit_accepts_minutes_and_seconds(tmp_path):
-    res = launch("submit", "recipes/demo.yaml", "--cluster", GPU_PROFILE, "--dry-run", "--out", tmp_path / "job",
-                 "--time", "30:00")
+    res = launch_here("submit", "recipes/demo.yaml", "--cluster", GPU_PROFILE, "--dry-run", "--out",
+                      tmp_path / "job", "--time", "30:00")
     assert res.returncode == 0, res.stderr
     assert "#SBATCH --time=30" in res.stdout.splitlines()
 
@@ -108,8 +128,9 @@ def test_submit_accepts_minutes_and_seconds(tmp_path):
 @pytest.mark.parametrize("command,override", [("submit", "out"), ("submit", "train.out"), ("sweep", "out")])
 def test_out_override_on_slurm_points_to_the_out_flag(tmp_path, command, override):
     grid = ["seed=0,1"] if command == "sweep" else []
-    res = launch(command, "recipes/demo.yaml", "--cluster", GPU_PROFILE, "--dry-run", *grid,
-                 f"{override}={tmp_path / 'x'}")
+    via = launch if (command, override) == ("submit", "out") else launch_here
+    res = via(command, "recipes/demo.yaml", "--cluster", GPU_PROFILE, "--dry-run", *grid,
+              f"{override}={tmp_path / 'x'}")
     err = one_line_error(res)
     assert f"as --out {tmp_path / 'x'} " in err, err
     assert not res.stdout
@@ -176,14 +197,14 @@ def checkpoint_of(run_dir: Path) -> Path:
 def test_checkpoint_commands_on_a_rank_file_name_its_folder(demo_run, tmp_path, action):
     rank_file = checkpoint_of(demo_run) / "__0_0.distcp"
     extra = ["--out", tmp_path / "c.pt"] if action == "convert" else []
-    err = one_line_error(launch("checkpoint", action, rank_file, *extra))
+    err = one_line_error((launch if action == "inspect" else launch_here)("checkpoint", action, rank_file, *extra))
     assert f"{rank_file} is one rank's file; give its checkpoint folder {rank_file.parent}" in err, err
 
 
 @pytest.mark.timeout(400)
 def test_convert_to_a_folder_is_refused_and_leaves_nothing(demo_run, tmp_path):
     (tmp_path / "out").mkdir()
-    err = one_line_error(launch("checkpoint", "convert", demo_run, "--out", tmp_path / "out"))
+    err = one_line_error(launch_here("checkpoint", "convert", demo_run, "--out", tmp_path / "out"))
     assert f"--out {tmp_path / 'out'} is a folder; give a file to write" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not any((tmp_path / "out").iterdir())
 
@@ -231,24 +252,37 @@ def run_on_data(data_dir: Path, out: Path) -> subprocess.CompletedProcess:
     return run(out, f"data.data_dir={data_dir}", "train.global_batch=8", "max_steps=4", nproc=1)
 
 
+@pytest.fixture(scope="module")
+def written_data(tmp_path_factory) -> Path:
+    """`launch data write` of noise images (train and val, classes a and b), written once; copy it before
+    changing it."""
+    root = tmp_path_factory.mktemp("written")
+    res = write_data(image_folder(root / "src"), root / "data")
+    assert res.returncode == 0, res.stderr
+    return root / "data"
+
+
+# The corrupt train sample is checked by test_a_run_that_never_saved_does_not_claim_its_folder,
+# whose failing run is that same run.
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("split,sample", [("train", 5), ("val", 3)])
-def test_corrupt_jpeg_inside_a_beton_names_the_sample_and_file(tmp_path, split, sample):
-    assert write_data(image_folder(tmp_path / "src"), tmp_path / "data").returncode == 0
+@pytest.mark.parametrize("split,sample", [("val", 3)])
+def test_corrupt_jpeg_inside_a_beton_names_the_sample_and_file(written_data, tmp_path, split, sample):
+    shutil.copytree(written_data, tmp_path / "data")
     zero_jpeg(tmp_path / "data" / f"{split}.beton", sample)
     err = last_line_error(run_on_data(tmp_path / "data", tmp_path / "run"), 1)
     assert f"{tmp_path / 'data' / split}.beton: sample {sample} holds a corrupt JPEG" in err, err
 
 
 @pytest.mark.timeout(400)
-def test_overwrite_removes_the_splits_the_new_dataset_lacks(tmp_path):
-    assert write_data(image_folder(tmp_path / "both"), tmp_path / "data").returncode == 0
+def test_overwrite_removes_the_splits_the_new_dataset_lacks(written_data, tmp_path):
+    shutil.copytree(written_data, tmp_path / "data")  # as `data write` left it, with both splits
     old_val = (tmp_path / "data" / "val.beton").read_bytes()
     train_only = image_folder(tmp_path / "train_only", splits=("train",), classes=("a", "b", "c"))
     assert write_data(train_only, tmp_path / "data", "--overwrite").returncode == 0
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["manifest.json", "train.beton"]
     (tmp_path / "data" / "val.beton").write_bytes(old_val)  # a stray file is never read
-    err = one_line_error(run_on_data(tmp_path / "data", tmp_path / "run"))
+    err = one_line_error(launch_here("run", *DEMO, "--nproc", 1, f"out={tmp_path / 'run'}",  # as run_on_data
+                                     f"data.data_dir={tmp_path / 'data'}", "train.global_batch=8", "max_steps=4"))
     assert f"{tmp_path / 'data'}: the dataset has no val split (manifest.json lists train)" in err, err
 
 
@@ -305,14 +339,7 @@ def test_stop_signal_saves_on_every_rank_and_says_where(tmp_path, sig):
     assert gone(ranks, timeout=30)
 
 
-@pytest.mark.timeout(400)
-def test_ranks_die_with_a_killed_launcher(tmp_path):
-    proc = start_run(tmp_path / "run")
-    ranks = children(proc.pid)
-    assert len(ranks) >= 2
-    proc.kill()
-    proc.wait(timeout=30)
-    assert gone(ranks, timeout=30), [Path(f"/proc/{p}/cmdline").read_text() for p in ranks]
+# the ranks dying with a killed launcher: test_second_run_into_a_busy_folder_is_refused_naming_the_holder
 
 
 # --- items 8, 10, 11: refused in the launcher, in one line --------------------------------
@@ -329,8 +356,9 @@ def test_bad_values_fail_in_the_launcher(tmp_path, command, case):
     overrides, message = BAD_VALUES[case]
     slurm = {"run": [], "submit": ["--cluster", GPU_PROFILE, "--dry-run"],
              "sweep": ["--cluster", GPU_PROFILE, "--dry-run", "seed=0,1"]}[command]
-    err = one_line_error(launch(command, "recipes/demo.yaml", *overrides.split(), *slurm,
-                                *(["out=" + str(tmp_path / "run")] if command == "run" else [])))
+    via = launch if case == "tau1" else launch_here  # each command's real entry point once
+    err = one_line_error(via(command, "recipes/demo.yaml", *overrides.split(), *slurm,
+                             *(["out=" + str(tmp_path / "run")] if command == "run" else [])))
     assert message in err, err
     assert not (tmp_path / "run").exists()
 
@@ -361,7 +389,7 @@ def test_bad_recipe_files_are_one_line_errors(tmp_path, case):
         recipe.mkdir(parents=True)
     else:
         write(recipe, content)
-    err = one_line_error(launch("run", recipe))
+    err = one_line_error((launch if case == "empty" else launch_here)("run", recipe))
     assert message in err and "secret_token_xyz" not in err and "root:" not in err, err
 
 
@@ -387,9 +415,12 @@ def copy_run(demo_run: Path, tmp_path: Path) -> Path:
 
 
 def checkpoint_command(action: str, run_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """A resume runs the launcher; inspect runs `python -m launch`; convert, its main() in this process."""
     if action == "run":  # resume it
         return run(run_dir, "max_steps=6")
-    return launch("checkpoint", action, run_dir, *(["--out", tmp_path / "c.pt"] if action == "convert" else []))
+    if action == "inspect":
+        return launch("checkpoint", action, run_dir)
+    return launch_here("checkpoint", action, run_dir, "--out", tmp_path / "c.pt")
 
 
 @pytest.mark.timeout(400)
@@ -510,36 +541,67 @@ def test_resume_may_change_engine_steps_workers_and_cadence(demo_run, tmp_path):
                                           ("data.minival=100", "data.minival")])
 def test_resume_refuses_only_what_the_checkpoint_cannot_hold(demo_run, tmp_path, override, key):
     run_dir = copy_run(demo_run, tmp_path)
-    err = one_line_error(run(run_dir, "max_steps=4", override))
+    if override == "seed=3":  # the real entry point once
+        err = one_line_error(run(run_dir, "max_steps=4", override))
+    else:
+        err = one_line_error(launch_here("run", *DEMO, "--nproc", 2, f"out={run_dir}", "max_steps=4", override))
     assert f"holds a different run ({key}: " in err and f"resume it with {key}=" in err, err
 
 
 @pytest.mark.timeout(600)
-def test_a_run_that_never_saved_does_not_claim_its_folder(tmp_path):
-    assert write_data(image_folder(tmp_path / "src"), tmp_path / "bad").returncode == 0
-    zero_jpeg(tmp_path / "bad" / "train.beton", 0)
+def test_a_run_that_never_saved_does_not_claim_its_folder(written_data, tmp_path):
+    """Also the corrupt-JPEG check of a train sample (its failing run)."""
+    shutil.copytree(written_data, tmp_path / "bad")
+    zero_jpeg(tmp_path / "bad" / "train.beton", 5)
     run_dir = tmp_path / "run"
-    assert run_on_data(tmp_path / "bad", run_dir).returncode == 1  # fails at its first batch
+    err = last_line_error(run_on_data(tmp_path / "bad", run_dir), 1)  # fails in its first epoch, before a save
+    assert f"{tmp_path / 'bad' / 'train'}.beton: sample 5 holds a corrupt JPEG" in err, err
     assert (run_dir / "recipe.yaml").exists() and not (run_dir / "checkpoints").exists()
-    assert write_data(image_folder(tmp_path / "src2"), tmp_path / "good").returncode == 0
+    shutil.copytree(written_data, tmp_path / "good")
     res = run_on_data(tmp_path / "good", run_dir)  # the corrected command
     assert res.returncode == 0 and "completed at step 4" in res.stdout, res.stderr
     assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["data"]["data_dir"] == str(tmp_path / "good")
 
 
 # --- item 2: one run per folder -----------------------------------------------------------
-@pytest.mark.timeout(600)
+def published_steps(run_dir: Path) -> set[int]:
+    return {int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*")
+            if p.is_dir() and not p.name.endswith(".tmp")}
+
+
+@pytest.mark.timeout(900)
 def test_second_run_into_a_busy_folder_is_refused_naming_the_holder(tmp_path):
-    proc = start_run(tmp_path / "run")
+    """One run serves three items: a second run into its folder is refused (item 2); killed with SIGKILL right
+    after a checkpoint, the launcher takes its ranks with it (item 1) and every step logged up to that
+    checkpoint is on disk (see test_a_run_killed_right_after_a_checkpoint...); its stale lock then lets the
+    same folder run again (item 2)."""
+    out = tmp_path / "run"
+    proc = start_run(out, "train.ckpt_every=4")
     try:
-        err = one_line_error(run(tmp_path / "run", "max_steps=4"))
-        assert f"run folder {tmp_path / 'run'} is in use by pid {proc.pid} on {socket.gethostname()}" in err, err
+        ranks = children(proc.pid)
+        assert len(ranks) >= 2
+        err = one_line_error(run(out, "max_steps=4"))
+        assert f"run folder {out} is in use by pid {proc.pid} on {socket.gethostname()}" in err, err
+        before, deadline = max(published_steps(out), default=0), time.monotonic() + 240
+        while max(published_steps(out), default=0) == before:  # right after the next checkpoint
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint after the refusal"
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait(timeout=30)
+        assert gone(ranks, timeout=30), [Path(f"/proc/{p}/cmdline").read_text() for p in ranks]
     finally:
         proc.kill()
         proc.communicate()
-    res = run(tmp_path / "run", "max_steps=2")  # the killed holder's lock is stale
+    saved = max(published_steps(out))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert set(range(1, saved + 1)) <= {e.step for e in events.Scalars("train/loss")}, saved
+    res = run(out, f"max_steps={saved + 2}")  # the killed holder's lock is stale
     assert res.returncode == 0, res.stderr
-    assert not (tmp_path / "run" / "run.lock").exists()
+    assert f"completed at step {saved + 2}" in res.stdout, res.stdout
+    assert not (out / "run.lock").exists()
 
 
 def write_lock(run_dir: Path, age_s: float, **holder) -> None:
@@ -570,7 +632,8 @@ def test_lock_of_another_host_holds_until_its_heartbeat_stops(tmp_path, monkeypa
 @pytest.mark.parametrize("override,accepted", [("max_steps=6", True), ("seed=3", False)])
 def test_submit_into_a_job_folder_follows_the_resume_rule(demo_run, tmp_path, override, accepted):
     shutil.copytree(demo_run, tmp_path / "job" / "run")
-    res = launch("submit", *DEMO, "--cluster", GPU_PROFILE, "--dry-run", "--out", tmp_path / "job", override)
+    res = (launch_here if accepted else launch)("submit", *DEMO, "--cluster", GPU_PROFILE, "--dry-run", "--out",
+                                                tmp_path / "job", override)
     if accepted:
         assert res.returncode == 0 and "dry run: nothing submitted" in res.stdout, res.stderr
     else:
@@ -612,57 +675,8 @@ def test_a_killed_rank_is_blamed_not_its_survivor(tmp_path):
                                             "(killed or crashed)"), err
 
 
-# --- item 10: launch cancel of a job that is not running -----------------------------------
-@pytest.fixture(scope="module")
-def cluster(request):
-    """The one-node local cluster (stopped at the end if started here)."""
-    from slurm_helpers import Cluster
-
-    from launch.slurm import LOCAL_DIR
-
-    cluster = Cluster.start(LOCAL_DIR)
-    if cluster.started_here:
-        request.config.add_cleanup(cluster.stop)
-    return cluster
-
-
-@pytest.mark.timeout(300)
-def test_cancel_of_an_unknown_or_ended_job_says_so(cluster, tmp_path):
-    from slurm_helpers import job_id
-
-    err = one_line_error(cluster.launch("cancel", "99999"))
-    assert "job 99999 is not queued or running (SLURM knows no such job: check the id, or --cluster)" in err, err
-    (tmp_path / "toy.yaml").write_text("max_steps: 2\n")
-    res = cluster.launch("submit", tmp_path / "toy.yaml", "--cluster", "local", "--out", tmp_path / "job",
-                         "--trainer", "tests.toy_trainer:ToyTrainer")
-    assert res.returncode == 0, res.stderr
-    jid = job_id(tmp_path / "job")
-    assert cluster.wait_done(jid, timeout=120) == {jid: "COMPLETED"}
-    err = one_line_error(cluster.launch("cancel", tmp_path / "job"))
-    assert f"job {jid} is not queued or running (it ended COMPLETED); nothing cancelled" in err, err
-
-
-@pytest.mark.timeout(600)
-def test_a_run_killed_right_after_a_checkpoint_kept_every_step_logged_up_to_it(tmp_path):
-    """TensorBoard's writer flushes every two minutes; the steps logged before a checkpoint
-    must be on disk when it is published, since a run killed then resumes after them and
-    never logs them again (found by bench/chaos.py)."""
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "launch", "run", *DEMO, "--nproc", "2", f"out={out}",
-                             "max_steps=100000", "train.ckpt_every=4"], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        deadline = time.monotonic() + 480
-        while not (out / "checkpoints" / "step_00000004").is_dir():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint of step 4"
-            time.sleep(0.05)
-        for rank in ranks_of(proc):
-            os.kill(rank, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.communicate()
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
-    events.Reload()
-    assert {1, 2, 3, 4} <= {e.step for e in events.Scalars("train/loss")}
+# A run killed right after a checkpoint kept every step logged up to it: TensorBoard's writer
+# flushes every two minutes; the steps logged before a checkpoint must be on disk when it is
+# published, since a run killed then resumes after them and never logs them again (found by
+# bench/chaos.py). Checked by test_second_run_into_a_busy_folder_is_refused_naming_the_holder,
+# whose launcher, SIGKILLed right after a checkpoint, takes its ranks with it at once (PR_SET_PDEATHSIG).

@@ -21,7 +21,7 @@ import torch
 from launch.clusters import ClusterProfile
 from launch.slurm import REPO, build_spec
 from vsgd_dist import IVON, VSGD, allocator
-from vsgd_dist.optim import ivon_cpu, ivon_fused, noise, vsgd as vsgd_module, vsgd_cpu
+from vsgd_dist.optim import ivon_cpu, ivon_fused, noise, vsgd_cpu, vsgd_fused, vsgd_update
 from vsgd_dist.spawn import run_distributed
 
 BIG_SHAPES = [(300, 301), (200_001,), (5,), (64, 40, 7, 7)]  # all but one larger than a chunk
@@ -68,7 +68,7 @@ def assert_same(a, b, opt_a, opt_b, **tolerance):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_unfused_path_equals_whole_tensors_bitwise(monkeypatch, path, dtype):
     a, opt_a = run(path, dtype=dtype, channels_last=True)
-    monkeypatch.setattr(vsgd_module, "_CHUNK", 2**40)  # one piece per tensor: the plain ops
+    monkeypatch.setattr(vsgd_update, "CHUNK", 2**40)  # one piece per tensor: the plain ops
     b, opt_b = run(path, dtype=dtype, channels_last=True)
     assert_same(a, b, opt_a, opt_b)
 
@@ -77,7 +77,7 @@ def test_pieces_are_cache_sized_views():
     params = make_params([(300, 301)])
     params[0].grad = torch.zeros_like(params[0])
     state = [torch.zeros_like(params[0]) for _ in range(3)]
-    pieces = vsgd_module._pieces((params[0], params[0].grad, *state))
+    pieces = vsgd_update.pieces((params[0], params[0].grad, *state))
     assert [p[0].numel() for p in pieces] == [65536, 24764]
     assert all(p[0].data_ptr() == params[0].data_ptr() + 4 * 65536 * i for i, p in enumerate(pieces))
 
@@ -100,22 +100,23 @@ def test_cpu_kernel_handles_layouts_and_dtypes_like_contiguous_tensors():
 
 @pytest.fixture
 def fresh_fused_state(monkeypatch, tmp_path):
-    """No fallback recorded and no library loaded, with an empty kernel cache."""
-    monkeypatch.setattr(vsgd_module, "_fused_unavailable", "")
+    """No library loaded, with an empty kernel cache."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     vsgd_cpu.library.cache_clear()
     yield
     vsgd_cpu.library.cache_clear()
 
 
-def test_fallback_without_compiler_warns_once_and_steps_unfused(fresh_fused_state, monkeypatch, caplog):
+def test_fallback_without_compiler_warns_once_per_optimizer_and_steps_unfused(fresh_fused_state, monkeypatch,
+                                                                              caplog):
     monkeypatch.setenv("CXX", "false")  # a "compiler" that fails, as a missing one would
-    with caplog.at_level(logging.WARNING, logger="vsgd_dist.optim.vsgd"):
+    with caplog.at_level(logging.WARNING, logger="vsgd_dist.optim.vsgd_fused"):
         fused, opt_fused = run(dict(fused=True))
         run(dict(fused=True))
-    warnings = [r for r in caplog.records if r.name == "vsgd_dist.optim.vsgd"]
-    assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
+    warnings = [r for r in caplog.records if r.name == "vsgd_dist.optim.vsgd_fused"]
+    assert len(warnings) == 2 and all("\n" not in w.getMessage() for w in warnings)  # 6 steps each
     assert "fused kernel unavailable (RuntimeError: false failed" in warnings[0].getMessage()
+    assert opt_fused.fused_path.unavailable.startswith("RuntimeError: false failed")
     unfused, opt_unfused = run(dict(foreach=False))
     assert_same(fused, unfused, opt_fused, opt_unfused)
 
@@ -140,7 +141,7 @@ def use_triton_on_cpu(monkeypatch):
     def use() -> None:
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # read where @triton.jit runs: on (re)import
         interpreted = importlib.reload(vsgd_triton)
-        monkeypatch.setattr(vsgd_module, "_fused_kernel", lambda *dtypes: (interpreted.TritonTable, None))
+        monkeypatch.setattr(vsgd_fused, "_kernel", lambda *dtypes: (interpreted.TritonTable, None))
 
     yield use
     monkeypatch.undo()
@@ -156,7 +157,7 @@ def test_triton_kernel_matches_the_cpu_kernel_on_every_layout(use_triton_on_cpu)
     cpu, opt_cpu = run(dict(fused=True), **kwargs)
     use_triton_on_cpu()
     interpreted, opt_interpreted = run(dict(fused=True), **kwargs)
-    [kept] = opt_interpreted._kernel_tables.values()
+    [kept] = opt_interpreted.fused_path.tables.values()
     assert type(kept.table).__name__ == "TritonTable"
     assert_same(cpu, interpreted, opt_cpu, opt_interpreted, rtol=1e-6, atol=1e-9)
 
@@ -170,7 +171,7 @@ def test_kernel_table_is_kept_while_the_pointers_stay(request, kernel):
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
-    [kept] = opt._kernel_tables.values()
+    [kept] = opt.fused_path.tables.values()
     table = kept.table
     before = [p.detach().clone() for p in params]
     opt.step()
@@ -188,7 +189,7 @@ def test_kernel_table_is_kept_while_the_pointers_stay(request, kernel):
         for p in reference:
             p.grad = torch.full_like(p, value)
         ref_opt.step()
-        ref_opt._kernel_tables.clear()
+        ref_opt.fused_path.forget_tables()
     assert all(torch.equal(p, r) for p, r in zip(params, reference))
 
 
@@ -201,10 +202,38 @@ def test_staged_copies_rebuild_the_table_every_step():
     for _ in range(2):
         params[0].grad = torch.ones_like(params[0])
         opt.step()
-        [kept] = opt._kernel_tables.values()
+        [kept] = opt.fused_path.tables.values()
         assert kept.identity is None
         tables.append(kept.table)
     assert tables[0] is not tables[1]
+
+
+def test_planned_steps_give_the_bucketed_steps_bits_and_yield_to_changes():
+    """A group's plan (one launch per step) gives the numbers of the bucket-by-bucket fused step
+    (plans dropped after every step), through what must renew or end a plan: gradients in new
+    memory, the same gradients again (step 3), gradients of another layout (5: staged copies,
+    no plan), a reload (6), a missing gradient (8: the step counts part, no plan)."""
+    shapes = [(8, 3, 3, 3), (300, 7), (11,)]
+    planned, bucketed = make_params(shapes, channels_last=True), make_params(shapes, channels_last=True)
+    opt = VSGD(planned, lr=0.02, weight_decay=0.01, fused=True)
+    ref = VSGD(bucketed, lr=0.02, weight_decay=0.01, fused=True)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(9):
+        if step != 3:
+            for p, q in zip(planned, bucketed):
+                g = torch.randn(p.shape, generator=gen)
+                p.grad = g if step == 5 else torch.empty_like(p).copy_(g)
+                q.grad = p.grad.clone(memory_format=torch.preserve_format)
+        if step == 8:
+            planned[2].grad = bucketed[2].grad = None
+        if step == 6:
+            opt.load_state_dict(opt.state_dict())
+        opt.step()
+        ref.step()
+        ref.fused_path.plans.clear()
+        assert (0 in opt.fused_path.plans) == (step not in (5, 8)), step
+        assert_same(planned, bucketed, opt, ref)
+    assert [int(opt.state[p]["step"]) for p in planned] == [9, 9, 8]
 
 
 # ---------------------------------------------------------------------------- IVON fused

@@ -38,3 +38,6 @@ def test_run_recorded_writes_what_main_printed_unless_it_printed_nothing(tmp_pat
     assert not (tmp_path / "silent.md").exists()
     assert run_recorded("worker", lambda: print("{}"), record=False) is None
     assert not (tmp_path / "worker.md").exists()
+    assert run_recorded("toy", lambda: print("| b |\n|---|\n| 2 |"), variant="host") is None
+    assert (tmp_path / "toy_host.md").read_text().endswith("| b |\n|---|\n| 2 |\n")
+    assert (tmp_path / "toy.md").read_text().endswith("| a |\n|---|\n| 1 |\n")  # the main table stays

@@ -39,7 +39,7 @@ from vsgd_dist.distributed import NodeLayoutError, gather_host_objects, node_mes
 from vsgd_dist.engines.ownership import state_bytes, state_pieces
 from vsgd_dist.optim import named_param_groups
 from vsgd_dist.optim.diagnostics import reduced_diagnostics
-from vsgd_dist.optim.vsgd import DIAGNOSTICS, diagnostic_sums
+from vsgd_dist.optim.vsgd_diagnostics import DIAGNOSTICS, diagnostic_sums
 from vsgd_dist.spawn import run_distributed
 from vsgd_dist.train.checkpoint import Checkpointer, read_full
 from vsgd_dist.train.engine_setup import engine_for, engine_setup

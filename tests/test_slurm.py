@@ -55,6 +55,28 @@ def completed_run(cluster, tmp_path_factory):
 
 
 # --- the real cluster ---------------------------------------------------------------------
+def one_line_error(res: subprocess.CompletedProcess, code: int = 2) -> str:
+    """The command failed with `code` and said so in exactly one line (no traceback)."""
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    err = res.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.timeout(300)
+def test_cancel_of_an_unknown_or_ended_job_says_so(cluster, tmp_path):
+    err = one_line_error(cluster.launch("cancel", "99999"))
+    assert "job 99999 is not queued or running (SLURM knows no such job: check the id, or --cluster)" in err, err
+    (tmp_path / "toy.yaml").write_text("max_steps: 2\n")
+    res = cluster.launch("submit", tmp_path / "toy.yaml", "--cluster", "local", "--out", tmp_path / "job",
+                         "--trainer", "tests.toy_trainer:ToyTrainer")
+    assert res.returncode == 0, res.stderr
+    jid = job_id(tmp_path / "job")
+    assert cluster.wait_done(jid, timeout=120) == {jid: "COMPLETED"}
+    err = one_line_error(cluster.launch("cancel", tmp_path / "job"))
+    assert f"job {jid} is not queued or running (it ended COMPLETED); nothing cancelled" in err, err
+
+
 @pytest.mark.timeout(120)
 def test_submit_runs_two_ranks_to_completion(cluster, completed_run):
     out, stdout, final = completed_run

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vsgd_dist import VSGD
-from vsgd_dist.optim.vsgd import diagnostic_fields, diagnostic_means, diagnostic_sums
+from vsgd_dist.optim.vsgd_diagnostics import diagnostic_fields, diagnostic_means, diagnostic_sums
 from vsgd_dist.spawn import run_distributed
 
 PATHS = {"per_tensor": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}

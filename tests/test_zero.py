@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from vsgd_dist.optim.diagnostics import reduced_diagnostics
-from vsgd_dist.optim.vsgd import DIAGNOSTICS, VSGD, diagnostic_sums
+from vsgd_dist.optim.vsgd import VSGD
+from vsgd_dist.optim.vsgd_diagnostics import DIAGNOSTICS, diagnostic_sums
 from vsgd_dist.sharding import ZeroOptimizer, consolidate, shard_from_full
 from full_batch import train_side_by_side
 

@@ -277,7 +277,8 @@ class IVON(Optimizer):
                     _sample_eager(*views, _flat(z[index], local_tensor(p)).to(eps.dtype), group)
                 else:
                     counter = (key, int(state["step"]) + 1, mc_sample)
-                    _sample_eager(*views, _standard_normal_runs(counter, runs[p], eps.device, eps.dtype), group)
+                    z_runs = _standard_normal_runs(counter, runs[p], eps.device, eps.dtype, self.fused_path)
+                    _sample_eager(*views, z_runs, group)
                 index += 1
         self._drawn += 1
         self._pending = True
@@ -474,13 +475,16 @@ def _dtensor_local_start(param: torch.Tensor) -> int:
 
 
 # ============================================================================== sampling
-def _standard_normal_runs(counter: tuple, runs: list[tuple[int, int]], device, dtype) -> torch.Tensor:
+def _standard_normal_runs(counter: tuple, runs: list[tuple[int, int]], device, dtype,
+                          fused: FusedIVON) -> torch.Tensor:
     """z for the elements of `runs`, in one pass over all of them (a ZeRO shard has a run
     per parameter piece): the numbers of one `standard_normal` per run, concatenated."""
-    if len(runs) == 1:
-        return standard_normal(*counter, *runs[0], device=device, dtype=dtype)
     for start, n in runs:
         check_counter(*counter, start, n)
+    if torch.device(device).type == "cpu" and (z := fused.cpu_normals(counter, runs)) is not None:
+        return z.to(dtype)
+    if len(runs) == 1:
+        return standard_normal(*counter, *runs[0], device=device, dtype=dtype)
     index = torch.cat([torch.arange(start, start + n, dtype=torch.int64, device=device) for start, n in runs])
     return normal_from_index(index, *counter).to(dtype)
 

@@ -56,7 +56,7 @@ class _Kept:
 class GroupPlan:
     """Everything a fused group's sample and one-sample step read, kept while it holds, so that
     such a step checks addresses and launches (host work per step on ResNet-50's 161 tensors:
-    see bench/optim_step.py --host). Valid while the parameters' addresses hold and every
+    see bench/ivon_step.py --host). Valid while the parameters' addresses hold and every
     parameter has the same step count `t`; the optimizer drops it on any other change (a step
     through the general path, load_state_dict, new offsets or groups)."""
 
@@ -177,6 +177,21 @@ class FusedIVON:
             kept = self.step_tables[key] = _Kept(identity, table)
         kept.table.launch(scalars, single, price)
         return True
+
+    def cpu_normals(self, counter: tuple, runs: list[tuple[int, int]]) -> torch.Tensor | None:
+        """The float32 z of `runs` from the C++ generator (the numbers `noise.standard_normal`
+        gives, without its many torch-ops passes), for unfused samples on CPU; None where the
+        kernels cannot be built here (recorded and warned once, like a table's build)."""
+        if self.unavailable:
+            return None
+        try:
+            from vsgd_dist.optim import ivon_cpu
+
+            return torch.cat([ivon_cpu.normals(*counter, start, n) for start, n in runs])
+        except Exception as e:  # noqa: BLE001 - any build failure: the torch-ops generator gives the same numbers
+            self.unavailable = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            logger.warning("IVON: fused kernel unavailable (%s); using the unfused path", self.unavailable)
+            return None
 
     def _make(self, which: int, like: torch.Tensor, *args):
         """A new table of kernel `which` (0: sample, 1: step) for tensors like `like`; False

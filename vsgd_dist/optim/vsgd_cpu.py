@@ -4,7 +4,7 @@ The kernel needs no torch headers (pointers and lengths), so `cpp_kernel` builds
 a second, once per machine. Work is cut into 64K-element items that threads take as they
 finish. A `CpuTable` holds the pointer and length arrays of one list: preparing them per
 tensor in Python took ~2 ms of a 26 ms ResNet-50 step, so the optimizer keeps a table while
-the tensors' addresses hold (`vsgd._KeptTable`), as it keeps the Triton path's device table.
+the tensors' addresses hold (`vsgd_fused.KeptTable`), as it keeps the Triton path's device table.
 """
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ def _vsgd_blocks(table, block_tensor, block_start, lr, decay, inv_a, bg0, bh0, r
 
 class TritonTable:
     """The device-side pointer table and block map of one list of tensors (param, grad, mug,
-    bg, bhg per tensor, of one dense layout; the state fp32); `vsgd._KeptTable` keeps it."""
+    bg, bhg per tensor, of one dense layout; the state fp32); `vsgd_fused.KeptTable` keeps it."""
 
     def __init__(self, operands: list[tuple[torch.Tensor, ...]]):
         self.block = BLOCK
