@@ -37,7 +37,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from launch.__main__ import main as launch
 from vsgd_dist.config import RunConfig
 from vsgd_dist.spawn import RankFailed, run_distributed
-from vsgd_dist.train.checkpoint import CheckpointError, file_digest, read_full, read_meta
+from vsgd_dist.train.checkpoint import CheckpointError, file_digest, latest_checkpoint, read_full, read_meta
 
 pytestmark = pytest.mark.dist
 
@@ -154,6 +154,30 @@ def mismatches(rank, world, source):
     return errors
 
 
+def elements_read(rank, world, source, engine_name):
+    """Load a VSGD checkpoint into a fresh engine (`ENGINES` name), recording the elements of every
+    global tensor this rank's reads cover: {name: elements}."""
+    from torch.distributed.checkpoint.planner import LoadItemType
+
+    from vsgd_dist.compat.torch import SafeReader
+    from vsgd_dist.train.checkpoint import Checkpointer
+    from vsgd_dist.train.engine_setup import engine_for
+
+    read: dict[str, int] = {}
+    plain_read_data = SafeReader.read_data
+
+    def counting_read_data(self, plan, planner):
+        for item in plan.items:
+            if item.type == LoadItemType.TENSOR:
+                read[item.dest_index.fqn] = read.get(item.dest_index.fqn, 0) + int(np.prod(item.lengths))
+        return plain_read_data(self, plan, planner)
+
+    SafeReader.read_data = counting_read_data
+    cfg = make_cfg(engine_name, "vsgd")
+    assert Checkpointer(Path(source), keep=1).load_latest(engine_for(make_model(seed=1), cfg, LR), cfg)["step"] == FIRST
+    return read
+
+
 def die_while_writing(file: Path) -> dict:
     """Rank 1 kills itself (SIGKILL) while DCP is writing its file; the ballast returned, saved
     with its trainer state, makes the write take a while."""
@@ -265,6 +289,26 @@ def test_any_engine_loads_any_engines_checkpoint(saved, loaded, written_by, load
     assert diff <= ATOL, diff
     assert_same_full_state(full_of(saved[2][0] / f"{written_by}-{opt}"), full_of(Path(again)), (written_by, opt))
     assert read_meta(sorted(Path(again).glob("step_*"))[-1])["engine"] == ENGINES[loaded_into][0]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("loaded_into", ["zero2", "fsdp2"])
+def test_a_reshard_reads_each_element_once_across_the_ranks(saved, loaded_into):
+    """2 -> 3 ranks: each rank reads only the chunks it will own, so every element of every
+    sharded tensor is read by exactly one rank and no rank reads the whole checkpoint, as a
+    64-rank resume needs. Sharded: the optimizer state on both engines, and the weights on
+    FSDP2 (native ZeRO's model replica needs every weight on every rank)."""
+    folder = saved[2][0] / "zero2-vsgd"
+    per_rank = run_distributed(elements_read, 3, str(folder), loaded_into)
+    sizes = {name: int(np.prod(m.size)) for name, m in metadata_of(latest_checkpoint(folder)).items()
+             if hasattr(m, "size")}
+    sharded = [name for name in sizes if name.startswith(("optim/",) + (("master/",) if loaded_into == "fsdp2" else ()))]
+    assert len(sharded) == sum(name.startswith("master/") for name in sizes) * (4 if loaded_into == "fsdp2" else 3)
+    for name in sharded:
+        assert sum(rank.get(name, 0) for rank in per_rank) == sizes[name], name
+    total = sum(sizes[name] for name in sharded)
+    for rank in per_rank:
+        assert sum(rank.get(name, 0) for name in sharded) < 0.5 * total, rank
 
 
 @pytest.mark.timeout(300)
@@ -425,6 +469,14 @@ def test_inspect_and_convert_a_real_run(trainer_runs, tmp_path, capsys):
             assert int(converted["optimizer"][name]["step"]) == 12
             covered[name] += last - first
     assert covered == {n: converted["model"][n].numel() for n in covered}
+
+
+def metadata_of(path: Path) -> dict:
+    """{fqn: DCP's storage metadata} of a checkpoint folder."""
+    from vsgd_dist.compat.torch import MetadataUnpickler
+
+    with open(path / ".metadata", "rb") as f:
+        return MetadataUnpickler(f).load().state_dict_metadata
 
 
 def stored_items(path: Path) -> dict:
