@@ -180,8 +180,13 @@ class LocalCluster:
         return json.loads((job_dir / "job.json").read_text())["job_id"]
 
     def queued_state(self, jid: str) -> str | None:
-        """The job's squeue state, or None once SLURM holds nothing of it."""
-        out = self.slurm("squeue", "-h", "-j", jid, "-o", "%T", check=False).split()
+        """The job's squeue state, or None once SLURM holds nothing of it. A squeue that
+        fails otherwise (slurmctld busy while it requeues) says "UNKNOWN", not gone."""
+        res = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T"], env=self.env, capture_output=True, text=True,
+                             timeout=60)
+        if res.returncode and "Invalid job id" not in res.stderr:
+            return "UNKNOWN"
+        out = res.stdout.split()
         return out[0] if out else None
 
     def runs(self, jid: str) -> list[str]:
@@ -517,6 +522,8 @@ class Chaos:
         final = self.cluster.final_state(self.jid)
         if final == "COMPLETED":
             return "COMPLETED"
+        if final in QUEUED:  # sacct still sees a run of it (a requeue starting): no second job
+            return "WAITING"
         self.operator(final)
         self.submit()
         return "WAITING"

@@ -90,6 +90,20 @@ def test_same_seed_gives_the_same_loss_curve(runs, tmp_path):
 
 @pytest.mark.dist
 @pytest.mark.timeout(300)
+def test_the_same_command_after_the_run_completed_trains_and_logs_nothing(runs, tmp_path, capfd):
+    """A job resubmitted after it completed (a user, or SLURM requeueing a finished job) finds
+    the final checkpoint and the recorded final validation: it logs no step a second time."""
+    again = tmp_path / "vsgd"
+    shutil.copytree(runs / "vsgd", again)
+    events = sorted(p.name for p in (again / "tb").iterdir())
+    assert run(again, "optimizer=vsgd", "lr=0.01", "max_steps=150", "train.diag_every=50") == 0
+    assert f"the run completed at step 150 already ({again / 'finished.json'})" in capfd.readouterr().err
+    assert sorted(p.name for p in (again / "tb").iterdir()) == events
+    assert [step for step, _ in scalars(again, "val/top1")[1]].count(150) == 1
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(300)
 def test_report_renders_table_and_plots_from_real_runs(runs, tmp_path):
     assert launch(["compare", str(runs / "vsgd"), str(runs / "adamw"), "--out", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
