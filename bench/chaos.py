@@ -180,8 +180,13 @@ class LocalCluster:
         return json.loads((job_dir / "job.json").read_text())["job_id"]
 
     def queued_state(self, jid: str) -> str | None:
-        """The job's squeue state, or None once SLURM holds nothing of it."""
-        out = self.slurm("squeue", "-h", "-j", jid, "-o", "%T", check=False).split()
+        """The job's squeue state, or None once SLURM holds nothing of it. A squeue that
+        fails otherwise (slurmctld busy while it requeues) says "UNKNOWN", not gone."""
+        res = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%T"], env=self.env, capture_output=True, text=True,
+                             timeout=60)
+        if res.returncode and "Invalid job id" not in res.stderr:
+            return "UNKNOWN"
+        out = res.stdout.split()
         return out[0] if out else None
 
     def runs(self, jid: str) -> list[str]:
@@ -292,22 +297,19 @@ def same_tree(a, b) -> bool:
 
 
 def same_checkpoint(a: Path, b: Path) -> list[str]:
-    """Rank files of two checkpoint folders that differ (weights, optimizer shards, schedule,
-    data position, torch RNG): [] when equal bit for bit."""
-    import torch
+    """Parts of two checkpoints that differ (weights, optimizer state, schedule, data position,
+    torch RNG): [] when equal bit for bit."""
+    from vsgd_dist.train.checkpoint import read_full
 
-    names = sorted(p.name for p in a.glob("rank*.pt"))
-    if not names or names != sorted(p.name for p in b.glob("rank*.pt")):
-        return [f"{a} and {b} hold different rank files"]
-    differ = []
-    for name in names:
-        x, y = (torch.load(folder / name, weights_only=True) for folder in (a, b))
-        for payload in (x, y):
+    x, y = read_full(a), read_full(b)
+    for full in (x, y):
+        full.pop("meta")
+        for trainer in full["trainer"].values():
             for rng in UNSEEDED_RNGS:
-                payload.get("trainer", {}).get("rng", {}).pop(rng, None)
-        if not same_tree(x, y):
-            differ.append(name)
-    return differ
+                trainer.get("rng", {}).pop(rng, None)
+    if x["trainer"].keys() != y["trainer"].keys():
+        return [f"{a} and {b} were written by different world sizes"]
+    return [part for part in x if not same_tree(x[part], y[part])]
 
 
 def tensorboard_steps(run_dir: Path) -> dict[str, list[int]]:
@@ -320,16 +322,16 @@ def tensorboard_steps(run_dir: Path) -> dict[str, list[int]]:
 
 
 def bad_checksums(run_dir: Path, corrupted: set[Path]) -> list[str]:
-    from vsgd_dist.train.checkpoint import CheckpointError, open_checkpoint, verify_file
+    from vsgd_dist.train.checkpoint import CheckpointError, read_meta, verify_file
 
     bad = []
     for folder in checkpoints(run_dir):
         if folder in corrupted:
             continue
         try:
-            meta, _ = open_checkpoint(folder)
-            for rank in range(meta["world_size"]):
-                verify_file(folder, meta, rank)
+            meta = read_meta(folder)
+            for name in meta["sha256"]:
+                verify_file(folder, meta, name)
         except CheckpointError as e:
             bad.append(str(e))
     return bad
@@ -520,6 +522,8 @@ class Chaos:
         final = self.cluster.final_state(self.jid)
         if final == "COMPLETED":
             return "COMPLETED"
+        if final in QUEUED:  # sacct still sees a run of it (a requeue starting): no second job
+            return "WAITING"
         self.operator(final)
         self.submit()
         return "WAITING"
@@ -527,7 +531,7 @@ class Chaos:
     def operator(self, final: str) -> None:
         """What a user does with a job that ended {final}: read its one-line error and follow it."""
         logs = logs_of(self.job_dir, self.jid)
-        damaged = [Path(m) for m in re.findall(r"(\S+/step_\d{8})/rank\d+\.pt does not match the checksum", logs)]
+        damaged = [Path(m) for m in re.findall(r"(\S+/step_\d{8})/__\d+_\d+\.distcp does not match the checksum", logs)]
         damaged = [folder for folder in damaged if folder.exists()]  # a requeued job's log holds earlier runs
         if damaged:
             folder = damaged[-1]
@@ -633,7 +637,7 @@ class Chaos:
                 fault.recovered_s = fault.at_s
                 return
             folder = found[-1]
-            files = sorted(folder.glob("rank*.pt"))
+            files = sorted(folder.glob("__*.distcp"))
             file = files[fault.pick % len(files)]
             offset = fault.pick % file.stat().st_size
             with open(file, "r+b") as f:

@@ -1,19 +1,22 @@
-"""Checkpoint save/load time and size per rank: ViT-B/16 (86.6M parameters), VSGD on the native
-ZeRO-2 engine, written at 2 and 4 ranks, loaded at the same world size (each rank reads its
-own shard) and resharded 4 -> 2 (each rank consolidates the full form, keeps its part), plus
-the offline single-process `checkpoint convert` of the 4-rank checkpoint.
+"""Checkpoint cost for ResNet-50 and ViT-B/16 state (VSGD: fp32 weights and mug, bg, bhg, on
+the native ZeRO-2 engine) at 2 ranks: the training stall per save, synchronous and in the
+background (`train.async_checkpoint`: the time until `save()` returns and training goes on),
+the resume time at the same layout and resharded 2 -> 3, and the peak resident memory (RSS) of
+a rank during that reshard.
 
-    OMP_NUM_THREADS=1 python bench/checkpoint_io.py [--folder /tmp/ckpt_bench]
+    OMP_NUM_THREADS=1 python bench/checkpoint_io.py [--folder /tmp/ckpt_bench] [--models resnet50,vit_b16]
 
 Times are wall seconds, slowest rank; the file system is the local disk and the page cache is
-warm for loads right after a save (as when a job restarts on the same node). The machine is
-shared: repeat a run before trusting a difference under ~30%.
+warm for loads right after a save (as when a job restarts on the same node). A code base
+without background saves shows "-" there. The machine is shared: repeat a run before trusting
+a difference under ~30%.
 """
 from __future__ import annotations
 
 import argparse
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,24 +26,40 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from vsgd_dist.config import RunConfig  # noqa: E402
-from vsgd_dist.engines.ownership import state_bytes  # noqa: E402
 from vsgd_dist.spawn import run_distributed  # noqa: E402
 
 
-def make_cfg() -> RunConfig:
+def make_cfg(model: str) -> RunConfig:
     cfg = RunConfig()
-    cfg.model.name, cfg.optim.name, cfg.engine.name, cfg.engine.zero_stage = "vit_b16", "vsgd", "zero", 2
+    cfg.model.name, cfg.optim.name, cfg.engine.name, cfg.engine.zero_stage = model, "vsgd", "zero", 2
     return cfg
 
 
-def build():
-    from vsgd_dist.train.engine_setup import engine_for
+def build(model_name: str):
+    """The model and engine after one step (hand-made gradients), so that VSGD's state exists."""
     from vsgd_dist.models import build_model
+    from vsgd_dist.train.engine_setup import engine_for
 
     torch.manual_seed(0)
-    cfg = make_cfg()
-    model = build_model("vit_b16", 1000)
-    return model, engine_for(model, cfg, 1e-3), cfg
+    cfg = make_cfg(model_name)
+    model = build_model(model_name, 1000)
+    engine = engine_for(model, cfg, 1e-3)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e-3)
+    engine.step()
+    return model, engine, cfg
+
+
+def checkpointer(folder: Path, background: bool):
+    """A Checkpointer, or None when this code base has no background saves."""
+    from vsgd_dist.train.checkpoint import Checkpointer
+
+    if not background:
+        return Checkpointer(folder, keep=1)
+    try:
+        return Checkpointer(folder, keep=1, background=True)
+    except TypeError:
+        return None
 
 
 def timed(fn) -> float:
@@ -51,66 +70,66 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def save_and_load(rank, world, folder):
-    """One step (hand-made gradients) so that VSGD's state exists, save, load back."""
-    from vsgd_dist.train.checkpoint import Checkpointer
-
-    model, engine, cfg = build()
-    for p in model.parameters():
-        p.grad = torch.full_like(p, 1e-3)
-    engine.step()
-    ckpt = Checkpointer(Path(folder), keep=1)
-    save_s = timed(lambda: ckpt.save(engine, cfg, step=1))
-    load_s = timed(lambda: ckpt.load_latest(engine, cfg))
-    file = ckpt.latest() / f"rank{rank}.pt"
-    return {"save_s": save_s, "load_s": load_s, "file_mib": file.stat().st_size / 2**20,
-            "state_mib": state_bytes(engine.ownership()) / 2**20, "params": sum(p.numel() for p in model.parameters())}
+def save_and_resume(rank, world, folder, model_name):
+    _, engine, cfg = build(model_name)
+    sync = checkpointer(Path(folder) / "sync", background=False)
+    out = {"params": sum(p.numel() for p in engine.model.parameters()),
+           "sync_stall_s": timed(lambda: sync.save(engine, cfg, step=1))}
+    background = checkpointer(Path(folder) / "background", background=True)
+    if background is not None:
+        out["async_stall_s"] = timed(lambda: background.save(engine, cfg, step=1))
+        out["async_write_s"] = timed(background.wait)
+    out["resume_s"] = timed(lambda: sync.load_latest(engine, cfg))
+    return out
 
 
-def reshard(rank, world, folder):
-    from vsgd_dist.train.checkpoint import Checkpointer
+def reshard(rank, world, folder, model_name):
+    _, engine, cfg = build(model_name)
+    peak = [rss_mib()]
+    done = threading.Event()
 
-    _, engine, cfg = build()
-    return {"load_s": timed(lambda: Checkpointer(Path(folder), keep=1).load_latest(engine, cfg)),
-            "state_mib": state_bytes(engine.ownership()) / 2**20}
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mib())
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    seconds = timed(lambda: checkpointer(Path(folder) / "sync", background=False).load_latest(engine, cfg))
+    done.set()
+    sampler.join()
+    return {"resume_s": seconds, "peak_rss_mib": max(peak[0], rss_mib())}
 
 
-def convert_offline(folder: Path) -> float:
-    from vsgd_dist.train.checkpoint import latest_checkpoint, open_checkpoint
-    from vsgd_dist.train.engine_state import full_state
-
-    start = time.perf_counter()
-    meta, read = open_checkpoint(latest_checkpoint(folder))
-    full = full_state(lambda r: read(r)["engine"], meta)
-    sum(float(v.sum()) for s in full["optimizer"].values() for v in s.values() if torch.is_tensor(v))  # touch it
-    return time.perf_counter() - start
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", default="/tmp/checkpoint_io_bench")
+    parser.add_argument("--models", default="resnet50,vit_b16")
     args = parser.parse_args()
     root = Path(args.folder)
-    shutil.rmtree(root, ignore_errors=True)
-    rows = []
-    for world in (2, 4):
-        results = run_distributed(save_and_load, world, str(root / f"w{world}"), timeout=1800)
-        rows.append((f"save at {world}", world, max(r["save_s"] for r in results),
-                     [r["file_mib"] for r in results], [r["state_mib"] for r in results]))
-        rows.append((f"load at {world} (same layout)", world, max(r["load_s"] for r in results), None,
-                     [r["state_mib"] for r in results]))
-        params = results[0]["params"]
-    results = run_distributed(reshard, 2, str(root / "w4"), timeout=1800)
-    rows.append(("reshard 4 -> 2 (load)", 2, max(r["load_s"] for r in results), None,
-                 [r["state_mib"] for r in results]))
-    rows.append(("convert 4 ranks -> full (1 process)", 1, convert_offline(root / "w4"), None, None))
-    print(f"ViT-B/16, {params / 1e6:.1f}M parameters, VSGD (mug, bg, bhg fp32) on native ZeRO-2\n")
-    print("| operation | ranks | seconds (slowest rank) | file MiB per rank | optimizer state MiB per rank |")
-    print("|---|---|---|---|---|")
-    for name, world, seconds, files, states in rows:
-        files_text = ", ".join(f"{f:.0f}" for f in files) if files else "-"
-        states_text = ", ".join(f"{s:.0f}" for s in states) if states else "-"
-        print(f"| {name} | {world} | {seconds:.2f} | {files_text} | {states_text} |")
+    print("| model | parameters | save stall, sync (s) | save stall, background (s) | background write (s) "
+          "| resume 2 -> 2 (s) | resume 2 -> 3 (s) | peak RSS per rank, 2 -> 3 (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for model_name in args.models.split(","):
+        shutil.rmtree(root, ignore_errors=True)
+        saved = run_distributed(save_and_resume, 2, str(root), model_name, timeout=1800)
+        loaded = run_distributed(reshard, 3, str(root), model_name, timeout=1800)
+
+        def slowest(results, key):
+            values = [r[key] for r in results if key in r]
+            return f"{max(values):.2f}" if values else "-"
+
+        print(f"| {model_name} | {saved[0]['params'] / 1e6:.1f}M | {slowest(saved, 'sync_stall_s')} "
+              f"| {slowest(saved, 'async_stall_s')} | {slowest(saved, 'async_write_s')} "
+              f"| {slowest(saved, 'resume_s')} | {slowest(loaded, 'resume_s')} "
+              f"| {max(r['peak_rss_mib'] for r in loaded):.0f} |", flush=True)
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -55,8 +55,7 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     from vsgd_dist.config import config_from_dict
     from vsgd_dist.data import build_val_loader, resolve_dataset
     from vsgd_dist.models import build_model
-    from vsgd_dist.train.checkpoint import RECIPE_FILE, open_checkpoint
-    from vsgd_dist.train.engine_state import full_state
+    from vsgd_dist.train.checkpoint import RECIPE_FILE, read_full
     from vsgd_dist.train.predictions import SUMS_SIZE, metrics_from_sums, prediction_sums
 
     checkpoint = find_checkpoint(Path(args.path))
@@ -66,13 +65,14 @@ def evaluate(args: argparse.Namespace) -> tuple[dict, Path]:
     cfg = config_from_dict(yaml.safe_load(recipe_file.read_text()))
     if args.split == "minival" and not cfg.data.minival:
         raise EvalError("this run held out no minival images (data.minival: 0); use --split val")
-    meta, read = open_checkpoint(checkpoint)
+    full = read_full(checkpoint)
+    meta = full["meta"]
     classes = resolve_dataset(cfg.data).manifest.classes
     model = build_model(cfg.model.name, len(classes), image_size=cfg.data.end_res, blurpool=cfg.model.blurpool,
                         drop_path=cfg.model.drop_path, seed=cfg.train.seed)
-    model.load_state_dict(full_state(lambda rank: read(rank)["engine"], meta)["model"])
+    model.load_state_dict(full["model"])
     if args.ema:
-        load_ema(model, read(0)["trainer"].get("ema"))
+        load_ema(model, full["trainer"][0].get("ema"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     from launch.run import local_cores

@@ -150,19 +150,20 @@ any two processes, so comparisons leave them out."""
 
 
 def assert_same_checkpoint(run_a: Path, run_b: Path, step: int) -> None:
-    """Both runs saved step `step` with identical rank files (weights, optimizer shards,
-    schedule, data position, torch RNG)."""
-    import torch
+    """Both runs saved step `step` with identical contents (weights, optimizer shards,
+    schedule, data position, torch RNG of every rank)."""
+    from vsgd_dist.train.checkpoint import read_full
 
     folder_a, folder_b = checkpoint_dir(run_a, step), checkpoint_dir(run_b, step)
-    files = sorted(p.name for p in folder_a.glob("rank*.pt"))
-    assert files and files == sorted(p.name for p in folder_b.glob("rank*.pt")), (folder_a, folder_b)
-    for name in files:
-        a, b = (torch.load(f / name, weights_only=True) for f in (folder_a, folder_b))
-        for payload in (a, b):
+    a, b = read_full(folder_a), read_full(folder_b)
+    for full in (a, b):
+        full.pop("meta")
+        for trainer in full["trainer"].values():
             for rng in UNSEEDED_RNGS:
-                payload.get("trainer", {}).get("rng", {}).pop(rng, None)
-        assert same_tree(a, b), f"{folder_a / name} and {folder_b / name} differ"
+                trainer.get("rng", {}).pop(rng, None)
+    assert a["trainer"].keys() == b["trainer"].keys(), (folder_a, folder_b)
+    for part in a:
+        assert same_tree(a[part], b[part]), f"{folder_a} and {folder_b} differ in {part}"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

@@ -72,7 +72,7 @@ def test_no_module_imports_a_module_that_imports_it_back():
 @pytest.mark.timeout(300)
 def test_every_module_imports_on_its_own_and_in_any_order():
     names = sorted(our_modules())
-    alone = ["vsgd_dist.full_form", "vsgd_dist.engines.base", "vsgd_dist.config", "vsgd_dist.train.trainer",
+    alone = ["vsgd_dist.train.dcp_state", "vsgd_dist.engines.base", "vsgd_dist.config", "vsgd_dist.train.trainer",
              "vsgd_dist.sharding.reshard"]
     for script in [f"import {name}" for name in alone] + [
             "import importlib\nfor n in %r: importlib.import_module(n)" % order for order in (names, names[::-1])]:
@@ -117,12 +117,11 @@ def test_an_optimizer_registered_outside_trains_on_every_sharding_engine_and_res
     sharded state, checkpoints that reshard (2 ranks -> 1) and resume. The reshard is exact:
     1 rank loading the 2-rank checkpoint and saving it at once writes the same weights and
     momentum, bit for bit."""
-    from vsgd_dist.train.engine_state import full_state
-    from vsgd_dist.train.checkpoint import latest_checkpoint, open_checkpoint
+    from vsgd_dist.train.checkpoint import latest_checkpoint, read_full, read_meta
 
     def consolidated(run: Path) -> tuple[dict, dict]:
-        meta, read = open_checkpoint(latest_checkpoint(run / "checkpoints"))
-        return meta, full_state(lambda r: read(r)["engine"], meta)
+        full = read_full(latest_checkpoint(run / "checkpoints"))
+        return full["meta"], full
 
     out = tmp_path / "run"
     first = launch_run(out, 2, f"engine={engine}", "max_steps=6", "train.stop_at=4")
@@ -145,7 +144,7 @@ def test_an_optimizer_registered_outside_trains_on_every_sharding_engine_and_res
     resumed = launch_run(out, 1, f"engine={engine}", "max_steps=6")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "completed at step 6" in resumed.stdout
-    meta, _ = open_checkpoint(latest_checkpoint(out / "checkpoints"))
+    meta = read_meta(latest_checkpoint(out / "checkpoints"))
     assert meta["world_size"] == 1 and meta["step"] == 6
 
 
@@ -179,8 +178,7 @@ def test_a_sampling_optimizer_registered_outside_trains_reshards_and_is_compared
     (2 ranks -> 1), validation adds its posterior predictive, and `launch compare` shows it."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from vsgd_dist.train.checkpoint import latest_checkpoint, open_checkpoint
-    from vsgd_dist.train.engine_state import full_state
+    from vsgd_dist.train.checkpoint import latest_checkpoint, read_full
 
     out = tmp_path / "run"
     first = sampling_run(out, 2, f"engine={engine}", "max_steps=6", "train.stop_at=4")
@@ -189,10 +187,10 @@ def test_a_sampling_optimizer_registered_outside_trains_reshards_and_is_compared
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "completed at step 6" in resumed.stdout
 
-    meta, read = open_checkpoint(latest_checkpoint(out / "checkpoints"))
+    full = read_full(latest_checkpoint(out / "checkpoints"))
+    meta = full["meta"]
     assert meta["optimizer_class"] == "toy_sampling_optimizer.AntitheticSGD"
     assert (meta["world_size"], meta["step"]) == (1, 6)
-    full = full_state(lambda r: read(r)["engine"], meta)
     for name, state in full["optimizer"].items():  # its per-element state, whole at the new world size
         assert state["momentum"].shape == full["model"][name].shape and int(state["step"]) == 6, name
         assert state["momentum"].abs().sum() > 0, name

@@ -26,7 +26,7 @@ from vsgd_dist.data.repeated import repeated_order
 from vsgd_dist.models import build_model
 from vsgd_dist.models.drop_path import drop_path_draws
 from vsgd_dist.spawn import run_distributed
-from vsgd_dist.train.checkpoint import latest_checkpoint, open_checkpoint
+from vsgd_dist.train.checkpoint import latest_checkpoint, read_full
 
 TESTS = Path(__file__).resolve().parent
 
@@ -357,7 +357,7 @@ def train_losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def checkpoint_tensors(run_dir: Path) -> dict:
-    meta, read = open_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
+    full = read_full(latest_checkpoint(run_dir / "checkpoints"))
 
     def flat(tree, prefix):
         if isinstance(tree, dict):
@@ -366,7 +366,7 @@ def checkpoint_tensors(run_dir: Path) -> dict:
             return {k: v for i, value in enumerate(tree) for k, v in flat(value, f"{prefix}/{i}").items()}
         return {prefix: tree} if torch.is_tensor(tree) else {}
 
-    return {k: v for rank in range(meta["world_size"]) for k, v in flat(read(rank), str(rank)).items()}
+    return flat({k: v for k, v in full.items() if k != "meta"}, "")
 
 
 @pytest.fixture

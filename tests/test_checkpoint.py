@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import threading
@@ -36,8 +37,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from launch.__main__ import main as launch
 from vsgd_dist.config import RunConfig
 from vsgd_dist.spawn import RankFailed, run_distributed
-from vsgd_dist.train.checkpoint import CheckpointError, file_digest, open_checkpoint
-from vsgd_dist.train.engine_state import full_state
+from vsgd_dist.train.checkpoint import CheckpointError, file_digest, latest_checkpoint, read_full, read_meta
 
 pytestmark = pytest.mark.dist
 
@@ -133,8 +133,7 @@ def load_all(rank, world, jobs, folder_out):
 def mismatches(rank, world, source):
     """Load a zero2 VSGD checkpoint into runs that differ from it; return the errors."""
     from vsgd_dist.optim import OPTIMIZERS as OPTIMIZERS_BY_NAME
-    from vsgd_dist.train import engine_state
-    from vsgd_dist.train.checkpoint import Checkpointer
+    from vsgd_dist.train.checkpoint import Checkpointer, load
     from vsgd_dist.train.engine_setup import engine_for
 
     ckpt = Checkpointer(Path(source), keep=1)
@@ -146,36 +145,51 @@ def mismatches(rank, world, source):
             ckpt.load_latest(engine_for(model, cfg, LR), cfg)
         except Exception as e:  # noqa: BLE001 - the message is what is tested
             errors[case] = f"{type(e).__name__}: {e}"
-    meta, read = open_checkpoint(ckpt.latest())
+    meta = read_meta(ckpt.latest())
     engine = engine_for(make_model(), make_cfg("ddp", "adamw"), LR)
     try:  # the loader's own check, under the Checkpointer's name check
-        engine_state.load(engine, lambda r: read(r)["engine"], meta, OPTIMIZERS_BY_NAME.get("adamw").optimizer_class)
+        load(engine, ckpt.latest(), meta, OPTIMIZERS_BY_NAME.get("adamw").optimizer_class)
     except Exception as e:  # noqa: BLE001
         errors["optimizer class"] = f"{type(e).__name__}: {e}"
     return errors
 
 
-class EngineThatDiesWhileSaving:
-    """Rank 1 kills itself (SIGKILL) while torch.save is writing its file, with ballast in
-    its optimizer state so that the write takes a while."""
+def elements_read(rank, world, source, engine_name):
+    """Load a VSGD checkpoint into a fresh engine (`ENGINES` name), recording the elements of every
+    global tensor this rank's reads cover: {name: elements}."""
+    from torch.distributed.checkpoint.planner import LoadItemType
 
-    def __init__(self, engine, file: Path):
-        self.engine, self.file = engine, file
-        self.optimizer = self
+    from vsgd_dist.compat.torch import SafeReader
+    from vsgd_dist.train.checkpoint import Checkpointer
+    from vsgd_dist.train.engine_setup import engine_for
 
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
+    read: dict[str, int] = {}
+    plain_read_data = SafeReader.read_data
 
-    def state_dict(self):
-        if int(os.environ["RANK"]) == 1:
-            threading.Thread(target=self._kill_once_writing, daemon=True).start()
-            return {**self.engine.optimizer.state_dict(), "ballast": torch.zeros(2**24)}
-        return self.engine.optimizer.state_dict()
+    def counting_read_data(self, plan, planner):
+        for item in plan.items:
+            if item.type == LoadItemType.TENSOR:
+                read[item.dest_index.fqn] = read.get(item.dest_index.fqn, 0) + int(np.prod(item.lengths))
+        return plain_read_data(self, plan, planner)
 
-    def _kill_once_writing(self):
-        while not (self.file.exists() and self.file.stat().st_size > 0):
+    SafeReader.read_data = counting_read_data
+    cfg = make_cfg(engine_name, "vsgd")
+    assert Checkpointer(Path(source), keep=1).load_latest(engine_for(make_model(seed=1), cfg, LR), cfg)["step"] == FIRST
+    return read
+
+
+def die_while_writing(file: Path) -> dict:
+    """Rank 1 kills itself (SIGKILL) while DCP is writing its file; the ballast returned, saved
+    with its trainer state, makes the write take a while."""
+    def kill_once_writing():
+        while not (file.exists() and file.stat().st_size > 0):
             time.sleep(0.0005)
         os.kill(os.getpid(), signal.SIGKILL)
+
+    if int(os.environ["RANK"]) != 1:
+        return {}
+    threading.Thread(target=kill_once_writing, daemon=True).start()
+    return {"ballast": torch.zeros(2**24)}
 
 
 def killed_during_save(rank, world, folder):
@@ -191,8 +205,8 @@ def killed_during_save(rank, world, folder):
     if rank == 0:
         np.save(Path(folder) / "weights_at_first.npy", np.concatenate([p.ravel() for p in full_params(model)]))
     train(engine, FIRST, THEN, rank, world)
-    dying = EngineThatDiesWhileSaving(engine, Path(folder) / f"step_{FIRST + THEN:08d}.tmp" / "rank1.pt")
-    ckpt.save(dying, cfg, step=FIRST + THEN)
+    ckpt.save(engine, cfg, step=FIRST + THEN,
+              **die_while_writing(Path(folder) / f"step_{FIRST + THEN:08d}.tmp" / "__1_0.distcp"))
 
 
 class RunsCodeWhenUnpickled:
@@ -246,9 +260,7 @@ def assert_same_full_state(a: dict, b: dict, context):
 
 
 def full_of(folder: Path) -> dict:
-    path = sorted(p for p in Path(folder).glob("step_*") if p.suffix != ".tmp")[-1]
-    meta, read = open_checkpoint(path)
-    return full_state(lambda r: read(r)["engine"], meta)
+    return read_full(sorted(p for p in Path(folder).glob("step_*") if p.suffix != ".tmp")[-1])
 
 
 # --------------------------------------------------------------------------- engine tests
@@ -276,7 +288,27 @@ def test_any_engine_loads_any_engines_checkpoint(saved, loaded, written_by, load
     diff = max(float(np.abs(a - b).max()) for a, b in zip(params, reference))
     assert diff <= ATOL, diff
     assert_same_full_state(full_of(saved[2][0] / f"{written_by}-{opt}"), full_of(Path(again)), (written_by, opt))
-    assert open_checkpoint(sorted(Path(again).glob("step_*"))[-1])[0]["engine"] == ENGINES[loaded_into][0]
+    assert read_meta(sorted(Path(again).glob("step_*"))[-1])["engine"] == ENGINES[loaded_into][0]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("loaded_into", ["zero2", "fsdp2"])
+def test_a_reshard_reads_each_element_once_across_the_ranks(saved, loaded_into):
+    """2 -> 3 ranks: each rank reads only the chunks it will own, so every element of every
+    sharded tensor is read by exactly one rank and no rank reads the whole checkpoint, as a
+    64-rank resume needs. Sharded: the optimizer state on both engines, and the weights on
+    FSDP2 (native ZeRO's model replica needs every weight on every rank)."""
+    folder = saved[2][0] / "zero2-vsgd"
+    per_rank = run_distributed(elements_read, 3, str(folder), loaded_into)
+    sizes = {name: int(np.prod(m.size)) for name, m in metadata_of(latest_checkpoint(folder)).items()
+             if hasattr(m, "size")}
+    sharded = [name for name in sizes if name.startswith(("optim/",) + (("master/",) if loaded_into == "fsdp2" else ()))]
+    assert len(sharded) == sum(name.startswith("master/") for name in sizes) * (4 if loaded_into == "fsdp2" else 3)
+    for name in sharded:
+        assert sum(rank.get(name, 0) for rank in per_rank) == sizes[name], name
+    total = sum(sizes[name] for name in sharded)
+    for rank in per_rank:
+        assert sum(rank.get(name, 0) for name in sharded) < 0.5 * total, rank
 
 
 @pytest.mark.timeout(300)
@@ -293,7 +325,7 @@ def test_mismatched_checkpoint_names_what_differs(saved):
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path):
     with pytest.raises(RankFailed):  # rank 1 killed; rank 0 sees its peer gone, or is killed by the harness
         run_distributed(killed_during_save, 2, str(tmp_path), timeout=240)
-    assert (tmp_path / f"step_{FIRST + THEN:08d}.tmp" / "rank1.pt").is_file()  # the interrupted write
+    assert (tmp_path / f"step_{FIRST + THEN:08d}.tmp" / "__1_0.distcp").is_file()  # the interrupted write
     assert not (tmp_path / f"step_{FIRST + THEN:08d}").exists()
     assert launch(["checkpoint", "convert", str(tmp_path), "--out", str(tmp_path / "c.pt")]) == 0
     converted = torch.load(tmp_path / "c.pt", weights_only=True)
@@ -306,20 +338,18 @@ def test_tampered_file_is_refused_without_running_it(saved, tmp_path, capsys):
     folder = tmp_path / "step_00000003"
     shutil.copytree(sorted((saved[2][0] / "zero2-vsgd").glob("step_*"))[-1], folder)
     marker = tmp_path / "code-ran"
-    torch.save({"engine": RunsCodeWhenUnpickled(marker), "trainer": {}}, folder / "rank1.pt")
-    _, read = open_checkpoint(folder)
-    with pytest.raises(CheckpointError, match="rank1.pt does not match the checksum meta.json recorded"):
-        read(1)
+    (folder / ".metadata").write_bytes(pickle.dumps(RunsCodeWhenUnpickled(marker)))
+    with pytest.raises(CheckpointError, match=".metadata does not match the checksum meta.json recorded"):
+        read_full(folder)
     # whoever can write the file can write meta.json too: the unpickler still refuses the code
     meta = json.loads((folder / "meta.json").read_text())
-    meta["sha256"]["rank1.pt"] = file_digest(folder / "rank1.pt")
+    meta["sha256"][".metadata"] = file_digest(folder / ".metadata")
     (folder / "meta.json").write_text(json.dumps(meta))
-    _, read = open_checkpoint(folder)
     with pytest.raises(CheckpointError, match="holds objects other than tensors and containers.*tampered"):
-        read(1)
+        read_full(folder)
     assert launch(["checkpoint", "convert", str(folder), "--out", str(tmp_path / "c.pt")]) == 2
     err = capsys.readouterr().err
-    assert "rank1.pt holds objects other than tensors" in err and len(err.strip().splitlines()) == 1, err
+    assert ".metadata holds objects other than tensors" in err and len(err.strip().splitlines()) == 1, err
     assert not marker.exists() and not (tmp_path / "c.pt").exists()
 
 
@@ -333,9 +363,9 @@ def test_inspect_and_convert_refuse_folders_without_a_finished_checkpoint(saved,
     assert "only unfinished checkpoints (step_00000009.tmp" in err and len(err.strip().splitlines()) == 1, err
     published = tmp_path / "checkpoints" / "step_00000003"
     shutil.copytree(tmp_path / "checkpoints" / "step_00000009.tmp", published)
-    (published / "rank1.pt").unlink()
+    (published / "__1_0.distcp").unlink()
     assert launch(["checkpoint", "inspect", str(tmp_path)]) == 2
-    assert "lacks rank1.pt of its 2 rank files" in capsys.readouterr().err
+    assert "lacks __1_0.distcp of its 3 files" in capsys.readouterr().err
 
 
 def test_convert_keeps_each_optimizers_own_state_names(saved, tmp_path):
@@ -399,9 +429,9 @@ def test_trainer_resumes_two_ranks_checkpoint_at_three(trainer_runs):
     whole, resumed = losses(trainer_runs / "whole"), losses(trainer_runs / "resumed3")
     assert [resumed[s] for s in range(1, 7)] == [whole[s] for s in range(1, 7)]  # written by the 2-rank part
     assert sorted(resumed) == list(range(1, 13)) and all(math.isfinite(resumed[s]) for s in range(7, 13))
-    meta, _ = open_checkpoint(sorted((trainer_runs / "resumed3" / "checkpoints").glob("step_*"))[-1])
+    meta = read_meta(sorted((trainer_runs / "resumed3" / "checkpoints").glob("step_*"))[-1])
     assert meta["step"] == 12 and meta["world_size"] == 3
-    resharded, _ = open_checkpoint(sorted((trainer_runs / "resharded3" / "checkpoints").glob("step_*"))[-1])
+    resharded = read_meta(sorted((trainer_runs / "resharded3" / "checkpoints").glob("step_*"))[-1])
     assert resharded["step"] == 6 and resharded["world_size"] == 3
     assert_same_full_state(full_of(trainer_runs / "stopped2" / "checkpoints"),
                            full_of(trainer_runs / "resharded3" / "checkpoints"), "2 ranks -> 3 ranks")
@@ -423,18 +453,182 @@ def test_inspect_and_convert_a_real_run(trainer_runs, tmp_path, capsys):
     converted = torch.load(out, weights_only=True)
     assert converted["step"] == 12
     path = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
-    files = [torch.load(path / f"rank{r}.pt", weights_only=True)["engine"] for r in range(2)]
-    for name, tensor in files[0]["model"].items():
-        assert torch.equal(converted["model"][name], tensor), name
-    # Every rank's flat shard, read through its own layout, equals the converted tensors.
-    covered = {name: 0 for name in files[0]["optimizer"]["params"]}
-    for shard in (f["optimizer"] for f in files):
-        for name, where in shard["params"].items():
-            first, last = (o - where["range"][0] for o in where["owned"])
-            lo, hi = where["shard_range"]
-            state = shard["state"][where["group"]]
+    items = stored_items(path)
+    for fqn, tensor in items.items():
+        if fqn[0].startswith("model/"):
+            assert torch.equal(converted["model"][fqn[0].removeprefix("model/")], tensor), fqn
+    # Every chunk a rank wrote, read from its file as DCP stored it, equals the converted tensors.
+    covered = {name: 0 for name in converted["optimizer"]}
+    for (fqn, first), chunk in items.items():
+        if fqn.startswith("optim/") and fqn.endswith("/mug"):
+            name = fqn.split("/")[1]
+            last = first + chunk.numel()
             for key in ("mug", "bg", "bhg"):
-                assert torch.equal(converted["optimizer"][name][key].reshape(-1)[first:last], state[key][lo:hi])
-            assert int(converted["optimizer"][name]["step"]) == int(state["step"]) == 12
+                assert torch.equal(converted["optimizer"][name][key].reshape(-1)[first:last],
+                                   items[(f"optim/{name}/{key}", first)])
+            assert int(converted["optimizer"][name]["step"]) == 12
             covered[name] += last - first
     assert covered == {n: converted["model"][n].numel() for n in covered}
+
+
+def metadata_of(path: Path) -> dict:
+    """{fqn: DCP's storage metadata} of a checkpoint folder."""
+    from vsgd_dist.compat.torch import MetadataUnpickler
+
+    with open(path / ".metadata", "rb") as f:
+        return MetadataUnpickler(f).load().state_dict_metadata
+
+
+def stored_items(path: Path) -> dict:
+    """{(fqn, first element): tensor} of every tensor chunk in a checkpoint's files, read with
+    plain torch.load from where DCP's metadata says each lies."""
+    import io
+
+    from vsgd_dist.compat.torch import MetadataUnpickler
+
+    with open(path / ".metadata", "rb") as f:
+        metadata = MetadataUnpickler(f).load()
+    items = {}
+    for index, where in metadata.storage_data.items():
+        if index.offset is None:
+            continue  # a value, not a tensor
+        with open(path / where.relative_path, "rb") as f:
+            f.seek(where.offset)
+            data = f.read(where.length)
+        items[(index.fqn, index.offset[0] if len(index.offset) else 0)] = torch.load(io.BytesIO(data),
+                                                                                    weights_only=True)
+    return items
+
+
+# ------------------------------------------------------------------ background saves, ecosystem
+def background_saves(rank, world, folder):
+    """zero2 VSGD at 2 ranks saving in the background: step 3 (published by the next save's
+    wait), step 6 whose write fails (a full disk), step 9 (published by the final wait);
+    beside it the same states saved synchronously."""
+    import contextlib
+    import io
+
+    from vsgd_dist.train.checkpoint import Checkpointer
+    from vsgd_dist.train.engine_setup import engine_for
+
+    class FullDiskAtStep6(Checkpointer):
+        def _storage_writer(self, tmp):
+            writer = super()._storage_writer(tmp)
+            if tmp.name.startswith("step_00000006"):
+                def write_data(plan, planner):
+                    raise OSError(28, "No space left on device")
+                writer.write_data = write_data
+            return writer
+
+    cfg = make_cfg("zero2", "vsgd")
+    engine = engine_for(make_model(), cfg, LR)
+    background = FullDiskAtStep6(Path(folder) / "background", keep=3, background=True)
+    sync = Checkpointer(Path(folder) / "sync", keep=3)
+    seen, err = {}, io.StringIO()
+    train(engine, 0, 3, rank, world)
+    with contextlib.redirect_stderr(err):
+        for step in (3, 6, 9):
+            sync.save(engine, cfg, step=step)
+            background.save(engine, cfg, step=step)
+            seen[step] = background.latest()  # before this save's wait: the one before it
+            train(engine, step, 3, rank, world)  # training goes on while it writes
+        background.wait()
+    return {"seen": {s: p and p.name for s, p in seen.items()}, "err": err.getvalue(),
+            "published": sorted(p.name for p in (Path(folder) / "background").glob("step_*"))}
+
+
+@pytest.mark.timeout(300)
+def test_background_saves_publish_after_writing_and_keep_the_previous_on_failure(tmp_path):
+    result = run_distributed(background_saves, 2, str(tmp_path), timeout=240)[0]
+    # nothing is published before its write completed: each save sees the one before it
+    assert result["seen"] == {3: None, 6: "step_00000003", 9: "step_00000003"}, result
+    assert "background save of step 6 failed (No space left on device)" in result["err"], result["err"]
+    assert "step_00000003" in result["err"]  # the resume point it keeps
+    assert result["published"] == ["step_00000003", "step_00000009"], result
+    for step in (3, 9):  # what training went on from while it wrote: the saved state, bit for bit
+        assert_same_full_state(read_full(tmp_path / "sync" / f"step_{step:08d}"),
+                               read_full(tmp_path / "background" / f"step_{step:08d}"), step)
+
+
+@pytest.mark.timeout(300)
+def test_torch_consolidates_our_checkpoint_into_one_file(tmp_path):
+    """DCP's own tool reads the folder: every parameter's 1-D tensor, buffers and values."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    run_distributed(save_all, 2, str(tmp_path), ["zero2"], timeout=240)
+    folder = sorted((tmp_path / "zero2-vsgd").glob("step_*"))[-1]
+    dcp_to_torch_save(folder, tmp_path / "one.pt")
+    one = torch.load(tmp_path / "one.pt", weights_only=True)
+    full = read_full(folder)
+    for name, weight in full["model"].items():
+        assert torch.equal(one[f"master/{name}"], weight.reshape(-1)), name
+    for name, state in full["optimizer"].items():
+        assert torch.equal(one[f"optim/{name}/mug"], state["mug"].reshape(-1)), name
+        assert int(one[f"counters/{name}"]["step"]) == FIRST
+    assert one["trainer/rank1"]["step"] == FIRST
+
+
+def save_torchvision_weights(rank, world, folder, name):
+    from vsgd_dist.models import build_model
+    from vsgd_dist.train.checkpoint import Checkpointer
+    from vsgd_dist.train.engine_setup import engine_for
+
+    cfg = make_cfg("ddp", "adamw")
+    cfg.model.name = name
+    Checkpointer(Path(folder), keep=1).save(engine_for(build_model(name, 1000), cfg, LR), cfg, step=0)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("model,torchvision_model", [("resnet50", "resnet50"), ("vit_b16", "vit_b_16")])
+def test_convert_gives_a_state_dict_torchvision_loads_strictly(tmp_path, model, torchvision_model):
+    from vsgd_dist.compat.torchvision import import_torchvision
+
+    torchvision = import_torchvision()
+    run_distributed(save_torchvision_weights, 1, str(tmp_path / "run"), model, timeout=500)
+    assert launch(["checkpoint", "convert", str(tmp_path / "run"), "--out", str(tmp_path / "c.pt")]) == 0
+    converted = torch.load(tmp_path / "c.pt", weights_only=True)["model"]
+    reference = getattr(torchvision.models, torchvision_model)()
+    reference.load_state_dict(converted, strict=True)
+    assert all(torch.equal(v, converted[k]) for k, v in reference.state_dict().items())
+
+
+def test_old_per_rank_checkpoints_are_refused_then_upgraded(tmp_path, capsys):
+    """A checkpoint of the earlier format (rank<r>.pt files written by 2 zero2 ranks, built
+    here from the state of a DCP one) is refused with the command that upgrades it, which
+    rewrites it in place, state unchanged."""
+    old = tmp_path / "checkpoints" / "step_00000003"
+    run_distributed(write_old_format, 2, str(old), timeout=240)
+    assert launch(["checkpoint", "inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{old} is in the old per-rank format; convert it with `python -m launch checkpoint upgrade {old}`" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert launch(["checkpoint", "upgrade", str(tmp_path)]) == 0
+    upgraded = read_full(old)
+    reference = read_full(sorted((tmp_path / "reference").glob("step_*"))[-1])
+    assert_same_full_state(reference, upgraded, "upgraded")
+    assert upgraded["trainer"][1]["step"] == FIRST and not (old / "rank0.pt").exists()
+
+
+def write_old_format(rank, world, folder):
+    """What the earlier per-rank format held for a zero2 run: each rank's ZeroOptimizer shard
+    and rank 0's model, in rank<r>.pt, with meta.json's checksums."""
+    from vsgd_dist.train.checkpoint import Checkpointer, file_digest
+    from vsgd_dist.train.engine_setup import engine_for
+
+    cfg = make_cfg("zero2", "vsgd")
+    model = make_model()
+    engine = engine_for(model, cfg, LR)
+    train(engine, 0, FIRST, rank, world)
+    Checkpointer(Path(folder).parents[1] / "reference", keep=1).save(engine, cfg, step=FIRST)
+    payload = {"optimizer": engine.optimizer.state_dict()}
+    if rank == 0:
+        payload["model"] = engine.model.state_dict()
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    torch.save({"engine": payload, "trainer": {"step": FIRST, "rank": rank}}, Path(folder) / f"rank{rank}.pt")
+    torch.distributed.barrier()
+    if rank == 0:
+        meta = {"step": FIRST, "world_size": 2, "engine": "zero", "zero_stage": 2, "optimizer": "vsgd",
+                "optimizer_class": "vsgd_dist.optim.vsgd.VSGD", "model": "resnet_tiny",
+                "state_bytes_per_rank": [0, 0],
+                "sha256": {f"rank{r}.pt": file_digest(Path(folder) / f"rank{r}.pt") for r in range(2)}}
+        (Path(folder) / "meta.json").write_text(json.dumps(meta))

@@ -315,7 +315,7 @@ def test_trainer_runs_on_deepspeed(tmp_path):
     assert len(acc.Scalars("train/loss")) == 10
     assert {"train/grad_norm", "optimizer/state_mib_per_rank", "val/top1"} <= tags
     assert any(t.startswith("vsgd/snr/") for t in tags)  # diagnostics at the last step
-    assert (out / "checkpoints" / "step_00000010" / "rank1.pt").is_file()
+    assert (out / "checkpoints" / "step_00000010" / "__1_0.distcp").is_file()
 
 
 @pytest.mark.timeout(300)
@@ -324,4 +324,4 @@ def test_trainer_runs_on_deepspeed_in_bf16_with_batchnorm(tmp_path):
     out = tmp_path / "run"
     assert launch(["run", "recipes/demo.yaml", "--nproc", "2", "engine=deepspeed", "train.precision=bf16",
                    "max_steps=4", "train.progress=false", f"out={out}"]) == 0
-    assert (out / "checkpoints" / "step_00000004" / "rank1.pt").is_file()
+    assert (out / "checkpoints" / "step_00000004" / "__1_0.distcp").is_file()

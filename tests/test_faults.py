@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -194,7 +195,7 @@ def checkpoint_of(run_dir: Path) -> Path:
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("action", ["inspect", "convert"])
 def test_checkpoint_commands_on_a_rank_file_name_its_folder(demo_run, tmp_path, action):
-    rank_file = checkpoint_of(demo_run) / "rank0.pt"
+    rank_file = checkpoint_of(demo_run) / "__0_0.distcp"
     extra = ["--out", tmp_path / "c.pt"] if action == "convert" else []
     err = one_line_error((launch if action == "inspect" else launch_here)("checkpoint", action, rank_file, *extra))
     assert f"{rank_file} is one rank's file; give its checkpoint folder {rank_file.parent}" in err, err
@@ -334,7 +335,7 @@ def test_stop_signal_saves_on_every_rank_and_says_where(tmp_path, sig):
     step = json.loads((saved / "meta.json").read_text())["step"]
     assert err.strip().splitlines()[-1] == (f"launch run: {sig.name} received: every rank stopped at step {step} "
                                             f"and saved it to {saved}; run the same command to resume"), err
-    assert sorted(p.name for p in saved.iterdir()) == ["meta.json", "rank0.pt", "rank1.pt"]
+    assert sorted(p.name for p in saved.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json"]
     assert gone(ranks, timeout=30)
 
 
@@ -426,7 +427,7 @@ def checkpoint_command(action: str, run_dir: Path, tmp_path: Path) -> subprocess
 @pytest.mark.parametrize("action", ["inspect", "convert", "run"])
 def test_flipped_bytes_in_a_checkpoint_file_are_named(demo_run, tmp_path, action):
     run_dir = copy_run(demo_run, tmp_path)
-    file = checkpoint_of(run_dir) / "rank1.pt"
+    file = checkpoint_of(run_dir) / "__1_0.distcp"
     data = bytearray(file.read_bytes())
     data[len(data) // 2] ^= 0x10  # inside a tensor
     file.write_bytes(data)
@@ -436,15 +437,31 @@ def test_flipped_bytes_in_a_checkpoint_file_are_named(demo_run, tmp_path, action
     assert not (tmp_path / "c.pt").exists()
 
 
-def damage_data_pkl(file: Path) -> None:
-    """Cut the pickle inside a torch zip file in half (the tensors stay intact)."""
+def damage_data_pkl(folder: Path) -> Path:
+    """Cut the pickle of one value (rank 0's trainer state) inside its DCP file in half, the
+    file's length unchanged, and record the damaged file's checksum: only the unpickler can
+    judge it. Returns the file."""
+    import io
+    import struct
     import zipfile
 
-    with zipfile.ZipFile(file) as old, zipfile.ZipFile(file.with_suffix(".new"), "w") as new:
-        for info in old.infolist():
-            data = old.read(info.filename)
-            new.writestr(info, data[:len(data) // 2] if info.filename.endswith("data.pkl") else data)
-    file.with_suffix(".new").replace(file)
+    from vsgd_dist.compat.torch import MetadataUnpickler
+
+    with open(folder / ".metadata", "rb") as f:
+        where = next(w for i, w in MetadataUnpickler(f).load().storage_data.items() if i.fqn == "trainer/rank0")
+    file = folder / where.relative_path
+    data = bytearray(file.read_bytes())
+    with zipfile.ZipFile(io.BytesIO(bytes(data[where.offset:where.offset + where.length]))) as blob:
+        entry = next(info for info in blob.infolist() if info.filename.endswith("data.pkl"))
+    header = where.offset + entry.header_offset  # its local header, then its bytes
+    name_len, extra_len = struct.unpack("<HH", data[header + 26:header + 30])
+    start = header + 30 + name_len + extra_len
+    data[start + entry.file_size // 2:start + entry.file_size] = bytes(entry.file_size - entry.file_size // 2)
+    file.write_bytes(data)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["sha256"][file.name] = hashlib.sha256(data).hexdigest()
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return file
 
 
 @pytest.mark.timeout(400)
@@ -453,14 +470,11 @@ def damage_data_pkl(file: Path) -> None:
 def test_unreadable_meta_or_pickle_names_the_file(demo_run, tmp_path, part, action):
     run_dir = copy_run(demo_run, tmp_path)
     folder = checkpoint_of(run_dir)
-    meta = json.loads((folder / "meta.json").read_text())
     if part == "meta.json":
         (folder / "meta.json").write_text('{"step": 4, "world_')
         expected = f"{folder / 'meta.json'} is unreadable (JSONDecodeError"
-    else:  # as a checkpoint written before checksums, which only the unpickler can judge
-        damage_data_pkl(folder / "rank0.pt")
-        (folder / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))
-        expected = f"{folder / 'rank0.pt'} is not a readable checkpoint file"
+    else:  # damaged with its checksum updated, which only the unpickler can judge
+        expected = f"{damage_data_pkl(folder)} is not a readable checkpoint file"
     res = checkpoint_command(action, run_dir, tmp_path)
     err = last_line_error(res, 1) if action == "run" else one_line_error(res)
     assert expected in err, err

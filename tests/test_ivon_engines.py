@@ -41,9 +41,8 @@ from vsgd_dist.optim import named_param_groups
 from vsgd_dist.optim.diagnostics import reduced_diagnostics
 from vsgd_dist.optim.ivon import DIAGNOSTICS, IVONHparams
 from vsgd_dist.spawn import run_distributed
-from vsgd_dist.train.checkpoint import Checkpointer, latest_checkpoint, open_checkpoint
+from vsgd_dist.train.checkpoint import Checkpointer, latest_checkpoint, read_full
 from vsgd_dist.train.engine_setup import engine_for, engine_setup
-from vsgd_dist.train.engine_state import full_state
 
 pytestmark = pytest.mark.dist
 
@@ -329,8 +328,7 @@ def load_all(rank, world, folder, folder_out):
 
 
 def full_of(folder: Path) -> dict:
-    meta, read = open_checkpoint(latest_checkpoint(folder))
-    return full_state(lambda r: read(r)["engine"], meta)
+    return read_full(latest_checkpoint(folder))
 
 
 @pytest.mark.timeout(600)
@@ -384,8 +382,8 @@ def test_trainer_logs_ivon_metrics_fills_in_ess_and_resumes_bitwise(tmp_path):
         assert {f"{prefix}{m}" for m in ("top1", "top5", "nll", "ece")} <= tags
     assert {"ivon/posterior_std/head", "ivon/hessian/stem.0"} <= tags
     assert {"ivon_hist/posterior_std", "ivon_hist/hessian"} <= set(whole.Tags()["histograms"])
-    meta, read = open_checkpoint(latest_checkpoint(tmp_path / "whole" / "checkpoints"))
-    groups = read(0)["engine"]["optimizer"]["param_groups"]
+    full = read_full(latest_checkpoint(tmp_path / "whole" / "checkpoints"))
+    meta, groups = full["meta"], full["param_groups"]
     assert [g["ess"] for g in groups] == [1500.0, 1500.0]  # ess=0: the digits' training images
     assert [g["mc_samples"] for g in groups] == [2, 2] and meta["step"] == 12
     assert launch(["compare", str(tmp_path / "whole"), "--out", str(tmp_path / "report")]) == 0

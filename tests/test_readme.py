@@ -65,6 +65,7 @@ RULES = [
     Rule(r"python -m launch run recipes/demo\.yaml --nproc 2 \S.*", test="test_demo_run_commands_run"),
     Rule(r"python -m launch compare \S+ .*--out \S+", test="test_compare_and_checkpoint_commands_run"),
     Rule(r"python -m launch checkpoint (inspect|convert) \S+.*", test="test_compare_and_checkpoint_commands_run"),
+    Rule(r"python -m launch checkpoint upgrade \S+.*", elsewhere="tests/test_checkpoint.py", marker='"upgrade"'),
     Rule(r"python -m launch data write --src ~/imagenet .*", test="test_data_write_command_runs"),
     Rule(r"python -m launch run recipes/imagenet/\S+ --plan .*", test="test_plan_commands_run"),
     Rule(r"python -m launch submit recipes/imagenet/\S+ --cluster example-a100 .*", test="test_submit_commands_dry_run"),

@@ -36,9 +36,8 @@ from vsgd_dist.engines.ownership import local_weights
 from vsgd_dist.engines.sampling import WeightSampling
 from vsgd_dist.optim.ivon import IVONHparams
 from vsgd_dist.spawn import run_distributed
-from vsgd_dist.train.checkpoint import Checkpointer, latest_checkpoint, open_checkpoint
+from vsgd_dist.train.checkpoint import Checkpointer, latest_checkpoint, read_full
 from vsgd_dist.train.engine_setup import engine_for
-from vsgd_dist.train.engine_state import grad_state_full
 from vsgd_dist.transforms import GRADIENT_TRANSFORMS, AlphaSVRG, SVRGConfig, TransformContext
 
 DEMO = "recipes/demo.yaml"
@@ -437,8 +436,7 @@ def test_sharded_engines_equal_one_process_and_checkpoints_reshard(tmp_path):
     three = run_distributed(resumed_elsewhere, 3, str(tmp_path))[0]
 
     # The full gradient state of the 2-rank checkpoint, put together offline: exact.
-    meta, read = open_checkpoint(latest_checkpoint(tmp_path / "layout"))
-    full = grad_state_full(lambda r: read(r)["engine"], meta)
+    full = read_full(latest_checkpoint(tmp_path / "layout"))["grad_state"]
     model = tiny_model()
     expected = [sum(gs) / 2 for gs in zip(*(exact_grads(model, r) for r in range(2)))]
     for (name, p), g in zip(model.named_parameters(), expected):

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import toy_model  # noqa: F401 - registers vit_toy here; ranks import it through VSGD_DIST_PLUGINS
 from launch.__main__ import main as launch
 from vsgd_dist.models import build_model
-from vsgd_dist.train.checkpoint import open_checkpoint
+from vsgd_dist.train.checkpoint import read_full
 
 DEMO = "recipes/demo.yaml"
 QUIET = ["train.progress=false", "train.log_every=1"]
@@ -86,6 +86,20 @@ def test_same_seed_gives_the_same_loss_curve(runs, tmp_path):
     assert run(tmp_path / "again", "optimizer=vsgd", "lr=0.01", "max_steps=150", "train.stop_at=15") == 0
     again = scalars(tmp_path / "again", "train/loss")[1]
     assert again == scalars(runs / "vsgd", "train/loss")[1][:15]
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(300)
+def test_the_same_command_after_the_run_completed_trains_and_logs_nothing(runs, tmp_path, capfd):
+    """A job resubmitted after it completed (a user, or SLURM requeueing a finished job) finds
+    the final checkpoint and the recorded final validation: it logs no step a second time."""
+    again = tmp_path / "vsgd"
+    shutil.copytree(runs / "vsgd", again)
+    events = sorted(p.name for p in (again / "tb").iterdir())
+    assert run(again, "optimizer=vsgd", "lr=0.01", "max_steps=150", "train.diag_every=50") == 0
+    assert f"the run completed at step 150 already ({again / 'finished.json'})" in capfd.readouterr().err
+    assert sorted(p.name for p in (again / "tb").iterdir()) == events
+    assert [step for step, _ in scalars(again, "val/top1")[1]].count(150) == 1
 
 
 @pytest.mark.dist
@@ -199,8 +213,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     kept = sorted((out / "checkpoints").glob("step_*"))
     assert kept and f"the latest checkpoint, {kept[-1]} (finite weights), is kept" in err, err
     # what was kept is finite: a checkpoint with NaN or inf tensors is never published
-    meta, read = open_checkpoint(kept[-1])
-    tensors = [t for t in flatten(read(0)["engine"]) if torch.is_tensor(t) and t.is_floating_point()]
+    full = read_full(kept[-1])
+    tensors = [t for part in ("model", "optimizer", "grad_state") for t in flatten(full[part])
+               if torch.is_tensor(t) and t.is_floating_point()]
     assert tensors and all(bool(torch.isfinite(t).all()) for t in tensors)
 
 

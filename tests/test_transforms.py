@@ -32,11 +32,9 @@ def launch_run(out: Path, nproc: int, *overrides: str) -> subprocess.CompletedPr
 
 def consolidated_noise(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The noise sum saved in `checkpoint` by every rank, put together by parameter name."""
-    from vsgd_dist.train.checkpoint import open_checkpoint
-    from vsgd_dist.train.engine_state import grad_state_full
+    from vsgd_dist.train.checkpoint import read_full
 
-    meta, read = open_checkpoint(checkpoint)
-    full = grad_state_full(lambda r: read(r)["engine"], meta)["grad_noise/noise_sum"]
+    full = read_full(checkpoint)["grad_state"]["grad_noise/noise_sum"]
     return {name: tensor.clone() for name, tensor in full.items()}
 
 

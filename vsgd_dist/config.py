@@ -185,6 +185,12 @@ class TrainConfig:
     """Steps between periodic checkpoints (0: only at the end and on preemption)."""
     keep_checkpoints: int = 2
     """Keep this many latest checkpoints."""
+    async_checkpoint: bool = False
+    """Write periodic checkpoints in the background (`dcp.async_save` from a host copy of the
+    state): training goes on while the files are written, at the cost of that copy in host
+    memory. The next save, the end of the run and a preemption wait for it; a checkpoint is
+    published only once every rank has written it, so a failed background write is reported
+    and the previous checkpoint stays the resume point."""
     out: str = "runs/default"
     """Run folder: TensorBoard events, checkpoints, resolved recipe."""
     progress: bool = True

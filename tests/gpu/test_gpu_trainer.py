@@ -68,11 +68,9 @@ def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
 
 
 def full_of(folder: Path) -> dict:
-    from vsgd_dist.train.engine_state import full_state
-    from vsgd_dist.train.checkpoint import latest_checkpoint, open_checkpoint
+    from vsgd_dist.train.checkpoint import latest_checkpoint, read_full
 
-    meta, read = open_checkpoint(latest_checkpoint(folder))
-    return {"meta": meta, **full_state(lambda r: read(r)["engine"], meta)}
+    return read_full(latest_checkpoint(folder))
 
 
 @pytest.mark.timeout(1500)

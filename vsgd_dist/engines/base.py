@@ -32,9 +32,6 @@ from vsgd_dist.optim.registry import Sampler
 
 
 class Engine(ABC):
-    layout: str = ""
-    """`Ownership.layout` of this engine's pieces, known without building it (a checkpoint
-    names the engine that wrote it)."""
     model: nn.Module
     """The model itself: its parameters, buffers and state_dict (for checkpoints, EMA, eval mode)."""
     wrapped: nn.Module

@@ -10,8 +10,6 @@ from vsgd_dist.engines.ownership import whole_params
 
 
 class DDPEngine(Engine):
-    layout = "replicated"
-
     def __init__(self, model, setup):
         super().__init__(model, setup)
         # Each rank keeps its own BatchNorm statistics (as ZeRO and FSDP2 do); before
@@ -30,5 +28,5 @@ class DDPEngine(Engine):
     def ownership(self):
         """Whole tensors on every rank; rank 0 writes them."""
         return whole_params(self._named_params(), self.optimizer.param_groups, self._names_per_group(),
-                            self.optimizer, layout=self.layout, sharded_state=False, sharded_grads=False,
+                            self.optimizer, sharded_state=False, sharded_grads=False,
                             writes=not dist.is_initialized() or dist.get_rank() == 0)

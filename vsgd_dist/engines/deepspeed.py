@@ -66,8 +66,6 @@ def deepspeed_config(setup: EngineSetup, world_size: int, cuda: bool | None = No
 
 
 class DeepSpeedEngine(Engine):
-    layout = "partitions"
-
     def __init__(self, model, setup):
         super().__init__(model, setup)
         import deepspeed
@@ -120,15 +118,6 @@ class DeepSpeedEngine(Engine):
         raise NotImplementedError("DeepSpeed clips inside step() (gradient_clipping = train.grad_clip); "
                                   "call step()")
 
-    @property
-    def global_steps(self) -> int:
-        """DeepSpeed's step counter (checkpoints save and restore it)."""
-        return self._ds.global_steps
-
-    @global_steps.setter
-    def global_steps(self, steps: int) -> None:
-        self._ds.global_steps = steps
-
     def _named_params(self):
         return self._named
 
@@ -149,6 +138,11 @@ class DeepSpeedEngine(Engine):
             raise NotImplementedError("DeepSpeed copies its fp32 partitions into the parameters inside its "
                                       "step only; weights cannot be set from outside")
 
-        return Ownership(layout=self.layout, params=params, stores=partitions,
-                         state_of=lambda i: self.optimizer.state.get(groups[i]["params"][0], {}), groups=groups,
+        def fresh_state(i):
+            self.optimizer.state[groups[i]["params"][0]] = {}
+            return self.optimizer.state[groups[i]["params"][0]]
+
+        return Ownership(params=params, stores=partitions,
+                         state_of=lambda i: self.optimizer.state.get(groups[i]["params"][0], {}),
+                         fresh_state=fresh_state, groups=groups,
                          names_per_group=self._names_per_group(), publish=publish)

@@ -79,8 +79,6 @@ def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
 
 
 class FSDP2Engine(Engine):
-    layout = "rows"
-
     def __init__(self, model, setup):
         # The shards (master weights) and the optimizer state stay fp32 at any precision.
         mesh = shard_mesh(next(model.parameters()).device.type, setup.engine.shard_within)
@@ -115,7 +113,7 @@ class FSDP2Engine(Engine):
             return (OwnedRange(start * row, stop * row, index, 0),)
 
         return whole_params(self._named_params(), self.optimizer.param_groups, self._names_per_group(),
-                            self.optimizer, layout=self.layout, ranges_of=ranges_of, writes=self._first_replica,
+                            self.optimizer, ranges_of=ranges_of, writes=self._first_replica,
                             shard_group=self._shard_group)
 
 

@@ -1,8 +1,8 @@
 """What a rank holds: each engine's answer to "which elements of each parameter are mine, and
 where do they and their optimizer state live here".
 
-`Engine.ownership()` returns an `Ownership`. Checkpoints (`vsgd_dist.train.engine_state`)
-cut and assemble tensors with it, diagnostics read the optimizer state through it, and
+`Engine.ownership()` returns an `Ownership`. Checkpoints (`vsgd_dist.train.dcp_state`)
+save and load each rank's chunks of every parameter with it, diagnostics read the optimizer state through it, and
 gradient transforms keep per-element state laid out like its `stores`. A parameter's
 elements are counted flattened in its memory order (`dim_order`); a store's elements
 flattened in its own memory order.
@@ -44,10 +44,6 @@ class OwnedParam:
 
 @dataclass
 class Ownership:
-    layout: str
-    """How the engine keeps its pieces, which is also the checkpoint payload it writes:
-    "replicated" (whole tensors on every rank), "rows" (dim-0 shards, FSDP2), "flat_shards"
-    (per-bucket flat shards, native ZeRO), "partitions" (per-group flat partitions, DeepSpeed)."""
     params: dict[str, OwnedParam]
     """Every parameter by name, in param-group order."""
     stores: list[torch.Tensor]
@@ -55,6 +51,9 @@ class Ownership:
     (flat masters or partitions, or each parameter's local tensor); views, not copies."""
     state_of: Callable[[int], dict]
     """Store index -> the optimizer state kept for it ({} before the first step)."""
+    fresh_state: Callable[[int], dict]
+    """Store index -> a new, empty optimizer state for it, in place of the old one (a checkpoint
+    load fills it)."""
     groups: list[dict]
     """The hyperparameters of each param group (the live groups the LR scheduler drives)."""
     names_per_group: list[list[str]]
@@ -72,6 +71,13 @@ class Ownership:
     `shard_group`)."""
     sharded_grads: bool = True
     """Whether `reduced_grads()` is only this rank's part of the gradient."""
+    state_like: Callable[[int], torch.Tensor] | None = None
+    """Store index -> the tensor its per-element optimizer state is laid out like (FSDP2: the
+    DTensor parameter); None: the store itself."""
+
+    def __post_init__(self):
+        if self.state_like is None:
+            self.state_like = lambda i: self.stores[i]
 
 
 def flat(tensor: torch.Tensor) -> torch.Tensor:
@@ -138,6 +144,12 @@ def whole_params(named: list[tuple[str, torch.Tensor]], groups: list[dict],
     params = {name: OwnedParam(tuple(p.shape), memory_dim_order(local_tensor(p.detach()), name), group_of[name],
                                tuple(ranges_of(i, p))) for i, (name, p) in enumerate(named)}
     tensors = [p for _, p in named]
+
+    def fresh_state(i):
+        optimizer.state[tensors[i]] = {}
+        return optimizer.state[tensors[i]]
+
     return Ownership(params=params, stores=[local_tensor(p.detach()) for p in tensors],
-                     state_of=lambda i: optimizer.state.get(tensors[i], {}), groups=groups,
-                     names_per_group=names_per_group, publish=lambda: None, **kwargs)
+                     state_of=lambda i: optimizer.state.get(tensors[i], {}), fresh_state=fresh_state, groups=groups,
+                     names_per_group=names_per_group, publish=lambda: None,
+                     state_like=lambda i: tensors[i].detach(), **kwargs)

@@ -22,8 +22,6 @@ SHARDED_SAMPLER = Sampler(sample=ZeroOptimizer.sample, accumulate=ZeroOptimizer.
 
 
 class ZeroEngine(Engine):
-    layout = "flat_shards"
-
     def __init__(self, model, setup):
         super().__init__(model, setup)
         cfg = setup.engine
@@ -100,7 +98,13 @@ class ZeroEngine(Engine):
             first, last, offset = opt.owned_in_master(slot)
             params[slot.name] = OwnedParam(slot.shape, slot.dim_order, slot.group,
                                            (OwnedRange(first, last, slot.bucket, offset),))
-        return Ownership(layout=self.layout, params=params, stores=list(opt.masters),
-                         state_of=lambda i: opt.inner.state.get(opt.masters[i], {}), groups=opt.param_groups,
+
+        def fresh_state(i):
+            opt.inner.state[opt.masters[i]] = {}
+            return opt.inner.state[opt.masters[i]]
+
+        return Ownership(params=params, stores=list(opt.masters),
+                         state_of=lambda i: opt.inner.state.get(opt.masters[i], {}), fresh_state=fresh_state,
+                         groups=opt.param_groups,
                          names_per_group=self._names_per_group(), publish=opt.publish_masters,
                          writes=self._first_replica, shard_group=self._shard_group)

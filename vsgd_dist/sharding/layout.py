@@ -112,3 +112,9 @@ def owned_part(slot: Slot, bucket: Bucket, rank: int) -> tuple[int, int, int]:
     if first >= last:
         return 0, 0, 0
     return first - slot.start, last - slot.start, bucket.shard_offset + first - lo
+
+
+def is_per_element(value, shape: torch.Size | tuple) -> bool:
+    """A state tensor with one entry per element of a tensor of `shape` (a parameter, or a
+    flat shard), as opposed to a counter such as `step`."""
+    return torch.is_tensor(value) and value.dim() > 0 and tuple(value.shape) == tuple(shape)

@@ -11,8 +11,7 @@ from typing import Any
 
 import torch
 
-from vsgd_dist.full_form import is_per_element
-from vsgd_dist.sharding.layout import from_memory_flat, owned_part, to_memory_flat
+from vsgd_dist.sharding.layout import from_memory_flat, is_per_element, owned_part, to_memory_flat
 from vsgd_dist.sharding.zero import STATE_DICT_FORMAT, ZeroOptimizer
 
 

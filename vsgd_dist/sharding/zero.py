@@ -39,9 +39,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 import torch.distributed as dist
 
-from vsgd_dist.full_form import is_per_element
 from vsgd_dist.registry import class_path
-from vsgd_dist.sharding.layout import Slot, from_memory_flat, owned_part, plan, to_memory_flat
+from vsgd_dist.sharding.layout import Slot, from_memory_flat, is_per_element, owned_part, plan, to_memory_flat
 
 if TYPE_CHECKING:
     from vsgd_dist.optim.registry import Sampler

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import math
+import os
 import sys
 import threading
 import time
@@ -44,6 +46,8 @@ from vsgd_dist.transforms import TransformContext, build_transforms
 
 MIN_LOG_POINTS = 8
 """Train scalars are logged at least this often over a run (train.log_every is shortened)."""
+FINISHED = "finished.json"
+"""Rank 0 writes {"step", "result"} here once the final validation is logged."""
 
 
 class Trainer:
@@ -73,6 +77,9 @@ class Trainer:
         tc = self.cfg.train
         self._setup()
         self._resume()
+        if self.finished is not None:  # the same command again after the run completed
+            self.progress.close()
+            return {"status": "completed", "step": self.step, **self.finished}
         status, result = "completed", {}
         while status == "completed" and self.step < self.total_steps:
             for micro_batches in self._batches_of_epoch():
@@ -90,11 +97,28 @@ class Trainer:
                 result = self._end_epoch() or result
         self.progress.close()
         self._save()  # at max_steps, at stop_at, or on a stop request: the resume point
+        self.checkpointer.wait()  # a background save is published before the run ends
         if status == "completed":
             result = self._validate()
             self._log_hparams(result)
         self.logger.close()
+        if status == "completed" and self.rank == 0:
+            write_atomically(self.run_dir / FINISHED, json.dumps({"step": self.step, "result": result}))
         return {"status": status, "step": self.step, **result}
+
+    def _finished_result(self) -> dict | None:
+        """The final validation's result if the run already completed at this step (its last
+        checkpoint is at the last step and rank 0 recorded the validation after it), else None."""
+        path = self.run_dir / FINISHED
+        if self.step != self.total_steps or not path.exists():
+            return None
+        finished = json.loads(path.read_text())
+        if finished["step"] != self.step:
+            return None
+        if self.rank == 0:
+            print(f"trainer: the run completed at step {self.step} already ({path}); nothing to train or log",
+                  file=sys.stderr, flush=True)
+        return finished["result"]
 
     # ------------------------------------------------------------------------ the pieces
     def _setup(self) -> None:
@@ -155,7 +179,8 @@ class Trainer:
             engine=self.engine, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
             log_every=self.log_every, seed=tc.seed, gradient=self._gradient, read_steps=self._read_steps))
 
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=tc.keep_checkpoints)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=tc.keep_checkpoints,
+                                         background=tc.async_checkpoint)
         self.timer = StepTimer(self.device)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.window_losses, self.window_start = [], time.perf_counter()
@@ -171,11 +196,13 @@ class Trainer:
             restore_rng(loaded["rng"])
             if self.ema is not None:
                 self.ema.load(loaded["ema"])
+        # A completed run logs nothing again (not even a new events file).
+        self.finished = self._finished_result() if loaded else None
         # A run killed after its last checkpoint logged steps it will now log again: TensorBoard
         # hides the old events from the first step this run will log on.
-        self.logger = RunLogger(str(self.run_dir / "tb"), enabled=self.rank == 0,
+        self.logger = RunLogger(str(self.run_dir / "tb"), enabled=self.rank == 0 and self.finished is None,
                                 purge_step=self.step + 1 if loaded else None)
-        if loaded and self.rank == 0:  # said in the log (SLURM's .err, launch run's output) and in TensorBoard
+        if loaded and self.rank == 0 and self.finished is None:  # said in the log (SLURM's .err, launch run's output) and in TensorBoard
             note = f"resumed from step {self.step} ({self.checkpointer.latest()})"
             print(f"trainer: {note}", file=sys.stderr, flush=True)
             self.logger.text("run/resumed", note, self.step)
@@ -432,6 +459,12 @@ class Trainer:
                              "lr": self.peak_lr, "global_batch": cfg.train.global_batch, "world_size": self.world,
                              "seed": cfg.train.seed},
                             {f"hparam/val_{k}": result[f"val_{k}"] for k in ("top1", "nll", "ece")})
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def make_progress(total: int, initial: int, enabled: bool):
