@@ -197,6 +197,16 @@ class LocalCluster:
         runs = self.runs(jid)
         return runs[-1] if runs else "UNKNOWN"
 
+    def held_after_a_failed_launch(self, jid: str) -> bool:
+        return self.slurm("squeue", "-h", "-j", jid, "-o", "%r", check=False).strip() == "launch failed requeued held"
+
+    def resume_drained_nodes(self) -> list[str]:
+        """What an administrator does after a failed launch: put the drained nodes back."""
+        drained = self.slurm("sinfo", "-h", "-N", "-t", "drain", "-o", "%N").split()
+        for node in drained:
+            self.slurm("scontrol", "update", f"nodename={node}", "state=resume")
+        return drained
+
     def restore_node(self) -> None:
         """start.sh again: starts the slurmd that is missing (the lost node); it may take
         SLURM a while to take a node it marked DOWN back."""
@@ -517,6 +527,14 @@ class Chaos:
         """Keep the job going: resubmit a job that ended without completing, after following
         its one-line error. Returns "RUNNING", "WAITING" or "COMPLETED"."""
         state = self.cluster.queued_state(self.jid)
+        if state == "PENDING" and self.cluster.held_after_a_failed_launch(self.jid):
+            # A node back from a network cut may still hold the job's old record: slurmd refuses
+            # the requeued launch ("already running"), SLURM drains the node and holds the job.
+            nodes = self.cluster.resume_drained_nodes()
+            self.cluster.slurm("scontrol", "release", self.jid)
+            self.say(f"job {self.jid} held after a failed launch (SLURM drained {', '.join(nodes) or 'no node'}); "
+                     "resumed the nodes and released the job, as an administrator would")
+            return "WAITING"
         if state is not None:
             return "RUNNING" if state == "RUNNING" and rank_pids(self.jid) else "WAITING"
         final = self.cluster.final_state(self.jid)
