@@ -104,6 +104,29 @@ def test_the_same_command_after_the_run_completed_trains_and_logs_nothing(runs, 
 
 @pytest.mark.dist
 @pytest.mark.timeout(300)
+def test_a_checkpoint_at_an_epochs_end_follows_its_validation(tmp_path):
+    """The digits demo has 23 steps per epoch at batch 64. Killed after its checkpoint at 23
+    (the epoch's last step), a run resumes there without validating step 23 again, and ends
+    bitwise where the uninterrupted run ended."""
+    out = tmp_path / "run"
+    args = ("max_steps=25", "train.ckpt_every=23", "train.keep_checkpoints=3")
+    assert run(out, *args) == 0
+    end = out / "checkpoints" / "step_00000025"
+    uninterrupted = read_full(end)
+    shutil.rmtree(end)  # as if killed after the checkpoint at 23
+    (out / "finished.json").unlink()
+    assert run(out, *args) == 0
+    assert [step for step, _ in scalars(out, "val/top1")[1]] == [23, 25]
+    resumed = read_full(end)
+    for name, tensor in uninterrupted["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    for name, state in uninterrupted["optimizer"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed["optimizer"][name][key])), (name, key)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(300)
 def test_report_renders_table_and_plots_from_real_runs(runs, tmp_path):
     assert launch(["compare", str(runs / "vsgd"), str(runs / "adamw"), "--out", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()

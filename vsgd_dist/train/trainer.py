@@ -91,10 +91,14 @@ class Trainer:
                 if self.step == tc.stop_at or self._stop_agreed():
                     status = "stopped"
                     break
-                if tc.ckpt_every and self.step % tc.ckpt_every == 0:
+                if self._checkpoint_due() and self.batch_in_epoch < self.steps_per_epoch:
                     self._save()
             else:
                 result = self._end_epoch() or result
+                if self._checkpoint_due() and self.batch_in_epoch == 0:
+                    # An epoch's last step saves after the epoch's validation, which a resume
+                    # from that checkpoint would otherwise run and log a second time.
+                    self._save()
         self.progress.close()
         self._save()  # at max_steps, at stop_at, or on a stop request: the resume point
         self.checkpointer.wait()  # a background save is published before the run ends
@@ -324,6 +328,9 @@ class Trainer:
         as this rank holds it after the engine's reduction (`TransformContext.gradient`)."""
         self._forward_backward(micro_batches)
         return self.engine.reduced_grads()
+
+    def _checkpoint_due(self) -> bool:
+        return bool(self.cfg.train.ckpt_every) and self.step % self.cfg.train.ckpt_every == 0
 
     def _end_epoch(self) -> dict | None:
         """After an epoch's last batch: move to the next epoch and validate when due."""
