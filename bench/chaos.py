@@ -697,7 +697,7 @@ class Chaos:
             if time.time() - struck > bound:
                 fault.checks.append(f"attempt over within {bound:g} s")
                 self.say(f"fault {fault.index}: the attempt is not over after {bound:g} s; killing its tasks")
-                for pid in rank_pids(jid):
+                for pid, _ in rank_pids(jid).values():  # keys are ranks: os.kill(0) would end this process group
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                 if fault.kind == "net_cut" and self.cut:
