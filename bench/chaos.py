@@ -8,7 +8,8 @@ folders on a small tmpfs of their own (the disk that fills up), trains the demo 
 undisturbed (the reference) and once as the chaos job, 2 nodes x 2 tasks. While the chaos job
 trains, K faults drawn from the seed hit it at random times: SIGKILL or SIGSTOP of one rank,
 SIGTERM to the batch step, USR2 preemptions (some while a checkpoint is being written), the
-loss of a whole node (its slurmd and processes killed, the node restored once SLURM has
+loss of a whole node (its slurmd and processes killed; every other time the job goes on
+without it, on the node left with half the ranks, else the node is restored once SLURM has
 requeued the job), the disk filling up before a save, one byte of the latest checkpoint
 flipped between two attempts, and the network of one node cut for longer than the step
 watchdog's timeout. Every fault is printed with its time, kind and target as it happens.
@@ -17,9 +18,9 @@ folder, as a user would (after following the one-line error, e.g. deleting a che
 fails its checksum), within a bound on attempts and on total time.
 
 At the end it checks what no fault may leave behind: the final checkpoint equal bit for bit
-to the reference's, every published checkpoint matching its checksums, every TensorBoard step
-logged once and none missing, no process of the jobs, no SLURM job, network namespace, link or
-mount left. It prints a table and, last, the line
+to the reference's (after a world-size change, to an undisturbed run with the same changes),
+every published checkpoint matching its checksums, every TensorBoard step logged once and
+none missing, no process of the jobs, no SLURM job, network namespace, link or mount left. It prints a table and, last, the line
 
     chaos: K faults injected, N survived, A attempts, L steps recomputed, final state equal: yes|no
 
@@ -58,6 +59,7 @@ SLURMD_SOCKET = "cluster/slurm/spool/node1/node1_4294967294.4294967291"
 """The longest socket path slurmstepd makes under the work folder (a Unix socket path has
 at most SOCKET_PATH_MAX bytes: a longer one fails every job launch)."""
 SOCKET_PATH_MAX = 107
+TASKS_PER_NODE = 2
 UNSEEDED_RNGS = ("python", "numpy")
 """Global RNGs the trainer never seeds nor draws from: left out of the comparison."""
 
@@ -88,6 +90,8 @@ class ChaosConfig:
     """Keep the work folder (runs, logs) afterwards."""
     reference: Path | None
     """An earlier reference job folder of the same recipe to reuse instead of training one."""
+    record: bool = False
+    """Write the table and the log to results/chaos.md (under the machine it ran on)."""
 
 
 @dataclass
@@ -167,11 +171,12 @@ class LocalCluster:
     def veth(self, node: str) -> str:
         return [name for kind, name in self.created() if kind == "veth"][int(node.removeprefix("node")) - 1]
 
-    def submit(self, job_dir: Path, overrides: list[str]) -> str:
+    def submit(self, job_dir: Path, overrides: list[str], nodes: int = 2) -> str:
         env = {k: v for k, v in self.env.items() if k != "SLURM_CONF"}
         try:
             res = subprocess.run([sys.executable, "-m", "launch", "submit", "recipes/demo.yaml", "--cluster", "local",
-                                  "--time", "20", "--nodes", "2", "--tasks-per-node", "2", "--out", str(job_dir),
+                                  "--time", "20", "--nodes", str(nodes), "--tasks-per-node", str(TASKS_PER_NODE),
+                                  "--out", str(job_dir),
                                   *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         except subprocess.TimeoutExpired:
             raise ChaosError("launch submit did not return within 600 s (is the machine overloaded?)") from None
@@ -245,10 +250,28 @@ def job_processes(jids: set[str]) -> dict[int, dict]:
     return found
 
 
-def rank_pids(jid: str) -> dict[int, tuple[int, str]]:
-    """{rank: (pid, node)} of the running tasks of job `jid`."""
+def rank_pids(jid: str, run: str | None = None) -> dict[int, tuple[int, str]]:
+    """{rank: (pid, node)} of the running tasks of job `jid` (of its run `run` only: SLURM's
+    restart count, "0" before the first requeue)."""
     return {int(env["SLURM_PROCID"]): (pid, env.get("SLURMD_NODENAME", "?"))
-            for pid, env in job_processes({jid}).items() if "SLURM_PROCID" in env}
+            for pid, env in job_processes({jid}).items()
+            if "SLURM_PROCID" in env and run in (None, env.get("SLURM_RESTART_COUNT", "0"))}
+
+
+def runs_alive(jid: str) -> set[str]:
+    """SLURM restart counts of the runs of `jid` whose tasks are alive."""
+    return {env.get("SLURM_RESTART_COUNT", "0") for env in job_processes({jid}).values()}
+
+
+def describe(tasks: dict[int, tuple[int, str]]) -> str:
+    """Rank, pid, node and process state (R, S, D, T, Z) of tasks, for a message about what
+    outlived a bound."""
+    parts = []
+    for rank, (pid, node) in sorted(tasks.items()):
+        with contextlib.suppress(OSError):
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            parts.append(f"rank {rank} pid {pid} on {node} ({state})")
+    return ", ".join(parts) or "none"
 
 
 def network_objects() -> set[str]:
@@ -357,6 +380,11 @@ class Chaos:
         self.cluster = LocalCluster(cfg.workdir / "cluster", self.say)
         self.job_dir = self.fs / "chaos"
         self.jids: list[str] = []
+        self.nodes_of: dict[str, int] = {}
+        """Nodes each job of the chaos run asked for (fewer after a lost node, while it is down)."""
+        self.fresh: set[str] = set()
+        """Jobs submitted when the run had no checkpoint yet (their first run starts at step 0)."""
+        self.nodes_lost = 0
         self.cut: tuple[str, float] | None = None
         self.attempt_count = 0
         self.recomputed = 0
@@ -364,11 +392,13 @@ class Chaos:
         self.problems: list[str] = []
         self.ballast = self.fs / "ballast"
         self.log_file = cfg.workdir / "chaos.log"
+        self.said: list[str] = []
 
     # ---- output
     def say(self, msg: str) -> None:
         line = f"[{time.time() - self.t0:7.1f}s] {msg}"
         print(line, flush=True)
+        self.said.append(line)
         with open(self.log_file, "a") as f:
             f.write(line + "\n")
 
@@ -432,21 +462,47 @@ class Chaos:
             self.say(f"reference: reusing {self.cfg.reference}")
             return self.cfg.reference / "run", 0.0
         started = time.time()
-        jid = self.cluster.submit(self.fs / "reference", self.overrides)
-        self.say(f"reference: job {jid}, undisturbed")
-        deadline = time.time() + self.cfg.time_limit_s
-        while self.cluster.queued_state(jid):
-            if time.time() > deadline:
-                raise ChaosError(f"the reference job {jid} did not end within {self.cfg.time_limit_s:g} s")
-            time.sleep(1)
-        state = self.cluster.final_state(jid)
-        if state != "COMPLETED":
-            raise ChaosError(f"the reference job {jid} ended {state}; see {self.fs / 'reference'}")
+        self.undisturbed(self.fs / "reference", [(self.cfg.steps, 2)])
         took = time.time() - started
         self.say(f"reference: COMPLETED in {took:.0f} s")
         if self.cfg.keep:  # outlives the tmpfs, for --reference
             shutil.copytree(self.fs / "reference", self.cfg.workdir / "reference", dirs_exist_ok=True)
         return self.fs / "reference" / "run", took
+
+    def undisturbed(self, job_dir: Path, segments: list[tuple[int, int]]) -> None:
+        """Train the recipe into `job_dir` without faults, segment by segment: up to each
+        segment's last step (train.stop_at: a checkpoint there, the schedule unchanged) on its
+        number of nodes, the next segment resuming from that checkpoint."""
+        for last, nodes in segments:
+            stop = [f"train.stop_at={last}"] if last < self.cfg.steps else []
+            jid = self.cluster.submit(job_dir, self.overrides + stop, nodes)
+            self.say(f"{job_dir.name}: job {jid}, undisturbed, {nodes * TASKS_PER_NODE} ranks up to step {last}")
+            deadline = time.time() + self.cfg.time_limit_s
+            while self.cluster.queued_state(jid) or self.cluster.final_state(jid) in QUEUED:  # sacct lags squeue
+                if time.time() > deadline:
+                    raise ChaosError(f"the {job_dir.name} job {jid} did not end within {self.cfg.time_limit_s:g} s")
+                time.sleep(1)
+            state = self.cluster.final_state(jid)
+            if state != "COMPLETED":
+                raise ChaosError(f"the {job_dir.name} job {jid} ended {state}; see {job_dir}")
+
+    def layouts(self) -> list[tuple[int, int]]:
+        """The final run's layout as segments (last step, nodes): step s was last computed by
+        the last job whose first run started before s (a job's runs resume ever later, and all
+        of them have its layout)."""
+        starts = []
+        for jid in self.jids:
+            resumed = re.search(r"trainer: resumed from step (\d+)", logs_of(self.job_dir, jid))
+            if resumed or jid in self.fresh:  # else the job never trained (e.g. its checkpoint was corrupt)
+                starts.append((int(resumed[1]) if resumed else 0, self.nodes_of[jid]))
+        segments: list[tuple[int, int]] = []
+        for step in range(1, self.cfg.steps + 1):
+            nodes = next(n for start, n in reversed(starts) if start < step)
+            if segments and segments[-1][1] == nodes:
+                segments[-1] = (step, nodes)
+            else:
+                segments.append((step, nodes))
+        return segments
 
     def attempts(self) -> int:
         """Runs of the chaos job so far: its submissions and SLURM's requeues of them (the
@@ -455,13 +511,17 @@ class Chaos:
             self.attempt_count = sum(len(self.cluster.runs(jid)) for jid in self.jids)
         return self.attempt_count
 
-    def submit(self) -> None:
+    def submit(self, nodes: int = 2) -> None:
         attempts = self.attempts()
         if attempts >= self.cfg.max_attempts:
             raise ChaosError(f"{attempts} attempts (--max-attempts {self.cfg.max_attempts}) and the job is "
                              "not complete")
-        self.jids.append(self.cluster.submit(self.job_dir, self.overrides))
-        self.say(f"submitted job {self.jid} into {self.job_dir}")
+        fresh = latest_step(self.run_dir) == 0
+        self.jids.append(self.cluster.submit(self.job_dir, self.overrides, nodes))
+        self.nodes_of[self.jid] = nodes
+        if fresh:
+            self.fresh.add(self.jid)
+        self.say(f"submitted job {self.jid} into {self.job_dir}" + (f" ({nodes} node)" if nodes == 1 else ""))
 
     def check_time(self) -> None:
         if time.time() - self.started > self.cfg.time_limit_s:
@@ -574,6 +634,7 @@ class Chaos:
         fault.at_s = time.time() - self.t0
         fault.attempt = self.attempts()
         self.hit_step = heartbeat_step(self.job_dir, self.jid)
+        self.struck_run = max(runs_alive(self.jid), key=int, default="0")
         getattr(self, f"inject_{fault.kind}")(fault)
         self.say(f"fault {fault.index}: {fault.kind} -> {fault.target} (job {self.jid}, step ~{self.hit_step}, "
                  f"latest checkpoint {latest_step(self.run_dir)})")
@@ -611,8 +672,16 @@ class Chaos:
                                                                    if still else "")
                         if saving else f"job {self.jid} (three saves too quick to catch; after the third)")
 
+    def job_nodes(self) -> list[str]:
+        return sorted({node for _, node in rank_pids(self.jid).values()})
+
     def inject_lose_node(self, fault: Fault) -> None:
-        node = f"node{1 + fault.pick % 2}"
+        nodes = self.job_nodes()
+        node = nodes[fault.pick % len(nodes)]
+        # Every other lost node stays down while the job goes on: on the node that is left,
+        # with half the ranks, resuming the checkpoint of the full layout.
+        self.shrink = len(nodes) == 2 and self.nodes_lost % 2 == 0
+        self.nodes_lost += 1
         pids = subprocess.run(["ip", "netns", "pids", self.cluster.netns(node)], capture_output=True, text=True,
                               timeout=30).stdout.split()
         for pid in pids:
@@ -633,7 +702,8 @@ class Chaos:
         fault.checks.append("one-line 'no space left on device writing step' error")
 
     def inject_net_cut(self, fault: Fault) -> None:
-        node = f"node{1 + fault.pick % 2}"
+        nodes = self.job_nodes()
+        node = nodes[fault.pick % len(nodes)]
         cut_s = self.cfg.hang_timeout_s + 5 + fault.pick % 10
         veth = self.cluster.veth(node)
         subprocess.run(["ip", "link", "set", veth, "down"], check=True, timeout=30)
@@ -679,16 +749,17 @@ class Chaos:
         jid, bound = self.jid, self.cfg.hang_timeout_s + 120
         if fault.kind == "lose_node":
             bound = 180.0
-        struck = time.time()
+        struck, run = time.time(), self.struck_run
         node_fails = self.cluster.runs(jid).count("NODE_FAIL")
         while True:
             if fault.kind == "net_cut" and self.cut and time.time() >= self.cut[1]:
                 subprocess.run(["ip", "link", "set", self.cut[0], "up"], check=True, timeout=30)
                 self.say(f"fault {fault.index}: link {self.cut[0]} up again")
                 self.cut = None
-            tasks = rank_pids(jid)
+            tasks = rank_pids(jid, run)
             state = self.cluster.queued_state(jid)
-            over = not tasks and state != "RUNNING"
+            # over once the struck run's tasks are gone and SLURM runs none of it, or runs the next one
+            over = not tasks and (state != "RUNNING" or bool(runs_alive(jid) - {run}))
             if fault.kind == "lose_node" and over and state is not None:
                 # the node comes back once SLURM has given up on it (SlurmdTimeout=30 s)
                 over = self.cluster.runs(jid).count("NODE_FAIL") > node_fails or time.time() - struck > 45
@@ -696,8 +767,9 @@ class Chaos:
                 break
             if time.time() - struck > bound:
                 fault.checks.append(f"attempt over within {bound:g} s")
-                self.say(f"fault {fault.index}: the attempt is not over after {bound:g} s; killing its tasks")
-                for pid, _ in rank_pids(jid).values():  # keys are ranks: os.kill(0) would end this process group
+                self.say(f"fault {fault.index}: the attempt is not over after {bound:g} s (SLURM: {state}; "
+                         f"its tasks: {describe(tasks)}); killing them")
+                for pid, _ in tasks.values():  # keys are ranks: os.kill(0) would end this process group
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                 if fault.kind == "net_cut" and self.cut:
@@ -709,6 +781,8 @@ class Chaos:
             runs = self.cluster.runs(jid)
             seen = ("SLURM ended the run NODE_FAIL" if runs.count("NODE_FAIL") > node_fails else
                     f"the job {self.cluster.queued_state(jid) or 'ended ' + runs[-1]}")
+            if self.shrink:
+                self.go_on_without(fault, jid)
             self.cluster.restore_node()
             self.say(f"fault {fault.index}: {self.lost} restored ({seen})")
         self.recomputed += max(0, heartbeat_step(self.job_dir, jid) - latest_step(self.run_dir))
@@ -725,6 +799,24 @@ class Chaos:
         self.say(f"fault {fault.index}: attempt over {fault.recovered_s - fault.at_s:.0f} s after the fault"
                  + (f"; failed checks: {fault.checks}" if fault.checks else ""))
 
+    def go_on_without(self, fault: Fault, jid: str) -> None:
+        """What a user does when a lost node will not be back soon: cancel the requeued job
+        (it waits for two nodes) and submit it on the node that is left. It resumes the last
+        checkpoint of the full layout with half the ranks (a resharding resume)."""
+        self.cluster.slurm("scancel", jid, check=False)
+        deadline = time.time() + 120
+        while self.cluster.queued_state(jid) is not None:
+            if time.time() > deadline:
+                raise ChaosError(f"job {jid} still queued 120 s after scancel")
+            time.sleep(0.5)
+        self.say(f"fault {fault.index}: {self.lost} stays down; job {jid} cancelled and submitted on the node "
+                 f"that is left ({TASKS_PER_NODE} ranks instead of {2 * TASKS_PER_NODE})")
+        self.submit(nodes=1)
+        while not (self.cluster.queued_state(self.jid) == "RUNNING" and rank_pids(self.jid)):
+            if time.time() > deadline + 120:
+                raise ChaosError(f"job {self.jid} did not start on the node that is left within 240 s")
+            time.sleep(0.5)
+
     # ---- the end
     def final_checks(self, reference: Path) -> bool:
         for fault in self.faults:
@@ -737,7 +829,14 @@ class Chaos:
                     fault.checks.clear()  # pruned before any run loaded it: never loaded silently
                 fault.recovered_s = fault.recovered_s or time.time() - self.t0
         final = self.cfg.steps
-        differ = same_checkpoint(reference / "checkpoints" / f"step_{final:08d}",
+        segments = self.layouts()
+        same_as = reference
+        if len(segments) > 1:  # a world-size change: against an undisturbed run with the same changes
+            self.say("layout of the final run: " + ", ".join(f"{n * TASKS_PER_NODE} ranks to step {last}"
+                                                            for last, n in segments))
+            self.undisturbed(self.fs / "reference_layout", segments)
+            same_as = self.fs / "reference_layout" / "run"
+        differ = same_checkpoint(same_as / "checkpoints" / f"step_{final:08d}",
                                  self.run_dir / "checkpoints" / f"step_{final:08d}")
         if differ:
             self.problems.append(f"final checkpoint differs from the reference in {', '.join(differ)}")
@@ -785,23 +884,30 @@ class Chaos:
     def report(self, equal: bool, lost_s: float) -> int:
         injected = [f for f in self.faults if f.at_s is not None]
         survived = [f for f in injected if f.survived]
-        print("\nfault  kind             at (s)  attempt  survived  target")
+        lines = ["", "fault  kind             at (s)  attempt  survived  target"]
         for f in injected:
-            print(f"{f.index:>5}  {f.kind:<15}  {f.at_s:>6.0f}  {f.attempt:>7}  {'yes' if f.survived else 'NO':>8}  "
-                  f"{f.target}" + (f"  [failed: {'; '.join(f.checks)}]" if f.checks else ""))
-        print("\nkind             injected  survived")
+            lines.append(f"{f.index:>5}  {f.kind:<15}  {f.at_s:>6.0f}  {f.attempt:>7}  "
+                         f"{'yes' if f.survived else 'NO':>8}  {f.target}"
+                         + (f"  [failed: {'; '.join(f.checks)}]" if f.checks else ""))
+        lines += ["", "kind             injected  survived"]
         for kind in KINDS:
             n = sum(f.kind == kind for f in injected)
             if n:
-                print(f"{kind:<15}  {n:>8}  {sum(f.kind == kind for f in survived):>8}")
+                lines.append(f"{kind:<15}  {n:>8}  {sum(f.kind == kind for f in survived):>8}")
         attempts = self.attempt_count
-        print(f"\nattempts: {attempts}   steps recomputed: {self.recomputed}   seconds lost against the "
-              f"undisturbed run: {lost_s:.0f}")
-        for problem in self.problems:
-            print(f"problem: {problem}")
+        lines += ["", f"attempts: {attempts}   steps recomputed: {self.recomputed}   seconds lost against the "
+                      f"undisturbed run: {lost_s:.0f}"]
+        lines += [f"problem: {problem}" for problem in self.problems]
         ok = equal and not self.problems and len(survived) == len(injected) == self.cfg.faults
-        print(f"chaos: {len(injected)} faults injected, {len(survived)} survived, {attempts} attempts, "
-              f"{self.recomputed} steps recomputed, final state equal: {'yes' if equal else 'no'}")
+        last = (f"chaos: {len(injected)} faults injected, {len(survived)} survived, {attempts} attempts, "
+                f"{self.recomputed} steps recomputed, final state equal: {'yes' if equal else 'no'}")
+        print("\n".join(lines))
+        if self.cfg.record:
+            from results import write_results
+
+            table = "\n".join(["```", *lines[1:], last, "```", "", "The harness's log:", "", "```", *self.said, "```"])
+            print(f"results: {write_results('chaos', table)}")
+        print(last)
         return 0 if ok else 1
 
 
@@ -819,6 +925,7 @@ def parse_args(argv: list[str] | None = None) -> ChaosConfig:
     p.add_argument("--workdir", type=Path, help="work folder (default: a new one under the temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the work folder afterwards")
     p.add_argument("--reference", type=Path, help="reuse this reference job folder (from an earlier --keep)")
+    p.add_argument("--record", action="store_true", help="write the table and the log to results/chaos.md")
     a = p.parse_args(argv)
     kinds = tuple(k for k in a.kinds.split(",") if k)
     unknown = [k for k in kinds if k not in KINDS]
@@ -841,7 +948,7 @@ def parse_args(argv: list[str] | None = None) -> ChaosConfig:
                        hang_timeout_s=a.hang_timeout, max_attempts=a.max_attempts or 2 * a.faults + 3,
                        time_limit_s=a.time_limit or 300 + 150 * a.faults,
                        workdir=workdir,
-                       keep=a.keep, reference=a.reference.resolve() if a.reference else None)
+                       keep=a.keep, reference=a.reference.resolve() if a.reference else None, record=a.record)
 
 
 def main(argv: list[str] | None = None) -> int:

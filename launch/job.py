@@ -190,8 +190,9 @@ class TrainJob(Checkpointable):
             raise self._outcome["error"]
         summary = self._outcome["summary"]
         print(f"launch: trainer returned {summary}", flush=True)
-        if summary.get("status") == "completed":
+        if summary.get("status") == "completed" or summary.get("stopped_by") == "stop_at":
             exit_after_result(job_env.paths.result_pickle)
+            return summary
         if summary.get("status") == "stopped" and dist_env.rank != 0:
             # Rank 0 is requeueing the job; the requeue kills this task. Waiting longer than
             # SLURM's own grace period means the requeue never came.

@@ -248,6 +248,21 @@ def node_layout_run(rank: int, world_size: int, out: str) -> dict:
     return Trainer(cfg.to_dict()).run()
 
 
+@pytest.mark.timeout(1200)
+def test_a_job_stopped_at_a_step_completes_and_the_next_resumes_on_one_node(cluster, nodes2x2, tmp_path):
+    """train.stop_at under SLURM ends the job COMPLETED with the checkpoint of that step (not
+    a failed wait for a requeue), and the job that continues it with half the ranks, on the
+    one node left, ends as 2 local processes continuing the same checkpoint end."""
+    job = tmp_path / "job"
+    jid = submit_demo(cluster, job, "--nodes", "2", "--tasks-per-node", "2", *DEMO, "train.stop_at=20")
+    assert cluster.wait_done(jid, timeout=900) == {jid: "COMPLETED"}
+    assert_same_checkpoint(nodes2x2 / "run", job / "run", 20)
+    run_on_slurm(cluster, job, nodes=1, tasks=2)
+    local2 = launch_run(cluster, seeded(tmp_path / "local2", nodes2x2 / "run", 20), 2)
+    assert first_steps(job / "run")[-1] == 25
+    assert_same_checkpoint(local2, job / "run", 40)
+
+
 @pytest.mark.timeout(1800)
 def test_shard_within_node_on_two_nodes_resumes_the_world_checkpoint_as_local_nodes_do(cluster, nodes2x2, tmp_path):
     """engine.shard_within=node on 2 nodes x 2 tasks resumes the world layout's step-20
@@ -301,6 +316,35 @@ def test_a_lost_node_ends_the_run_and_the_requeued_job_resumes(cluster, nodes2x2
     assert resumed in (15, 25), resumed  # from the checkpoint of step 10 (or 20), not from scratch
     assert_same_checkpoint(nodes2x2 / "run", out / "run", 40)
     assert_same_scalars(nodes2x2 / "run", out / "run")
+
+
+@pytest.mark.timeout(300)
+def test_a_run_lock_of_another_node_is_taken_over_once_squeue_no_longer_runs_its_job(cluster, nodes2x2, tmp_path,
+                                                                                      monkeypatch):
+    """A job that lost a node, cancelled and submitted again on the nodes left, finds the old
+    job's lock on the run folder with a fresh heartbeat (the lost node touched it seconds ago):
+    it takes the lock over once squeue no longer runs the old job, and not while it does."""
+    from test_faults import write_lock
+    from vsgd_dist.train.run_lock import RunLock, RunLocked
+
+    monkeypatch.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
+    sleeper = cluster.slurm("sbatch", "--parsable", "-N", "1", "-n", "1", "-o", "/dev/null", "--wrap", "sleep 240")
+    sleeper = sleeper.strip().split(";")[0]
+    cluster.submitted.append(sleeper)
+    try:
+        wait_for(lambda: cluster.slurm("squeue", "-h", "-j", sleeper, "-o", "%T").strip() == "RUNNING",
+                 f"job {sleeper} running", timeout=120)
+        write_lock(tmp_path, age_s=5, job_id=sleeper)
+        with pytest.raises(RunLocked, match=f"in use by pid 1 on node7, SLURM job {sleeper} "):
+            RunLock(tmp_path).__enter__()
+    finally:
+        cluster.slurm("scancel", sleeper)
+    for ended in (job_id(nodes2x2), "999999"):  # completed; never submitted (squeue: invalid job id)
+        wait_for(lambda: not cluster.slurm("squeue", "-h", "-j", sleeper, "-o", "%T").strip(), "scancel",
+                 timeout=60)
+        write_lock(tmp_path, age_s=5, job_id=ended)
+        with RunLock(tmp_path):
+            assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
 
 
 # --- no cluster needed --------------------------------------------------------------------

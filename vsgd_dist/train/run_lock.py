@@ -5,8 +5,9 @@ other's checkpoints in progress. The lock is a file holding the holder's host, p
 id and start time, created atomically as a hard link to a complete temporary file (atomic on
 local file systems and on NFS, where flock may not work). The holder touches it every
 HEARTBEAT_S seconds. A lock is stale, and taken over, once its holder is gone: its process is
-dead (same host), its heartbeat is older than STALE_S (any host), or it is an earlier attempt
-of this same SLURM job (requeued).
+dead (same host), its heartbeat is older than STALE_S (any host), it is an earlier attempt
+of this same SLURM job (requeued), or its SLURM job no longer runs (`squeue`: a job that lost
+a node, cancelled and submitted again on the nodes left, need not wait out STALE_S).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -22,6 +24,8 @@ from pathlib import Path
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 30.0
 STALE_S = 180.0
+SLURM_ALIVE = {"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESIZING"}
+"""squeue states of a job whose processes may still write into the folder."""
 
 
 class RunLocked(RuntimeError):
@@ -84,7 +88,9 @@ class RunLock:
             return True
         if holder.get("job_id") and holder["job_id"] == self.me["job_id"]:
             return True
-        return holder.get("host") == self.me["host"] and not _alive(holder.get("pid"))
+        if holder.get("host") == self.me["host"]:
+            return not _alive(holder.get("pid"))
+        return bool(holder.get("job_id")) and not _slurm_job_alive(str(holder["job_id"]))
 
     def _break(self, stale: dict | None) -> None:
         """Move the stale lock aside; if a live one replaced it meanwhile, put that back."""
@@ -115,6 +121,20 @@ def describe(holder: dict) -> str:
 def is_lock_file(name: str) -> bool:
     """The lock, or one of its short-lived helper files."""
     return name == LOCK_FILE or name.startswith(f".{LOCK_FILE}.")
+
+
+def _slurm_job_alive(job_id: str) -> bool:
+    """Whether SLURM may still run job `job_id`: True unless squeue says it does not (a
+    squeue that fails or is missing says nothing)."""
+    if not job_id.replace("_", "").isdigit():
+        return True
+    try:
+        res = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return True
+    if res.returncode:
+        return "Invalid job id" not in res.stderr
+    return bool(SLURM_ALIVE & set(res.stdout.split()))
 
 
 def _alive(pid: int) -> bool:

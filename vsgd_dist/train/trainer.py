@@ -80,7 +80,7 @@ class Trainer:
         if self.finished is not None:  # the same command again after the run completed
             self.progress.close()
             return {"status": "completed", "step": self.step, **self.finished}
-        status, result = "completed", {}
+        status, result, stopped_by = "completed", {}, {}
         while status == "completed" and self.step < self.total_steps:
             for micro_batches in self._batches_of_epoch():
                 self._train_step(micro_batches)
@@ -89,7 +89,8 @@ class Trainer:
                 if self.log_diagnostics and (self.step % tc.diag_every == 0 or self.step == self.total_steps):
                     self._log_diagnostics()
                 if self.step == tc.stop_at or self._stop_agreed():
-                    status = "stopped"
+                    # stop_at ends the run as asked; a stop request (a signal) expects a requeue
+                    status, stopped_by = "stopped", {"stopped_by": "stop_at" if self.step == tc.stop_at else "signal"}
                     break
                 if self._checkpoint_due() and self.batch_in_epoch < self.steps_per_epoch:
                     self._save()
@@ -108,7 +109,7 @@ class Trainer:
         self.logger.close()
         if status == "completed" and self.rank == 0:
             write_atomically(self.run_dir / FINISHED, json.dumps({"step": self.step, "result": result}))
-        return {"status": status, "step": self.step, **result}
+        return {"status": status, "step": self.step, **stopped_by, **result}
 
     def _finished_result(self) -> dict | None:
         """The final validation's result if the run already completed at this step (its last
