@@ -395,13 +395,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def sample(self, mc_sample: int = 0, evaluation: bool = False) -> None:
         """The inner optimizer's sample `mc_sample` on this rank's masters (every element
         draws the noise the unsharded optimizer draws for it), then one all-gather of m + eps
-        into the parameters."""
+        into the parameters (with `prefetch`, left running: the forward waits for each bucket
+        as a step's gather)."""
         self.wait_for_parameters()  # sampling overwrites the masters a running gather reads
         for master, runs in zip(self.masters, self.noise_runs):
             self.sampler.set_global_offset(self.inner, master, runs)
         self._copy_hyperparameters()
         self.sampler.sample(self.inner, mc_sample, evaluation=evaluation)
-        self._gather_parameters()
+        self._gather_parameters(wait=not self.prefetch)
         self._params_hold_mean = False
 
     @torch.no_grad()
@@ -416,8 +417,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def mean_weights(self) -> None:
         """Make the parameters the mean weights again (after samples, or after a sampling
         step, which leaves their all-gather to this or to the next sample)."""
+        self.wait_for_parameters()  # a sample's gather may still read the masters restored here
         if self._params_hold_mean:
-            self.wait_for_parameters()
             return
         self.sampler.mean_weights(self.inner)
         self._gather_parameters()
