@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -445,6 +446,10 @@ class Chaos:
             self.problems.append(str(e) or "interrupted")
             self.say(f"error: {e or 'interrupted'}")
             chaos_s = ref_s = 0.0
+        except Exception as e:  # a defect of the harness: still clean up and report what was seen
+            self.problems.append(f"harness error: {e!r}")
+            self.say("harness error:\n" + traceback.format_exc())
+            chaos_s = ref_s = 0.0
         finally:
             with contextlib.suppress(Exception):
                 for jid in self.jids:
@@ -493,11 +498,13 @@ class Chaos:
         starts = []
         for jid in self.jids:
             resumed = re.search(r"trainer: resumed from step (\d+)", logs_of(self.job_dir, jid))
-            if resumed or jid in self.fresh:  # else the job never trained (e.g. its checkpoint was corrupt)
-                starts.append((int(resumed[1]) if resumed else 0, self.nodes_of[jid]))
+            if jid in self.fresh:  # its first run started at step 0 (a requeued one may have resumed)
+                starts.append((0, self.nodes_of[jid]))
+            elif resumed:  # else the job never trained (e.g. its checkpoint failed its checksum)
+                starts.append((int(resumed[1]), self.nodes_of[jid]))
         segments: list[tuple[int, int]] = []
         for step in range(1, self.cfg.steps + 1):
-            nodes = next(n for start, n in reversed(starts) if start < step)
+            nodes = next((n for start, n in reversed(starts) if start < step), 2)
             if segments and segments[-1][1] == nodes:
                 segments[-1] = (step, nodes)
             else:
