@@ -119,7 +119,10 @@ def bench_rank(rank, world_size, model_name, batch, res, steps, warmup):
             sampling = recipe.forward_backward(images, labels, i)
             middle = time.perf_counter()
             recipe.engine.step()
-            recipe.sampling.mean_weights()  # a prefetched gather ends here, not in the other engine's barrier
+            # A prefetched gather ends here, not in the other engine's barrier. A sampling step
+            # (IVON) leaves its gather to the next sample, as in training: no mean_weights(),
+            # which the trainer calls only for EMA and validation.
+            recipe.engine.wait_for_parameters()
             end = time.perf_counter()
             seconds = torch.tensor([end - start, end - middle + sampling])
             dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
