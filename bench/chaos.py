@@ -724,7 +724,12 @@ class Chaos:
         fault.attempt = self.attempts()
         held = self.cluster.queued_state(self.jid) is not None
         if held:
-            self.cluster.slurm("scontrol", "hold", self.jid)
+            try:
+                self.cluster.slurm("scontrol", "hold", self.jid)
+            except ChaosError as e:  # it left squeue since (COMPLETING a moment ago): nothing to hold
+                if "already finished" not in str(e):
+                    raise
+                held = False
         try:
             found = checkpoints(self.run_dir)
             if not found:
