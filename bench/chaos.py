@@ -20,7 +20,8 @@ fails its checksum), within a bound on attempts and on total time.
 At the end it checks what no fault may leave behind: the final checkpoint equal bit for bit
 to the reference's (after a world-size change, to an undisturbed run with the same changes),
 every published checkpoint matching its checksums, every TensorBoard step logged once and
-none missing, no process of the jobs, no SLURM job, network namespace, link or mount left. It prints a table and, last, the line
+none missing, no process of the jobs, no SLURM job, network namespace, link or mount left.
+It prints a table and, last, the line
 
     chaos: K faults injected, N survived, A attempts, L steps recomputed, final state equal: yes|no
 

@@ -339,9 +339,8 @@ def test_a_run_lock_of_another_node_is_taken_over_once_squeue_no_longer_runs_its
             RunLock(tmp_path).__enter__()
     finally:
         cluster.slurm("scancel", sleeper)
+    wait_for(lambda: not cluster.slurm("squeue", "-h", "-j", sleeper, "-o", "%T").strip(), "scancel", timeout=60)
     for ended in (job_id(nodes2x2), "999999"):  # completed; never submitted (squeue: invalid job id)
-        wait_for(lambda: not cluster.slurm("squeue", "-h", "-j", sleeper, "-o", "%T").strip(), "scancel",
-                 timeout=60)
         write_lock(tmp_path, age_s=5, job_id=ended)
         with RunLock(tmp_path):
             assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
